@@ -1,0 +1,192 @@
+"""Every error a client sees has OpenAI's shape and the status codes of ARCHITECTURE.md.
+
+`{"error": {"type", "code", "message", "param", "request_id"}}`; no stack trace ever leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from strata.api.request_id import current_request_id
+from strata.serving.errors import (
+    BackendNotReadyError,
+    ModelNotFoundError,
+    ServingError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
+log = structlog.get_logger("strata.api")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def error_response(error: ApiError) -> Response:
+    body: dict[str, Any] = {
+        "type": error.type,
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        "request_id": current_request_id(),
+    }
+    body.update(error.extra)
+    return Response(
+        orjson.dumps({"error": body}),
+        status_code=error.status,
+        media_type="application/json",
+        headers=error.headers,
+    )
+
+
+def from_serving_error(exc: ServingError) -> ApiError:
+    extra = {"deployment": exc.deployment} if exc.deployment else {}
+    if isinstance(exc, ModelNotFoundError):
+        return ApiError(404, exc.message, code=exc.code, param="model")
+    if isinstance(exc, BackendNotReadyError):
+        retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        return ApiError(503, exc.message, type_="server_error", code=exc.code, headers=retry, extra=extra)
+    if isinstance(exc, UpstreamTimeoutError):
+        return ApiError(504, exc.message, type_="server_error", code=exc.code, extra=extra)
+    if isinstance(exc, UpstreamStatusError):
+        return _from_upstream_status(exc, extra)
+    if isinstance(exc, UpstreamUnavailableError):
+        return ApiError(502, exc.message, type_="server_error", code=exc.code, extra=extra)
+    return ApiError(502, exc.message, type_="server_error", code=exc.code, extra=extra)
+
+
+def _from_upstream_status(exc: UpstreamStatusError, extra: dict[str, Any]) -> ApiError:
+    retry = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+    if exc.status in (401, 403):
+        # The client's credentials are Strata's business; this is Strata's own key being refused.
+        return ApiError(
+            502,
+            f"the backend refused Strata's credentials (HTTP {exc.status}): {exc.message}",
+            type_="server_error",
+            code="upstream_auth_failed",
+            extra=extra,
+        )
+    if exc.status == 429:
+        return ApiError(
+            429,
+            exc.message,
+            type_="rate_limit_error",
+            code="upstream_rate_limited",
+            headers=retry or {"Retry-After": "1"},
+            extra=extra,
+        )
+    if 400 <= exc.status < 500:
+        status = 400 if exc.status in (404, 405, 422) else exc.status
+        return ApiError(
+            status,
+            exc.message,
+            code=exc.upstream_code or "upstream_rejected_request",
+            param=exc.param,
+            extra=extra,
+        )
+    if exc.status == 503:
+        return ApiError(
+            503,
+            exc.message,
+            type_="server_error",
+            code="upstream_overloaded",
+            headers=retry or {"Retry-After": "1"},
+            extra=extra,
+        )
+    return ApiError(
+        502,
+        f"the backend failed (HTTP {exc.status}): {exc.message}",
+        type_="server_error",
+        code="upstream_error",
+        extra=extra,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        if exc.status >= 500:
+            log.error(
+                "request failed",
+                status=exc.status,
+                code=exc.code,
+                error=exc.message,
+                path=request.url.path,
+                **exc.extra,
+            )
+        return error_response(exc)
+
+    async def on_serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return await on_api_error(request, from_serving_error(exc))
+
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        message = (
+            str(exc.detail) if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
+        )
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = format_loc(tuple(first["loc"])[1:])
+        return error_response(
+            ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", path=request.url.path)
+        return error_response(
+            ApiError(
+                500,
+                "internal error; see the server log for this request id",
+                type_="server_error",
+                code="internal_error",
+            )
+        )
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ServingError, on_serving_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def format_loc(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's ('messages', 0, 'role') -> 'messages[0].role', the way users write it."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None

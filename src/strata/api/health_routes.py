@@ -1,0 +1,33 @@
+"""Liveness and readiness, for people and for orchestrators (Kubernetes probes, load balancers)."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from strata.api.state import AppState
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Alive: the process answers")
+async def healthz() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.get("/readyz", summary="Ready: not shutting down, and at least one backend is healthy")
+async def readyz(request: Request) -> Response:
+    state: AppState = request.app.state.strata
+    models = {info.model: info.state for info in state.router.infos()}
+    if state.lifecycle.draining:
+        status, code, reason = "draining", 503, "shutting down"
+    elif not state.router.any_healthy():
+        status, code, reason = "not_ready", 503, "no backend is healthy yet"
+    else:
+        status, code, reason = "ready", 200, None
+    body = {"status": status, "models": models}
+    if reason:
+        body["reason"] = reason
+    headers = {"Retry-After": "1"} if code == 503 else None
+    return Response(orjson.dumps(body), status_code=code, media_type="application/json", headers=headers)

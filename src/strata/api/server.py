@@ -1,0 +1,63 @@
+"""Run the app under uvicorn, with a shutdown that drains before it stops.
+
+On SIGTERM: /readyz turns 503 at once while Strata keeps serving for `drain_delay_s` (load
+balancers notice and stop sending), then the listener closes, in-flight requests get
+`shutdown_grace_s` to finish, and only then are child processes stopped. SIGINT (Ctrl-C at a
+terminal) skips the drain delay; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from strata.api.state import Lifecycle
+from strata.config import ServerConfig
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._drain_delay_s = drain_delay_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self._lifecycle.draining
+        self._lifecycle.draining = True
+        loop = self._loop
+        if first and sig == signal.SIGTERM and self._drain_delay_s > 0 and loop is not None:
+            stop = super().handle_exit
+
+            def stop_after_delay() -> None:
+                loop.call_later(self._drain_delay_s, stop, sig, None)
+
+            # We are inside a signal handler: only the thread-safe call may touch the loop.
+            loop.call_soon_threadsafe(stop_after_delay)
+            return
+        super().handle_exit(sig, frame)
+
+
+def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None:
+    config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=server.shutdown_grace_s,  # type: ignore[arg-type]
+        timeout_keep_alive=30,
+        backlog=4096,
+    )
+    DrainingServer(config, lifecycle, server.drain_delay_s).run()

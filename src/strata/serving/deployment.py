@@ -1,0 +1,85 @@
+"""A deployment: one backend serving one model name, with its pooled client and health."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from strata.config import OpenAIModelConfig
+from strata.serving.client import OpenAIClient
+from strata.serving.usage import ApproximateTokenCounter, TokenCounter
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """What `/v1/models`, start-up output and logs show about a deployment."""
+
+    model: str
+    deployment: str
+    kind: str
+    target: str
+    healthy: bool
+    state: str
+
+
+class Deployment(ABC):
+    kind: str
+    #: Does the backend put `usage` in streams when asked via `stream_options`? If not, Strata counts.
+    reports_stream_usage: bool = True
+
+    def __init__(self, model: str, upstream_model: str, client: OpenAIClient, counter: TokenCounter) -> None:
+        self.model = model
+        self.upstream_model = upstream_model
+        self.client = client
+        self.counter = counter
+        self._probe_ok = False
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self, grace_s: float) -> None: ...
+
+    def check_available(self) -> None:
+        """Raise `BackendNotReadyError` when the deployment is known to be unable to answer now."""
+        return None
+
+    async def probe(self) -> bool:
+        self._probe_ok = await self.client.probe()
+        return self.healthy
+
+    @property
+    def healthy(self) -> bool:
+        return self._probe_ok
+
+    @property
+    def state(self) -> str:
+        return "healthy" if self.healthy else "unhealthy"
+
+    def info(self) -> DeploymentInfo:
+        return DeploymentInfo(
+            self.model, self.client.deployment, self.kind, self.client.base_url, self.healthy, self.state
+        )
+
+
+class RemoteDeployment(Deployment):
+    """An OpenAI-compatible endpoint someone else runs."""
+
+    kind = "openai"
+
+    def __init__(self, config: OpenAIModelConfig) -> None:
+        client = OpenAIClient(
+            f"{config.name}/{urlsplit(config.base_url).netloc}",
+            config.base_url,
+            api_key=config.api_key,
+            timeouts=config.timeouts,
+            max_connections=config.max_connections,
+        )
+        super().__init__(config.name, config.target_model, client, ApproximateTokenCounter())
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.client.close()

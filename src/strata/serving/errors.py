@@ -1,0 +1,61 @@
+"""Failures of the serving layer, each carrying what a client needs to know: what failed and where.
+
+The API layer maps them onto HTTP statuses; serving itself knows nothing of HTTP responses.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class. `deployment` names the backend that failed, for the error body and the logs."""
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, deployment: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.deployment = deployment
+
+
+class ModelNotFoundError(ServingError):
+    code = "model_not_found"
+
+
+class BackendNotReadyError(ServingError):
+    """The backend exists but cannot take work now (starting, restarting, stopping)."""
+
+    code = "backend_not_ready"
+
+    def __init__(self, message: str, *, deployment: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, deployment=deployment)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamUnavailableError(ServingError):
+    """Could not connect, or the connection broke before a response arrived."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(ServingError):
+    code = "upstream_timeout"
+
+
+class UpstreamStatusError(ServingError):
+    """The backend answered with an error status; its own message is kept for the client."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        deployment: str | None = None,
+        param: str | None = None,
+        upstream_code: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message, deployment=deployment)
+        self.status = status
+        self.param = param
+        self.upstream_code = upstream_code
+        self.retry_after = retry_after

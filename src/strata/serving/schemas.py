@@ -1,0 +1,135 @@
+"""The OpenAI chat-completions request, validated at the edge and passed to serving as a typed object.
+
+Unknown fields are allowed and forwarded untouched: backends grow parameters faster than we could
+list them (vLLM's `guided_json`, llama.cpp's `grammar`, ...), and refusing them would break clients.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+_Open = ConfigDict(extra="allow")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _Open
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = _Open
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolCallFunction(BaseModel):
+    model_config = _Open
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = _Open
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    model_config = _Open
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _role_rules(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs 'tool_call_id'")
+        if self.role in ("system", "developer", "user") and self.content is None:
+            raise ValueError(f"a message with role {self.role!r} needs 'content'")
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
+        return self
+
+    def text(self) -> str:
+        """The message's text, for token counting when a backend reports no usage."""
+        parts: list[str] = [self.role]
+        if isinstance(self.content, str):
+            parts.append(self.content)
+        elif self.content:
+            parts.extend(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        for call in self.tool_calls or ():
+            parts.extend((call.function.name, call.function.arguments))
+        return "\n".join(parts)
+
+
+class NamedFunction(BaseModel):
+    model_config = _Open
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _Open
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(BaseModel):
+    model_config = _Open
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = _Open
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = _Open
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, NamedToolChoice):
+            names = {t.function.name for t in info.data.get("tools") or ()}
+            if value.function.name not in names:
+                raise ValueError(f"names function {value.function.name!r}, which is not among 'tools'")
+        return value
+
+    @property
+    def wants_stream_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def prompt_text(self) -> str:
+        return "\n".join(message.text() for message in self.messages)

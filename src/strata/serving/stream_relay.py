@@ -1,0 +1,177 @@
+"""Relay a backend's chat-completion SSE stream to the client exactly as OpenAI sends it.
+
+Events pass through as the bytes the backend sent; only events that mention `usage` are parsed
+(Strata always asks the backend for usage so it can meter, and hides that event from clients that
+did not ask). Backends that never report usage in streams are counted here instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from strata.serving.client import UpstreamStream
+from strata.serving.errors import ServingError, UpstreamUnavailableError
+from strata.serving.usage import TOKENS_PER_MESSAGE, TOKENS_REPLY_PRIMER, TokenCounter, Usage
+
+DONE = b"data: [DONE]\n\n"
+_USAGE_MARK = b'"usage"'
+
+
+@dataclass
+class StreamStats:
+    """What the relay observed, for usage and metering once the stream ends."""
+
+    usage: Usage | None = None
+    events: int = 0
+    completed: bool = False
+    error: ServingError | None = None
+    first_event_at: float | None = None
+    chunk_id: str | None = None
+    created: int | None = None
+    model: str | None = None
+    completion_parts: list[str] = field(default_factory=list)
+
+
+class ChatStreamRelay:
+    def __init__(
+        self,
+        stream: UpstreamStream,
+        *,
+        client_wants_usage: bool,
+        backend_reports_usage: bool,
+        prompt_tokens: Callable[[], Awaitable[int]],
+        counter: TokenCounter,
+        on_finish: Callable[[StreamStats], None] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._client_wants_usage = client_wants_usage
+        # A backend that reports usage needs no per-chunk parsing; otherwise we must see the text.
+        # Events of a backend that should report usage are kept unparsed, in case it does not.
+        self._count_locally = not backend_reports_usage
+        self._unparsed: list[bytes] = []
+        self._prompt_tokens = prompt_tokens
+        self._counter = counter
+        self._on_finish = on_finish
+        self.stats = StreamStats()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        buffer = b""
+        data_lines: list[bytes] = []
+        try:
+            async for chunk in self._stream.chunks():
+                buffer += chunk
+                while (newline := buffer.find(b"\n")) >= 0:
+                    line = buffer[:newline].rstrip(b"\r")
+                    buffer = buffer[newline + 1 :]
+                    if line:
+                        if line.startswith(b"data:"):
+                            data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+                        continue  # comments, `event:`, `id:` and `retry:` lines are not OpenAI's
+                    if not data_lines:
+                        continue
+                    payload = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+                    data_lines = []
+                    if payload == b"[DONE]":
+                        async for tail in self._finish():
+                            yield tail
+                        return
+                    out = self._on_event(payload)
+                    if out is not None:
+                        yield out
+            # The backend closed without [DONE]: tell the client the answer is cut short.
+            cut = UpstreamUnavailableError(
+                "the backend ended the stream before it was complete", deployment=self._stream.deployment
+            )
+            self.stats.error = cut
+            yield _error_event(cut)
+        except ServingError as exc:
+            self.stats.error = exc
+            yield _error_event(exc)
+        finally:
+            self._stream.close()
+            if self._on_finish is not None:
+                self._on_finish(self.stats)
+
+    def _on_event(self, payload: bytes) -> bytes | None:
+        stats = self.stats
+        stats.events += 1
+        if stats.first_event_at is None:
+            stats.first_event_at = time.monotonic()
+            self._remember_ids(payload)
+        if _USAGE_MARK in payload:
+            event = orjson.loads(payload)
+            usage = event.get("usage") if isinstance(event, dict) else None
+            if isinstance(usage, dict):
+                self._unparsed.clear()
+                stats.usage = Usage(
+                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+                )
+                if not event.get("choices"):
+                    return b"data: " + payload + b"\n\n" if self._client_wants_usage else None
+        if self._count_locally:
+            self._collect_text(payload)
+        else:
+            self._unparsed.append(payload)
+        return b"data: " + payload + b"\n\n"
+
+    def _remember_ids(self, payload: bytes) -> None:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            self.stats.chunk_id = event.get("id")
+            self.stats.created = event.get("created")
+            self.stats.model = event.get("model")
+
+    def _collect_text(self, payload: bytes) -> None:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        for choice in event.get("choices") or () if isinstance(event, dict) else ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.stats.completion_parts.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                self.stats.completion_parts.append(
+                    (function.get("name") or "") + (function.get("arguments") or "")
+                )
+
+    async def _finish(self) -> AsyncIterator[bytes]:
+        stats = self.stats
+        stats.completed = True
+        if stats.usage is None:
+            for payload in self._unparsed:
+                self._collect_text(payload)
+            completion = await self._counter.count("".join(stats.completion_parts))
+            stats.usage = Usage(await self._prompt_tokens(), completion)
+            if self._client_wants_usage:
+                yield b"data: " + orjson.dumps(self._usage_event(stats.usage)) + b"\n\n"
+        yield DONE
+
+    def _usage_event(self, usage: Usage) -> dict[str, object]:
+        return {
+            "id": self.stats.chunk_id or "chatcmpl-strata",
+            "object": "chat.completion.chunk",
+            "created": self.stats.created or int(time.time()),
+            "model": self.stats.model or "",
+            "choices": [],
+            "usage": usage.as_dict(),
+        }
+
+
+def _error_event(exc: ServingError) -> bytes:
+    error = {"message": exc.message, "type": "upstream_error", "code": exc.code, "param": None}
+    if exc.deployment:
+        error["deployment"] = exc.deployment
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+
+
+async def prompt_tokens_estimate(text: str, messages: int, counter: TokenCounter) -> int:
+    return await counter.count(text) + TOKENS_PER_MESSAGE * messages + TOKENS_REPLY_PRIMER

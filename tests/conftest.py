@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.mock_backend import MockBackend
+from tests.support.strata_process import StrataProcess
+
+
+@pytest.fixture(scope="module")
+def mock_backend() -> Iterator[MockBackend]:
+    with MockBackend(api_key="mock-secret") as mock:
+        yield mock
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mock(request: pytest.FixtureRequest) -> None:
+    if "mock_backend" in request.fixturenames:
+        request.getfixturevalue("mock_backend").reset()
+
+
+def mock_model(mock: MockBackend, name: str = "mock-model", **extra: object) -> dict[str, object]:
+    return {
+        "kind": "openai",
+        "name": name,
+        "base_url": mock.url,
+        "upstream_model": "upstream-" + name,
+        "api_key_env": "MOCK_API_KEY",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
+    """One `strata serve` per test module, in front of the mock backend."""
+    workdir: Path = tmp_path_factory.mktemp("strata")
+    config = {
+        "models": [
+            mock_model(mock_backend),
+            mock_model(mock_backend, "mock-fast-timeout", timeouts={"read_s": 1.0, "total_s": 2.0}),
+            {"kind": "openai", "name": "nowhere", "base_url": "http://127.0.0.1:9/v1"},
+        ],
+        "server": {"health_interval_s": 0.5, "drain_delay_s": 0, "shutdown_grace_s": 5},
+    }
+    process = StrataProcess(workdir, config, env={"MOCK_API_KEY": "mock-secret"}).start()
+    yield process
+    process.stop()
