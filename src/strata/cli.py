@@ -14,14 +14,12 @@ from rich.console import Console
 from strata.config import EmbeddedModelConfig, StrataConfig
 from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents."
-)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,
@@ -36,11 +34,9 @@ def _load_or_exit(path: Path | None) -> StrataConfig:
         return load_config(path)
     except ConfigError as exc:
         source = resolve_config_path(path, os.environ)
-        err.print(
-            f"[bold red]invalid configuration[/] ({source or 'defaults and environment'}):", highlight=False
-        )
-        for issue in exc.issues:
-            err.print(f"  {issue}", highlight=False, markup=False)
+        # Plain writes: these lines are read by people and grep alike, so they must never wrap.
+        sys.stderr.write(f"invalid configuration ({source or 'defaults and environment'}):\n")
+        sys.stderr.writelines(f"  {issue}\n" for issue in exc.issues)
         raise typer.Exit(2) from None
 
 

@@ -55,6 +55,10 @@ class _Sources:
     env: dict[KeyPath, str] = field(default_factory=dict)
 
     def describe(self, path: KeyPath) -> str:
+        if path not in self.lines:  # a key the environment created, e.g. a misspelt section
+            below = [name for key, name in self.env.items() if key[: len(path)] == path]
+            if below:
+                return f"environment variable {below[0]}"
         for end in range(len(path), -1, -1):
             prefix = path[:end]
             if prefix in self.env:
@@ -85,12 +89,13 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     sources = _Sources(file=resolve_config_path(path, environ))
     data = _read_file(sources) if sources.file else {}
     issues = _apply_env(data, environ, sources)
+    try:
+        config = StrataConfig.model_validate(data)
+    except ValidationError as exc:
+        issues += [_issue_from_error(err, data, sources) for err in exc.errors()]
     if issues:
         raise ConfigError(issues)
-    try:
-        return StrataConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError([_issue_from_error(err, data, sources) for err in exc.errors()]) from None
+    return config
 
 
 def _read_file(sources: _Sources) -> dict[str, Any]:
@@ -146,9 +151,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
             continue
-        parts: list[str | int] = [
-            int(p) if p.isdigit() else p.lower() for p in name[len(ENV_PREFIX) :].split("__")
-        ]
+        parts: list[str | int] = [int(p) if p.isdigit() else p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         path = tuple(parts)
         if any(p == "" for p in parts):
             issues.append(ConfigIssue(f"environment variable {name}", "", "empty key segment"))

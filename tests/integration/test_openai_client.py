@@ -51,7 +51,7 @@ def test_parameters_reach_the_backend_untouched(client: openai.OpenAI, mock_back
         stop=["\n\n", "END"],
         max_tokens=42,
         temperature=0.3,
-        extra_body={"top_k": 5, "grammar": "root ::= \"x\""},
+        extra_body={"top_k": 5, "grammar": 'root ::= "x"'},
     )
     sent = mock_backend.chat_requests()[-1]
     body = sent.body
@@ -86,9 +86,7 @@ def test_stream_delivers_every_chunk_and_no_usage_unless_asked(
 ) -> None:
     mock_backend.script(Reply(content="one two three four"))
     chunks = list(
-        client.chat.completions.create(
-            model="mock-model", messages=[{"role": "user", "content": "count"}], stream=True
-        )
+        client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "count"}], stream=True)
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three four"
@@ -143,13 +141,9 @@ def test_streamed_tool_call_assembles(client: openai.OpenAI, mock_backend: MockB
     assert json.loads(arguments) == {"city": "Oslo"}
 
 
-async def test_async_client_plain_and_streaming(
-    async_client: openai.AsyncOpenAI, mock_backend: MockBackend
-) -> None:
+async def test_async_client_plain_and_streaming(async_client: openai.AsyncOpenAI, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content="async hello"), Reply(content="async stream", chunks=3))
-    plain = await async_client.chat.completions.create(
-        model="mock-model", messages=[{"role": "user", "content": "hi"}]
-    )
+    plain = await async_client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "hi"}])
     assert plain.choices[0].message.content == "async hello"
     stream = await async_client.chat.completions.create(
         model="mock-model", messages=[{"role": "user", "content": "hi"}], stream=True

@@ -260,8 +260,14 @@ class MockBackend:
             wants_usage = (body.get("stream_options") or {}).get("include_usage")
             if reply.usage and wants_usage:
                 usage = _usage(reply, max(0, sent - 2))
-                event = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                         "model": model, "choices": [], "usage": usage}
+                event = {
+                    "id": chunk_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
                 await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -329,8 +335,18 @@ def _stream_events(reply: Reply, content: str | None) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     if reply.tool_calls:
         for index, call in enumerate(reply.tool_calls):
-            events.append({"tool_calls": [{"index": index, "id": call.id or f"call_{index}", "type": "function",
-                                           "function": {"name": call.name, "arguments": ""}}]})
+            events.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call.id or f"call_{index}",
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
             for piece in _split(call.arguments_json(), reply.chunks or 3):
                 events.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     else:
@@ -341,16 +357,22 @@ def _stream_events(reply: Reply, content: str | None) -> list[dict[str, Any]]:
 
 def _usage(reply: Reply, content_chunks: int) -> dict[str, int]:
     completion = reply.completion_tokens if reply.completion_tokens is not None else max(1, content_chunks)
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": reply.prompt_tokens + completion}
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": reply.prompt_tokens + completion,
+    }
 
 
 def _completion(body: dict[str, Any], reply: Reply, content: str | None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": None if reply.tool_calls else content}
     if reply.tool_calls:
         message["tool_calls"] = [
-            {"id": call.id or f"call_{i}", "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments_json()}}
+            {
+                "id": call.id or f"call_{i}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json()},
+            }
             for i, call in enumerate(reply.tool_calls)
         ]
     result: dict[str, Any] = {

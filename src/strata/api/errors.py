@@ -149,9 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        message = (
-            str(exc.detail) if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
-        )
+        message = str(exc.detail) if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
@@ -159,9 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = format_loc(tuple(first["loc"])[1:])
-        return error_response(
-            ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-        )
+        return error_response(ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", path=request.url.path)

@@ -58,8 +58,5 @@ async def chat_completions(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.strata
     created = int(state.started_at)
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "strata"}
-        for name in state.router.models
-    ]
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "strata"} for name in state.router.models]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")

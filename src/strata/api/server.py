@@ -31,19 +31,23 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Replaces uvicorn's handler rather than extending it: uvicorn would re-raise the signal
+        # after shutdown, so a drain that completed would still look like death by SIGTERM.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
         first = not self._lifecycle.draining
         self._lifecycle.draining = True
         loop = self._loop
         if first and sig == signal.SIGTERM and self._drain_delay_s > 0 and loop is not None:
-            stop = super().handle_exit
 
             def stop_after_delay() -> None:
-                loop.call_later(self._drain_delay_s, stop, sig, None)
+                loop.call_later(self._drain_delay_s, setattr, self, "should_exit", True)
 
             # We are inside a signal handler: only the thread-safe call may touch the loop.
             loop.call_soon_threadsafe(stop_after_delay)
             return
-        super().handle_exit(sig, frame)
+        self.should_exit = True
 
 
 def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None:

@@ -54,9 +54,7 @@ class ChatService:
         request = call.request
 
         async def prompt_tokens() -> int:
-            return await prompt_tokens_estimate(
-                request.prompt_text(), len(request.messages), deployment.counter
-            )
+            return await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
 
         return ChatStreamRelay(
             stream,
@@ -75,9 +73,7 @@ class ChatService:
                 function = tool_call.get("function") or {}
                 text.append((function.get("name") or "") + (function.get("arguments") or ""))
         request = call.request
-        prompt = await prompt_tokens_estimate(
-            request.prompt_text(), len(request.messages), deployment.counter
-        )
+        prompt = await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
         return Usage(prompt, await deployment.counter.count("".join(text)))
 
 

@@ -78,9 +78,7 @@ class OpenAIClient:
         self._plain_timeout = aiohttp.ClientTimeout(
             total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s
         )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect_s, sock_read=timeouts.read_s
-        )
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_read=timeouts.read_s)
 
     def set_endpoint(self, base_url: str, api_key: str | None) -> None:
         """Launched backends may come back on another port or token after a restart."""
@@ -114,15 +112,11 @@ class OpenAIClient:
             raise UpstreamUnavailableError("the backend client is not started", deployment=self.deployment)
         return self._session
 
-    async def post_json(
-        self, path: str, payload: bytes, headers: Mapping[str, str] | None = None
-    ) -> UpstreamReply:
+    async def post_json(self, path: str, payload: bytes, headers: Mapping[str, str] | None = None) -> UpstreamReply:
         """A non-streaming call below the API base URL; errors come back as `ServingError`s."""
         return await self.post_json_url(self.base_url + path, payload, headers)
 
-    async def post_json_url(
-        self, url: str, payload: bytes, headers: Mapping[str, str] | None = None
-    ) -> UpstreamReply:
+    async def post_json_url(self, url: str, payload: bytes, headers: Mapping[str, str] | None = None) -> UpstreamReply:
         try:
             async with self.session.post(
                 url, data=payload, headers=self._headers(headers), timeout=self._plain_timeout
@@ -140,9 +134,7 @@ class OpenAIClient:
                 f"cannot reach the backend at {self.base_url}: {_describe(exc)}", deployment=self.deployment
             ) from None
 
-    async def open_stream(
-        self, path: str, payload: bytes, headers: Mapping[str, str] | None = None
-    ) -> UpstreamStream:
+    async def open_stream(self, path: str, payload: bytes, headers: Mapping[str, str] | None = None) -> UpstreamStream:
         """Send a streaming request; returns once the backend answered 200 with its headers."""
         merged = self._headers(headers)
         merged["Accept"] = "text/event-stream"

@@ -107,16 +107,14 @@ class ChatStreamRelay:
             usage = event.get("usage") if isinstance(event, dict) else None
             if isinstance(usage, dict):
                 self._unparsed.clear()
-                stats.usage = Usage(
-                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-                )
+                stats.usage = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
                 if not event.get("choices"):
-                    return b"data: " + payload + b"\n\n" if self._client_wants_usage else None
+                    return _sse(payload) if self._client_wants_usage else None
         if self._count_locally:
             self._collect_text(payload)
         else:
             self._unparsed.append(payload)
-        return b"data: " + payload + b"\n\n"
+        return _sse(payload)
 
     def _remember_ids(self, payload: bytes) -> None:
         try:
@@ -139,9 +137,7 @@ class ChatStreamRelay:
                 self.stats.completion_parts.append(delta["content"])
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") or {}
-                self.stats.completion_parts.append(
-                    (function.get("name") or "") + (function.get("arguments") or "")
-                )
+                self.stats.completion_parts.append((function.get("name") or "") + (function.get("arguments") or ""))
 
     async def _finish(self) -> AsyncIterator[bytes]:
         stats = self.stats
@@ -164,6 +160,12 @@ class ChatStreamRelay:
             "choices": [],
             "usage": usage.as_dict(),
         }
+
+
+def _sse(payload: bytes) -> bytes:
+    if b"\n" in payload:  # an event that came as several data lines goes out as several again
+        payload = payload.replace(b"\n", b"\ndata: ")
+    return b"data: " + payload + b"\n\n"
 
 
 def _error_event(exc: ServingError) -> bytes:

@@ -141,9 +141,7 @@ class ProcessSupervisor:
             else:
                 returncode = self._process.returncode
                 if returncode is None:
-                    log.error(
-                        "child never became healthy", child=self.name, timeout_s=self._startup_timeout_s
-                    )
+                    log.error("child never became healthy", child=self.name, timeout_s=self._startup_timeout_s)
                     await self._terminate(5.0)
                     returncode = self._process.returncode
             self._ready.clear()

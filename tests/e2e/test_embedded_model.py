@@ -1,0 +1,143 @@
+"""The real embedded model: SmolLM2-135M on llama.cpp, launched and supervised by `strata serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support.strata_process import StrataProcess
+
+pytestmark = pytest.mark.e2e
+
+CITY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
+    """`strata serve` with no models configured: the embedded default."""
+    workdir = tmp_path_factory.mktemp("embedded")
+    process = StrataProcess(workdir, {"server": {"drain_delay_s": 0}}).start(timeout_s=180)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(embedded: StrataProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_short_completion_has_text_and_usage(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert result.choices[0].message.content.strip()
+    assert result.usage.prompt_tokens > 5
+    assert 0 < result.usage.completion_tokens <= 24
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_streamed_completion_counts_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    # llama.cpp reports no usage in streams, so Strata counted with the model's own tokenizer.
+    assert 0 < usage.completion_tokens <= 16
+    assert usage.prompt_tokens > 5
+
+
+def test_tool_call_constrained_by_json_schema_parses(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What's the weather like in Paris, in celsius?"}],
+        tools=[CITY_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=64,
+        temperature=0,
+    )
+    call = result.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments["city"], str)
+    assert arguments["unit"] in ("celsius", "fahrenheit")
+
+
+def test_json_schema_response_format_is_honoured(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    result = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is 2 + 2? Answer in JSON."}],
+        response_format={"type": "json_object", "schema": schema},  # type: ignore[typeddict-item]
+        max_tokens=32,
+        temperature=0,
+    )
+    assert isinstance(json.loads(result.choices[0].message.content)["answer"], int)
+
+
+def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
+    [child] = embedded.children()
+    config_file = next((embedded.workdir / "strata-data" / "run").glob("*.llama.json"))
+    config = json.loads(config_file.read_text())
+    assert config["host"] == "127.0.0.1"
+    port = config["port"]
+    # Without Strata's per-launch token the model server refuses to answer.
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
+    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+    assert config["api_key"].encode() not in cmdline  # the token is not visible in `ps`
+
+
+def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: openai.OpenAI) -> None:
+    [child] = embedded.children()
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while httpx.get(embedded.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    embedded.wait_for("/readyz", timeout_s=120)
+    [new_child] = embedded.children()
+    assert new_child != child
+    result = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert result.usage.completion_tokens > 0
+    assert "child exited; restarting" in embedded.logs()
+
+
+def test_shutdown_stops_the_model_server(tmp_path: Path) -> None:
+    strata = StrataProcess(tmp_path, {"server": {"drain_delay_s": 0}}).start(timeout_s=180)
+    [child] = strata.children()
+    assert strata.stop() == 0
+    assert not Path(f"/proc/{child}").exists()

@@ -1,0 +1,82 @@
+"""Start-up, readiness and shutdown of a real `strata serve` process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.mock_backend import MockBackend, Reply
+from tests.support.strata_process import StrataProcess
+
+
+def test_readyz_waits_for_a_healthy_backend(tmp_path: Path) -> None:
+    with MockBackend() as mock:
+        mock.stop()  # nothing listens yet at the configured address
+        config = {
+            "models": [{"kind": "openai", "name": "m", "base_url": mock.url}],
+            "server": {"health_interval_s": 0.2},
+        }
+        strata = StrataProcess(tmp_path, config).start(wait_ready=False)
+        try:
+            assert httpx.get(strata.url + "/healthz").status_code == 200
+            not_ready = httpx.get(strata.url + "/readyz")
+            assert not_ready.status_code == 503
+            assert not_ready.json()["reason"] == "no backend is healthy yet"
+            revived = MockBackend(port=mock.port).start()
+            try:
+                strata.wait_for("/readyz", timeout_s=10)
+                assert httpx.get(strata.url + "/readyz").json()["models"] == {"m": "healthy"}
+            finally:
+                revived.stop()
+        finally:
+            strata.stop()
+
+
+def test_sigterm_drains_then_finishes_in_flight_streams(tmp_path: Path) -> None:
+    with MockBackend() as mock:
+        mock.default = Reply(content=" ".join(f"w{i}" for i in range(20)), chunk_delay_s=0.1)
+        config = {
+            "models": [{"kind": "openai", "name": "m", "base_url": mock.url}],
+            "server": {"health_interval_s": 0.2, "drain_delay_s": 1.0, "shutdown_grace_s": 10},
+        }
+        strata = StrataProcess(tmp_path, config).start()
+        received: list[bytes] = []
+
+        def consume() -> None:
+            body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "stream": True}
+            with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, timeout=30) as response:
+                received.extend(response.iter_bytes())
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        while not received:
+            time.sleep(0.02)
+        strata.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        draining = httpx.get(strata.url + "/readyz")
+        assert (draining.status_code, draining.json()["status"]) == (503, "draining")
+        reader.join(30)
+        assert strata.process is not None
+        assert strata.process.wait(30) == 0
+        raw = b"".join(received)
+        assert raw.endswith(b"data: [DONE]\n\n"), "the in-flight stream finished despite the shutdown"
+        assert raw.count(b'"content":"w') == 20
+
+
+def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
+    config = tmp_path / "strata.yaml"
+    config.write_text("server:\n  port: 99999\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{config}:2: server.port: Input should be less than or equal to 65535 (got 99999)" in result.stderr

@@ -1,0 +1,93 @@
+"""The SSE relay against byte streams the way real servers cut them (CRLF, split events, pings)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+
+from strata.serving.errors import UpstreamTimeoutError
+from strata.serving.stream_relay import ChatStreamRelay
+from strata.serving.usage import ApproximateTokenCounter
+
+
+class ByteStream:
+    """Feeds the relay exactly these network reads."""
+
+    def __init__(self, *reads: bytes, fail: Exception | None = None) -> None:
+        self.reads = reads
+        self.fail = fail
+        self.closed = False
+        self.deployment = "test/0"
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for read in self.reads:
+            yield read
+        if self.fail:
+            raise self.fail
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def chunk(content: str, **extra: object) -> bytes:
+    event = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    event["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    event.update(extra)
+    return orjson.dumps(event)
+
+
+async def relay_all(stream: ByteStream, *, wants_usage: bool = False, reports_usage: bool = True) -> list[bytes]:
+    async def prompt_tokens() -> int:
+        return 10
+
+    relay = ChatStreamRelay(
+        stream,  # type: ignore[arg-type]
+        client_wants_usage=wants_usage,
+        backend_reports_usage=reports_usage,
+        prompt_tokens=prompt_tokens,
+        counter=ApproximateTokenCounter(),
+    )
+    return [event async for event in relay]
+
+
+async def test_crlf_events_split_across_reads_come_out_as_openai_sse() -> None:
+    first, second = chunk("Hel"), chunk("lo")
+    wire = b"data: " + first + b"\r\n\r\n: ping - 2024\r\n\r\ndata: " + second + b"\r\n\r\ndata: [DONE]\r\n\r\n"
+    stream = ByteStream(*(wire[i : i + 7] for i in range(0, len(wire), 7)))
+    out = await relay_all(stream)
+    assert out == [b"data: " + first + b"\n\n", b"data: " + second + b"\n\n", b"data: [DONE]\n\n"]
+    assert stream.closed
+
+
+async def test_usage_event_is_hidden_unless_the_client_asked() -> None:
+    usage = orjson.dumps(
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    )
+    wire = b"data: " + chunk("x") + b"\n\ndata: " + usage + b"\n\ndata: [DONE]\n\n"
+    assert await relay_all(ByteStream(wire)) == [b"data: " + chunk("x") + b"\n\n", b"data: [DONE]\n\n"]
+    shown = await relay_all(ByteStream(wire), wants_usage=True)
+    assert shown[1] == b"data: " + usage + b"\n\n"
+
+
+async def test_usage_is_counted_when_the_backend_sends_none() -> None:
+    wire = b"data: " + chunk("abcdefgh") + b"\n\ndata: " + chunk("ijkl") + b"\n\ndata: [DONE]\n\n"
+    out = await relay_all(ByteStream(wire), wants_usage=True, reports_usage=False)
+    usage_event = orjson.loads(out[-2][6:])
+    assert usage_event["choices"] == [] and usage_event["id"] == "c1"
+    assert usage_event["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    assert out[-1] == b"data: [DONE]\n\n"
+
+
+async def test_multi_line_data_events_stay_multi_line() -> None:
+    wire = b'data: {"a":\ndata: 1}\n\ndata: [DONE]\n\n'
+    assert (await relay_all(ByteStream(wire)))[0] == b'data: {"a":\ndata: 1}\n\n'
+
+
+async def test_a_timeout_midway_becomes_an_error_event_and_closes_upstream() -> None:
+    stream = ByteStream(b"data: " + chunk("a") + b"\n\n", fail=UpstreamTimeoutError("no data for 5s", deployment="d"))
+    out = await relay_all(stream)
+    error = orjson.loads(out[-1][6:])["error"]
+    assert (error["code"], error["message"], error["deployment"]) == ("upstream_timeout", "no data for 5s", "d")
+    assert b"[DONE]" not in b"".join(out)
+    assert stream.closed
