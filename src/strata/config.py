@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -99,12 +99,13 @@ class OpenAIModelConfig(_ModelBase):
 
     @field_validator("api_key_env")
     @classmethod
-    def _env_is_set(cls, value: str | None) -> str | None:
+    def _env_is_set(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         if not ENV_NAME.match(value):
             raise ValueError(f"{value!r} is not a valid environment variable name")
-        if not os.environ.get(value):
+        environ = (info.context or {}).get("environ", os.environ)
+        if not environ.get(value):
             raise ValueError(f"environment variable {value} is not set")
         return value
 

@@ -90,7 +90,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     data = _read_file(sources) if sources.file else {}
     issues = _apply_env(data, environ, sources)
     try:
-        config = StrataConfig.model_validate(data)
+        config = StrataConfig.model_validate(data, context={"environ": environ})
     except ValidationError as exc:
         issues += [_issue_from_error(err, data, sources) for err in exc.errors()]
     if issues:

@@ -141,3 +141,15 @@ def test_shutdown_stops_the_model_server(tmp_path: Path) -> None:
     [child] = strata.children()
     assert strata.stop() == 0
     assert not Path(f"/proc/{child}").exists()
+
+
+def test_model_server_dies_with_a_killed_strata(tmp_path: Path) -> None:
+    strata = StrataProcess(tmp_path, {}).start(timeout_s=180)
+    [child] = strata.children()
+    assert strata.process is not None
+    strata.process.kill()
+    strata.process.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists(), "the model server outlived a kill -9 of strata"

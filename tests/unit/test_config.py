@@ -181,3 +181,14 @@ def test_config_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
         f"  {path}:2: server.port: Input should be greater than or equal to 1 (got 0)",
         f"  {path}:4: logging.format: Input should be 'auto', 'json' or 'console' (got 'xml')",
     ]
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "strata.example.yaml"
+    config = load_config(example, {"VLLM_API_KEY": "k"})
+    assert [m.name for m in config.models] == ["smollm2-135m", "llama-3.1-8b"]
+    # Every default the example documents is the real default.
+    defaults = load_config(None, {"STRATA_CONFIG": ""})
+    assert config.server == defaults.server
+    assert config.logging == defaults.logging
+    assert config.models[0] == defaults.models[0]
