@@ -46,4 +46,5 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
     }
     process = StrataProcess(workdir, config, env={"MOCK_API_KEY": "mock-secret"}).start()
     yield process
-    process.stop()
+    assert process.stop() == 0
+    assert '"unhandled error"' not in process.logs(), "a request hit an unexpected exception"

@@ -185,3 +185,13 @@ def test_unknown_route_uses_the_error_shape(strata: StrataProcess) -> None:
     response = httpx.get(strata.url + "/v1/nothing-here")
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
+
+
+def test_client_disconnect_cancels_a_plain_request_upstream(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(latency_s=1.5))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(strata.base_url + "/chat/completions", json={"model": "mock-model", "messages": USER}, timeout=0.3)
+    deadline = time.monotonic() + 5
+    while mock_backend.disconnects == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mock_backend.disconnects == 1, "the backend request was abandoned along with the client"

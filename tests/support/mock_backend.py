@@ -218,6 +218,9 @@ class MockBackend:
             await asyncio.sleep(3600)
         if reply.latency_s:
             await asyncio.sleep(reply.latency_s)
+            if request.transport is None or request.transport.is_closing():
+                self.disconnects += 1  # the client gave up while we were "thinking"
+                return web.Response()
         if reply.reset == "before_headers":
             _abort(request)
             return web.Response()

@@ -12,6 +12,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from strata.api.request_id import current_request_id
@@ -159,6 +160,10 @@ def install_error_handlers(app: FastAPI) -> None:
         param = format_loc(tuple(first["loc"])[1:])
         return error_response(ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param))
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        log.info("client disconnected; request abandoned", path=request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", path=request.url.path)
         return error_response(
@@ -174,6 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)
 
 

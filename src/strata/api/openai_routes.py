@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
+from strata.api.disconnect import cancel_on_disconnect
 from strata.api.errors import ApiError, format_loc
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
@@ -51,7 +52,8 @@ async def chat_completions(request: Request) -> Response:
     if call.request.stream:
         relay = await state.chat.open_stream(call, headers)
         return StreamingResponse(relay, media_type="text/event-stream", headers=_SSE_HEADERS)
-    return Response(await state.chat.complete(call, headers), media_type="application/json")
+    body = await cancel_on_disconnect(request, state.chat.complete(call, headers))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/models", summary="List the models this Strata serves")
