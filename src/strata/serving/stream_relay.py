@@ -26,10 +26,8 @@ class StreamStats:
     """What the relay observed, for usage and metering once the stream ends."""
 
     usage: Usage | None = None
-    events: int = 0
     completed: bool = False
     error: ServingError | None = None
-    first_event_at: float | None = None
     chunk_id: str | None = None
     created: int | None = None
     model: str | None = None
@@ -45,7 +43,6 @@ class ChatStreamRelay:
         backend_reports_usage: bool,
         prompt_tokens: Callable[[], Awaitable[int]],
         counter: TokenCounter,
-        on_finish: Callable[[StreamStats], None] | None = None,
     ) -> None:
         self._stream = stream
         self._client_wants_usage = client_wants_usage
@@ -55,7 +52,6 @@ class ChatStreamRelay:
         self._unparsed: list[bytes] = []
         self._prompt_tokens = prompt_tokens
         self._counter = counter
-        self._on_finish = on_finish
         self.stats = StreamStats()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -93,14 +89,10 @@ class ChatStreamRelay:
             yield _error_event(exc)
         finally:
             self._stream.close()
-            if self._on_finish is not None:
-                self._on_finish(self.stats)
 
     def _on_event(self, payload: bytes) -> bytes | None:
         stats = self.stats
-        stats.events += 1
-        if stats.first_event_at is None:
-            stats.first_event_at = time.monotonic()
+        if stats.chunk_id is None:
             self._remember_ids(payload)
         if _USAGE_MARK in payload:
             event = orjson.loads(payload)
@@ -117,12 +109,14 @@ class ChatStreamRelay:
         return _sse(payload)
 
     def _remember_ids(self, payload: bytes) -> None:
+        """The first event's id, time and model, for a usage event Strata may have to add."""
+        self.stats.chunk_id = "chatcmpl-strata"
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
         if isinstance(event, dict):
-            self.stats.chunk_id = event.get("id")
+            self.stats.chunk_id = str(event.get("id") or self.stats.chunk_id)
             self.stats.created = event.get("created")
             self.stats.model = event.get("model")
 
@@ -153,7 +147,7 @@ class ChatStreamRelay:
 
     def _usage_event(self, usage: Usage) -> dict[str, object]:
         return {
-            "id": self.stats.chunk_id or "chatcmpl-strata",
+            "id": self.stats.chunk_id,
             "object": "chat.completion.chunk",
             "created": self.stats.created or int(time.time()),
             "model": self.stats.model or "",
