@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -54,6 +54,8 @@ class _ModelBase(_Strict):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients put in `model`.")
     timeouts: TimeoutsConfig = TimeoutsConfig()
     max_connections: int = Field(default=256, ge=1, le=100_000, description="Pooled connections.")
+    input_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million prompt tokens.")
+    output_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million completion tokens.")
 
 
 class EmbeddedModelConfig(_ModelBase):
@@ -121,6 +123,112 @@ class OpenAIModelConfig(_ModelBase):
 ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig, Field(discriminator="kind")]
 
 
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+BUILTIN_TOOLS = ("current_time", "calculator", "http_fetch", "python")
+
+
+class HttpFetchConfig(_Strict):
+    enabled: bool = True
+    allow_domains: list[str] = Field(
+        default_factory=list, description="If set, only these domains (and their subdomains) may be fetched."
+    )
+    deny_domains: list[str] = Field(default_factory=list, description="Never fetched, with their subdomains.")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the block on loopback, private, link-local and ULA addresses.",
+    )
+    max_bytes: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    timeout_s: float = Field(default=15.0, gt=0, le=600)
+    max_redirects: int = Field(default=5, ge=0, le=20)
+
+
+class PythonToolConfig(_Strict):
+    enabled: bool = True
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    cpu_s: int = Field(default=5, ge=1, le=600)
+    memory_mb: int = Field(default=256, ge=16, le=65536)
+    max_processes: int = Field(default=16, ge=1, le=4096)
+    max_output_bytes: int = Field(default=64_000, ge=1, le=10_000_000)
+
+
+class FunctionToolConfig(_Strict):
+    """A Python function exposed as a tool; its parameters' schema comes from its type hints."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    import_path: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="package.module:function")
+    description: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    risk: Literal["low", "medium", "high"] = "medium"
+    requires_approval: bool = False
+
+
+class McpServerConfig(_Strict):
+    """An MCP server whose tools become agent tools named `<name>__<tool>`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    transport: Literal["stdio", "http"]
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    url: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    risk: Literal["low", "medium", "high"] = "medium"
+    requires_approval: bool = False
+
+    @model_validator(mode="after")
+    def _transport_fields(self) -> McpServerConfig:
+        if self.transport == "stdio" and not self.command:
+            raise ValueError("an MCP server with transport 'stdio' needs 'command'")
+        if self.transport == "http" and not (self.url and re.match(r"^https?://", self.url)):
+            raise ValueError("an MCP server with transport 'http' needs an http(s) 'url'")
+        return self
+
+
+class ToolsConfig(_Strict):
+    http_fetch: HttpFetchConfig = HttpFetchConfig()
+    python: PythonToolConfig = PythonToolConfig()
+    functions: list[FunctionToolConfig] = Field(default_factory=list)
+    mcp_servers: list[McpServerConfig] = Field(default_factory=list)
+
+
+class AgentLimits(_Strict):
+    max_steps: int = Field(default=10, ge=1, le=1000, description="Model calls per run.")
+    max_tokens: int = Field(default=32_000, ge=1, description="Prompt + completion tokens per run.")
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0, le=86400, description="Wall clock per run.")
+    loop_repeats: int = Field(
+        default=3, ge=2, le=100, description="Identical tool calls (or A-B-A-B cycles) that count as a loop."
+    )
+
+
+class AgentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    model: str
+    fallback_model: str | None = None
+    system_prompt: str = ""
+    tools: list[str] = Field(default_factory=list)
+    require_approval: list[str] = Field(
+        default_factory=list, description="Tools that pause the run for an approver (besides tools flagged so)."
+    )
+    limits: AgentLimits = AgentLimits()
+    double_texting: Literal["reject", "enqueue", "interrupt"] = Field(
+        default="reject", description="A message to a session whose run is still going: 409, queue, or cancel it."
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens_per_step: int | None = Field(default=None, ge=1)
+
+
+def demo_agent(model: str) -> dict[str, object]:
+    """The agent a fresh install ships: the first configured model with two safe tools."""
+    return dict(
+        name="demo",
+        model=model,
+        system_prompt="You are a helpful assistant. Use the tools when they help; answer briefly.",
+        tools=["current_time", "calculator"],
+        limits={"max_steps": 6, "timeout_s": 120},
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -132,7 +240,53 @@ class StrataConfig(_Strict):
     server: ServerConfig = ServerConfig()
     models: list[ModelConfig] = Field(default_factory=lambda: [EmbeddedModelConfig()])
     data_dir: Path = Path("strata-data")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; default: a SQLite file in data_dir. "
+        "PostgreSQL: postgresql+asyncpg://user@host/db",
+    )
+    tools: ToolsConfig = ToolsConfig()
+    agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig.model_validate(demo_agent("smollm2-135m"))])
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_agents(cls, data: object) -> object:
+        if isinstance(data, dict) and "agents" not in data and isinstance(data.get("models"), list):
+            first = data["models"][0] if data["models"] else None
+            name = first.get("name") if isinstance(first, dict) else None
+            data = {**data, "agents": [demo_agent(name or "smollm2-135m")]}
+        return data
+
+    @field_validator("agents")
+    @classmethod
+    def _agents_are_consistent(cls, agents: list[AgentConfig], info: ValidationInfo) -> list[AgentConfig]:
+        models = {m.name for m in info.data.get("models") or ()}
+        tools: ToolsConfig | None = info.data.get("tools")
+        known_tools = set(BUILTIN_TOOLS) | {f.name for f in (tools.functions if tools else ())}
+        mcp_prefixes = tuple(f"{m.name}__" for m in (tools.mcp_servers if tools else ()))
+        seen: set[str] = set()
+        for agent in agents:
+            if agent.name in seen:
+                raise ValueError(f"agent name {agent.name!r} is configured twice")
+            seen.add(agent.name)
+            for model in filter(None, (agent.model, agent.fallback_model)):
+                if models and model not in models:
+                    raise ValueError(
+                        f"agent {agent.name!r} uses model {model!r}, which is not configured "
+                        f"(models: {', '.join(sorted(models))})"
+                    )
+            for tool in agent.tools:
+                if tool not in known_tools and not tool.startswith(mcp_prefixes):
+                    raise ValueError(
+                        f"agent {agent.name!r} uses tool {tool!r}, which does not exist "
+                        f"(tools: {', '.join(sorted(known_tools))}, or <mcp server>__<tool>)"
+                    )
+        return agents
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir}/strata.db"
 
     @field_validator("models")
     @classmethod
