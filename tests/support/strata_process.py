@@ -15,6 +15,9 @@ import httpx
 import yaml
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,6 +47,7 @@ class StrataProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)  # test tools are referenced as tests.support....
         env.update(self.env)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

@@ -125,7 +125,7 @@ BAD_CONFIGS = [
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
-            "(allowed: server, models, data_dir, database_url, tools, agents, logging)",
+            "(allowed: server, models, data_dir, database_url, tools, agents, runs, logging)",
         ],
     ),
 ]

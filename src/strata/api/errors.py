@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from strata.agents.service import InvalidRequest, NotFound, RunConflict
 from strata.api.request_id import current_request_id
 from strata.serving.errors import (
     BackendNotReadyError,
@@ -160,6 +161,14 @@ def install_error_handlers(app: FastAPI) -> None:
         param = format_loc(tuple(first["loc"])[1:])
         return error_response(ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param))
 
+    async def on_agent_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, NotFound):
+            return error_response(ApiError(404, str(exc), code="not_found"))
+        if isinstance(exc, RunConflict):
+            return error_response(ApiError(409, str(exc), code="run_in_progress", extra={"run_id": exc.active_run}))
+        assert isinstance(exc, InvalidRequest)
+        return error_response(ApiError(400, str(exc), param=exc.param))
+
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         log.info("client disconnected; request abandoned", path=request.url.path)
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -179,6 +188,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    for agent_error in (NotFound, RunConflict, InvalidRequest):
+        app.add_exception_handler(agent_error, on_agent_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)
 

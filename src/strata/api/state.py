@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from strata.agents.runtime import AgentRuntime
+from strata.agents.service import AgentService
 from strata.config import StrataConfig
 from strata.serving.chat import ChatService
+from strata.serving.errors import BackendNotReadyError
 from strata.serving.router import Router
 
 
@@ -23,3 +26,12 @@ class AppState:
     chat: ChatService
     started_at: float
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected
+
+    def agent_runtime(self) -> AgentRuntime:
+        if self.runtime is None:
+            raise BackendNotReadyError("the agent runtime is starting; try again shortly")
+        return self.runtime
+
+    def agent_service(self) -> AgentService:
+        return self.agent_runtime().service

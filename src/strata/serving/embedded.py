@@ -92,6 +92,8 @@ class EmbeddedDeployment(Deployment):
             "n_ctx": self.config.n_ctx,
             "verbose": False,
         }
+        if self.config.chat_format:
+            model["chat_format"] = self.config.chat_format
         if self.config.n_threads:
             model["n_threads"] = self.config.n_threads
             model["n_threads_batch"] = self.config.n_threads

@@ -1,0 +1,330 @@
+"""The run loop: model call -> tool calls (in parallel) -> model call ... until an answer or a limit.
+
+The session's messages are the run's durable state. Each step is recorded `started` before it runs
+and its result (message, usage, events) is committed with it before the next begins, so a run
+picked up after a crash continues from its last completed step: a model call in flight is made
+again (it has no side effects); a tool call whose result was committed is never executed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from sqlalchemy import select
+
+from strata.agents.bus import EventBus, LiveEvent
+from strata.agents.catalog import AgentCatalog
+from strata.agents.guards import call_signature, detect_loop
+from strata.agents.model_call import DeadlineExceeded, ModelCaller, ModelStepError
+from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult
+from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
+from strata.config import AgentConfig
+from strata.store.runs import LeaseLost, RunStore, Unit, aware, complete_step, finish, start_step, utcnow
+from strata.store.tables import Message, Run
+
+log = structlog.get_logger("strata.engine")
+
+
+@dataclass(frozen=True)
+class Price:
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
+
+
+class _Stop(Exception):
+    """The run reached a terminal state or paused; nothing more to do now."""
+
+
+class RunEngine:
+    def __init__(
+        self,
+        store: RunStore,
+        catalog: AgentCatalog,
+        tools: ToolRegistry,
+        caller: ModelCaller,
+        bus: EventBus,
+        prices: dict[str, Price],
+        lease_s: float,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.tools = tools
+        self.caller = caller
+        self.bus = bus
+        self.prices = prices
+        self.lease_s = lease_s
+
+    async def execute(self, run: Run, owner: str) -> None:
+        """Drive a claimed run until it ends, pauses for approval, or this worker loses it."""
+        spec = await self.catalog.version(run.agent, run.agent_version)
+        try:
+            job = _Job(self, run, owner, spec)
+        except ToolUnavailable as exc:
+            async with self.store.unit(run_id=run.id, owner=owner, lease_s=self.lease_s) as unit:
+                fresh = await unit.tx.get(Run, run.id, populate_existing=True)
+                assert fresh is not None
+                await finish(unit, fresh, "failed", str(exc))
+            return
+        remaining = (aware(run.deadline_at) - utcnow()).total_seconds()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                await job.drive()
+        except _Stop:
+            pass
+        except TimeoutError:
+            await job.end("failed", f"timeout: the run exceeded its {spec.limits.timeout_s:g}s limit")
+        except DeadlineExceeded as exc:
+            await job.end("failed", f"timeout: {exc}")
+        except ModelStepError as exc:
+            await job.end("failed", f"model error: {exc}")
+        except LeaseLost:
+            log.warning("lost the lease of a run; another worker has it", run_id=run.id)
+
+    async def cancel(self, run: Run, owner: str, reason: str) -> None:
+        async with self.store.unit(run_id=run.id, owner=owner, lease_s=self.lease_s) as unit:
+            fresh = await unit.tx.get(Run, run.id, populate_existing=True)
+            assert fresh is not None
+            await finish(unit, fresh, "cancelled", reason)
+
+
+class _Job:
+    def __init__(self, engine: RunEngine, run: Run, owner: str, spec: AgentConfig) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.run = run
+        self.owner = owner
+        self.spec = spec
+        self.tools: dict[str, Tool] = {t.name: t for t in engine.tools.for_agent(spec)}
+        self.deadline = time.monotonic() + (aware(run.deadline_at) - utcnow()).total_seconds()
+
+    def unit(self) -> Any:
+        return self.store.unit(run_id=self.run.id, owner=self.owner, lease_s=self.engine.lease_s)
+
+    async def fresh_run(self, unit: Unit) -> Run:
+        run = await unit.tx.get(Run, self.run.id, populate_existing=True)
+        assert run is not None
+        self.run = run
+        return run
+
+    async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
+        async with self.unit() as unit:
+            await finish(unit, await self.fresh_run(unit), status, reason, output)
+
+    async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
+        await self.end(status, reason, output)
+        raise _Stop
+
+    async def drive(self) -> None:
+        await self._begin()
+        while True:
+            history = await self.store.messages(self.run.session_id)
+            mine = [m for m in history if m.run_id == self.run.id]
+            last = mine[-1].data
+            if last["role"] == "assistant" and not last.get("tool_calls"):
+                await self.stop("completed", None, last.get("content") or "")
+            pending, turn = _pending_calls(mine)
+            if pending:
+                await self._tools(pending, turn, mine)
+            else:
+                await self._model_step(history, len([m for m in mine if m.role == "assistant"]))
+
+    async def _begin(self) -> None:
+        async with self.unit() as unit:
+            run = await self.fresh_run(unit)
+            started = await unit.tx.scalar(select(Message.id).where(Message.run_id == run.id).limit(1))
+            if started is None:  # first pick-up: the user's message joins the session now, in order
+                await unit.add_message(run.session_id, run.id, run.input)
+                await unit.add_event(run.id, "run.started", {"agent": run.agent, "version": run.agent_version})
+            else:
+                await unit.add_event(run.id, "run.resumed", {"attempt": run.attempts})
+
+    # -- model ---------------------------------------------------------------------------------
+
+    async def _model_step(self, history: list[Message], turn: int) -> None:
+        limits, run = self.spec.limits, self.run
+        if run.steps_taken >= limits.max_steps:
+            await self.stop("failed", f"step limit: {limits.max_steps} model steps without a final answer")
+        if run.prompt_tokens + run.completion_tokens >= limits.max_tokens:
+            await self.stop(
+                "failed", f"token limit: {run.prompt_tokens + run.completion_tokens} >= {limits.max_tokens}"
+            )
+        if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
+            await self.stop("failed", f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}")
+        async with self.unit() as unit:
+            await start_step(unit, run.id, turn=turn, kind="model", name=self.spec.model)
+            await unit.add_event(run.id, "step.started", {"turn": turn, "kind": "model", "model": self.spec.model})
+        messages = [m.data for m in history]
+        if self.spec.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
+        models = [self.spec.model] + ([self.spec.fallback_model] if self.spec.fallback_model else [])
+        outcome = await self.engine.caller.call(
+            models=models,
+            messages=messages,
+            tools=[tool.spec.openai_schema() for tool in self.tools.values()],
+            temperature=self.spec.temperature,
+            max_tokens=self.spec.max_tokens_per_step,
+            deadline=self.deadline,
+            call_id=f"{turn}",
+            on_delta=self._delta,
+            on_wait=self._waiting,
+            on_fallback=self._fallback,
+        )
+        price = self.engine.prices.get(outcome.model, Price())
+        cost = price.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        async with self.unit() as unit:
+            run = await self.fresh_run(unit)
+            run.steps_taken += 1
+            run.prompt_tokens += outcome.prompt_tokens
+            run.completion_tokens += outcome.completion_tokens
+            run.cost_usd += cost
+            await complete_step(
+                unit,
+                run.id,
+                turn=turn,
+                kind="model",
+                output=outcome.message,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+            )
+            await unit.add_message(run.session_id, run.id, outcome.message)
+            usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
+            await unit.add_event(
+                run.id,
+                "message.completed",
+                {"turn": turn, "model": outcome.model, "message": outcome.message, "usage": usage, "cost_usd": cost},
+            )
+            for call in outcome.tool_calls:
+                await unit.add_event(run.id, "tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
+
+    def _delta(self, text: str) -> None:
+        self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text}, None))
+
+    async def _waiting(self, reason: str, delay_s: float) -> None:
+        async with self.unit() as unit:
+            await unit.add_event(self.run.id, "run.waiting", {"reason": reason, "retry_in_s": round(delay_s, 3)})
+
+    async def _fallback(self, failed: str, fallback: str, error: str) -> None:
+        async with self.unit() as unit:
+            await unit.add_event(self.run.id, "run.fallback", {"from": failed, "to": fallback, "error": error})
+
+    # -- tools ---------------------------------------------------------------------------------
+
+    async def _tools(self, pending: list[dict[str, Any]], turn: int, mine: list[Message]) -> None:
+        approvals = self.run.approvals or {}
+        waiting = [c for c in pending if self._needs_approval(c) and c["id"] not in approvals]
+        if waiting:
+            await self._pause_for_approval(waiting)
+        assistants = [m for m in mine if m.role == "assistant"]
+        previous = [
+            call_signature(c["function"]["name"], c["function"]["arguments"])
+            for m in assistants[:-1]  # the last one holds the calls about to run
+            for c in m.data.get("tool_calls") or ()
+        ]
+        upcoming = [call_signature(c["function"]["name"], c["function"]["arguments"]) for c in pending]
+        loop = detect_loop(previous, upcoming, self.spec.limits.loop_repeats)
+        if loop:
+            await self.stop("failed", loop)
+        await asyncio.gather(*(self._tool_call(call, turn) for call in pending))
+
+    def _needs_approval(self, call: dict[str, Any]) -> bool:
+        name = call["function"]["name"]
+        tool = self.tools.get(name)
+        return name in self.spec.require_approval or bool(tool and tool.spec.requires_approval)
+
+    async def _pause_for_approval(self, calls: list[dict[str, Any]]) -> None:
+        requested = [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls
+        ]
+        async with self.unit() as unit:
+            run = await self.fresh_run(unit)
+            run.status = "awaiting_approval"
+            run.pending_approval = requested
+            run.lease_owner = None
+            run.lease_expires_at = None
+            await unit.add_event(run.id, "approval.requested", {"calls": requested})
+        raise _Stop
+
+    async def _tool_call(self, call: dict[str, Any], turn: int) -> None:
+        run = self.run
+        name, call_id = call["function"]["name"], call["id"]
+        key = f"{run.id}:{turn}:{call_id}"
+        decision = (run.approvals or {}).get(call_id)
+        arguments_text = call["function"]["arguments"]
+        if decision and decision.get("arguments") is not None:
+            arguments_text = orjson.dumps(decision["arguments"]).decode()
+        async with self.unit() as unit:
+            await start_step(
+                unit, run.id, turn=turn, kind="tool", name=name, call_id=call_id,
+                input_={"arguments": arguments_text}, idempotency_key=key,
+            )  # fmt: skip
+            await unit.add_event(
+                run.id, "step.started", {"turn": turn, "kind": "tool", "tool": name, "call_id": call_id}
+            )
+        if decision and decision.get("decision") == "deny":
+            comment = decision.get("comment")
+            result = ToolResult("The call was denied by an approver." + (f" {comment}" if comment else ""), True)
+        else:
+            result = await self._invoke(name, arguments_text, key)
+        async with self.unit() as unit:
+            await complete_step(
+                unit, run.id, turn=turn, kind="tool", call_id=call_id,
+                status="failed" if result.is_error else "completed",
+                output={"content": result.content, "is_error": result.is_error},
+                error=result.content if result.is_error else None,
+            )  # fmt: skip
+            content = f"Error: {result.content}" if result.is_error else result.content
+            await unit.add_message(
+                run.session_id, run.id, {"role": "tool", "tool_call_id": call_id, "content": content}
+            )
+            await unit.add_event(
+                run.id,
+                "tool.result",
+                {"call_id": call_id, "tool": name, "content": result.content, "is_error": result.is_error},
+            )
+
+    async def _invoke(self, name: str, arguments_text: str, key: str) -> ToolResult:
+        tool = self.tools.get(name)
+        if tool is None:
+            return ToolResult(f"unknown tool {name!r}; available: {', '.join(sorted(self.tools))}", True)
+        try:
+            arguments = orjson.loads(arguments_text or "{}")
+            if not isinstance(arguments, dict):
+                raise ValueError("arguments must be a JSON object")
+        except ValueError as exc:
+            return ToolResult(f"the arguments are not a JSON object: {exc}", True)
+        timeout = tool.spec.timeout_s
+        try:
+            return await asyncio.wait_for(tool.invoke(arguments, ToolContext(self.run.id, key, timeout)), timeout)
+        except ToolError as exc:
+            return ToolResult(str(exc), True)
+        except TimeoutError:
+            return ToolResult(f"the tool timed out after {timeout:g}s", True)
+        except Exception as exc:
+            log.exception("tool crashed", tool=name, run_id=self.run.id)
+            return ToolResult(f"the tool failed: {type(exc).__name__}: {exc}", True)
+
+
+def _pending_calls(mine: list[Message]) -> tuple[list[dict[str, Any]], int]:
+    """Tool calls of the run's last assistant message that have no result yet, and its turn."""
+    assistant_indexes = [i for i, m in enumerate(mine) if m.role == "assistant"]
+    if not assistant_indexes:
+        return [], 0
+    last = assistant_indexes[-1]
+    calls = mine[last].data.get("tool_calls") or []
+    answered = {m.data.get("tool_call_id") for m in mine[last + 1 :] if m.role == "tool"}
+    return [c for c in calls if c["id"] not in answered], len(assistant_indexes) - 1
+
+
+def _call_event(call: dict[str, Any], key: str) -> dict[str, Any]:
+    function = call["function"]
+    return {"call_id": call["id"], "tool": function["name"], "arguments": function["arguments"], "idempotency_key": key}

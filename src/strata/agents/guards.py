@@ -1,0 +1,30 @@
+"""Loop detection: an agent calling the same tool with the same arguments again and again, or
+bouncing between two calls (A-B-A-B), is stuck; the run ends with the reason rather than burning
+its step budget."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import orjson
+
+
+def call_signature(name: str, arguments: str) -> str:
+    try:
+        canonical = orjson.dumps(orjson.loads(arguments or "{}"), option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONDecodeError:
+        canonical = arguments
+    return f"{name}({canonical})"
+
+
+def detect_loop(previous: list[str], upcoming: list[str], repeats: int) -> str | None:
+    """`previous` and `upcoming` are call signatures in order; returns the reason if a loop forms."""
+    calls = previous + upcoming
+    for signature, count in Counter(calls).items():
+        if count >= repeats and signature in upcoming:
+            return f"loop detected: {signature} called {count} times with the same arguments"
+    if len(calls) >= 4:
+        a, b, c, d = calls[-4:]
+        if a == c and b == d and a != b:
+            return f"loop detected: alternating between {a} and {b}"
+    return None

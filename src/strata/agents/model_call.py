@@ -1,0 +1,217 @@
+"""One model step of a run, through `serving` like any client: streamed (token deltas go to live
+subscribers), waiting out backpressure, falling back to the agent's fallback model on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from strata.serving.chat import ChatCall, ChatService
+from strata.serving.errors import (
+    BackendNotReadyError,
+    ModelNotFoundError,
+    ServingError,
+    UpstreamStatusError,
+    UpstreamUnavailableError,
+)
+from strata.serving.schemas import ChatCompletionRequest
+
+WaitHook = Callable[[str, float], Awaitable[None]]
+DeltaHook = Callable[[str], None]
+FallbackHook = Callable[[str, str, str], Awaitable[None]]
+MAX_FAILURES_PER_MODEL = 3
+
+
+class ModelStepError(Exception):
+    """The model could not produce an answer for this step (after retries and fallback)."""
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass
+class ModelOutcome:
+    message: dict[str, Any]
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.message.get("tool_calls") or [])
+
+
+@dataclass
+class _Assembly:
+    """Builds the assistant message from stream chunks."""
+
+    content: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any], on_delta: DeltaHook) -> None:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.content.append(delta["content"])
+                on_delta(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                slot = self.calls.setdefault(
+                    call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def message(self, id_prefix: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.calls:
+            calls = [self.calls[i] for i in sorted(self.calls)]
+            for index, call in enumerate(calls):
+                call["id"] = call["id"] or f"call_{id_prefix}_{index}"
+            message["tool_calls"] = calls
+        return message
+
+
+class ModelCaller:
+    def __init__(self, chat: ChatService) -> None:
+        self._chat = chat
+
+    async def call(
+        self,
+        *,
+        models: list[str],
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        temperature: float | None,
+        max_tokens: int | None,
+        deadline: float,
+        call_id: str,
+        on_delta: DeltaHook,
+        on_wait: WaitHook,
+        on_fallback: FallbackHook,
+    ) -> ModelOutcome:
+        payload: dict[str, Any] = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        if tools:
+            payload["tools"] = tools
+            payload["tool_choice"] = "auto"
+        if temperature is not None:
+            payload["temperature"] = temperature
+        if max_tokens is not None:
+            payload["max_tokens"] = max_tokens
+        last_error: Exception | None = None
+        for index, model in enumerate(models):
+            if index > 0:
+                await on_fallback(models[index - 1], model, str(last_error))
+            try:
+                return await self._with_retries(model, payload, deadline, call_id, on_delta, on_wait)
+            except ModelStepError as exc:
+                last_error = exc
+        raise ModelStepError(str(last_error))
+
+    async def _with_retries(
+        self,
+        model: str,
+        payload: dict[str, Any],
+        deadline: float,
+        call_id: str,
+        on_delta: DeltaHook,
+        on_wait: WaitHook,
+    ) -> ModelOutcome:
+        failures = waits = 0
+        while True:
+            try:
+                return await self._stream_once(model, payload, call_id, on_delta)
+            except ModelNotFoundError as exc:
+                raise ModelStepError(exc.message) from None
+            except ServingError as exc:
+                if _is_backpressure(exc):
+                    # The deployment is refusing work for now: wait (visibly), do not fail the run.
+                    delay = _retry_after(exc) or _backoff(waits)
+                    waits += 1
+                    if time.monotonic() + delay >= deadline:
+                        raise DeadlineExceeded(f"model {model!r} stayed overloaded until the run's deadline") from None
+                    await on_wait(f"model {model!r} is busy: {exc.message}", delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
+                    raise ModelStepError(f"model {model!r} rejected the request: {exc.message}") from None
+                failures += 1
+                if failures >= MAX_FAILURES_PER_MODEL:
+                    raise ModelStepError(f"model {model!r} failed {failures} times: {exc.message}") from None
+                delay = _backoff(failures)
+                if time.monotonic() + delay >= deadline:
+                    raise ModelStepError(f"model {model!r} failed: {exc.message}") from None
+                await asyncio.sleep(delay)
+
+    async def _stream_once(
+        self, model: str, payload: dict[str, Any], call_id: str, on_delta: DeltaHook
+    ) -> ModelOutcome:
+        body = {**payload, "model": model}
+        request = ChatCompletionRequest.model_validate(body)
+        relay = await self._chat.open_stream(ChatCall(request, body), {})
+        assembly = _Assembly()
+        buffer = b""
+        async for piece in relay:
+            buffer += piece
+            while (end := buffer.find(b"\n\n")) >= 0:
+                event, buffer = buffer[:end], buffer[end + 2 :]
+                data = event.removeprefix(b"data: ")
+                if data == b"[DONE]":
+                    return _outcome(assembly, model, call_id)
+                chunk = orjson.loads(data)
+                if "error" in chunk:
+                    raise _stream_error(chunk["error"])
+                assembly.add(chunk, on_delta)
+        raise _stream_error({"message": "the stream ended without [DONE]"})
+
+
+def _outcome(assembly: _Assembly, model: str, call_id: str) -> ModelOutcome:
+    usage = assembly.usage or {}
+    return ModelOutcome(
+        message=assembly.message(call_id),
+        model=model,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+        finish_reason=assembly.finish_reason,
+    )
+
+
+def _stream_error(error: dict[str, Any]) -> ServingError:
+    return UpstreamUnavailableError(str(error.get("message", "stream failed")), deployment=error.get("deployment"))
+
+
+def _is_backpressure(exc: ServingError) -> bool:
+    if isinstance(exc, BackendNotReadyError):
+        return True
+    return isinstance(exc, UpstreamStatusError) and exc.status in (429, 503)
+
+
+def _retry_after(exc: ServingError) -> float | None:
+    if isinstance(exc, BackendNotReadyError):
+        return exc.retry_after_s
+    if isinstance(exc, UpstreamStatusError) and exc.retry_after:
+        try:
+            return min(60.0, max(0.0, float(exc.retry_after)))
+        except ValueError:
+            return None
+    return None
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter, capped at 10 s."""
+    return random.uniform(0, min(10.0, 0.25 * 2**attempt))

@@ -1,0 +1,51 @@
+"""Assemble the agent runtime (store, tools, engine, worker) and take it down again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from strata.agents.bus import EventBus
+from strata.agents.catalog import AgentCatalog
+from strata.agents.engine import Price, RunEngine
+from strata.agents.model_call import ModelCaller
+from strata.agents.service import AgentService
+from strata.agents.tools.registry import ToolRegistry
+from strata.agents.worker import RunWorker
+from strata.config import StrataConfig
+from strata.serving.chat import ChatService
+from strata.store.agents import AgentVersionStore
+from strata.store.database import Database
+from strata.store.runs import RunStore
+
+
+@dataclass
+class AgentRuntime:
+    db: Database
+    store: RunStore
+    bus: EventBus
+    catalog: AgentCatalog
+    tools: ToolRegistry
+    engine: RunEngine
+    worker: RunWorker
+    service: AgentService
+
+    @classmethod
+    async def start(cls, config: StrataConfig, chat: ChatService) -> AgentRuntime:
+        db = Database(config.effective_database_url)
+        await db.upgrade()
+        bus = EventBus()
+        store = RunStore(db, bus.publish_stored)
+        catalog = AgentCatalog(AgentVersionStore(db))
+        await catalog.sync(config.agents)
+        tools = await ToolRegistry.from_config(config.tools)
+        prices = {m.name: Price(m.input_usd_per_mtok, m.output_usd_per_mtok) for m in config.models}
+        runs = config.runs
+        engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, prices, runs.lease_s)
+        worker = RunWorker(store, engine, concurrency=runs.workers, lease_s=runs.lease_s, poll_s=runs.poll_s)
+        worker.start()
+        return cls(db, store, bus, catalog, tools, engine, worker, AgentService(store, catalog, worker, bus))
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+        await self.tools.close()
+        await self.db.dispose()

@@ -1,0 +1,186 @@
+"""What the API asks of the agent runtime: start runs (with idempotency and the session's
+double-texting policy), wait for them, follow their events, cancel, approve."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from strata.agents.bus import EventBus, LiveEvent
+from strata.agents.catalog import AgentCatalog, UnknownAgent
+from strata.agents.worker import RunWorker
+from strata.store.runs import TERMINAL, RunStore
+from strata.store.tables import Run, Session
+
+STORE_POLL_S = 1.0
+FINAL_EVENTS = (
+    "run.completed",
+    "run.failed",
+    "run.cancelled",
+)  # how often followers re-read the store for events written by other replicas
+
+
+class RunConflict(Exception):
+    """The session already has a run going and its policy is `reject`."""
+
+    def __init__(self, message: str, active_run: str) -> None:
+        super().__init__(message)
+        self.active_run = active_run
+
+
+class NotFound(LookupError):
+    pass
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ApprovalDecision:
+    decision: Literal["approve", "deny"]
+    call_id: str | None = None
+    arguments: dict[str, Any] | None = None
+    comment: str | None = None
+
+
+class AgentService:
+    def __init__(self, store: RunStore, catalog: AgentCatalog, worker: RunWorker, bus: EventBus) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.worker = worker
+        self.bus = bus
+
+    async def create_session(self, agent: str, owner: str | None, metadata: dict[str, Any] | None) -> Session:
+        await self.agent(agent)
+        return await self.store.create_session(agent, owner, metadata)
+
+    async def session(self, session_id: str) -> Session:
+        session = await self.store.get_session(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}")
+        return session
+
+    async def start_run(
+        self,
+        agent: str,
+        message: dict[str, Any],
+        *,
+        session_id: str | None,
+        idempotency_key: str | None,
+        owner: str | None,
+    ) -> tuple[Run, bool]:
+        version, spec = await self.agent(agent)
+        if idempotency_key:
+            existing = await self.store.by_idempotency_key(agent, idempotency_key)
+            if existing is not None:
+                return existing, False
+        if session_id is None:
+            session = await self.store.create_session(agent, owner, None)
+        else:
+            session = await self.session(session_id)
+            if session.agent != agent:
+                raise InvalidRequest(
+                    f"session {session_id!r} belongs to agent {session.agent!r}, not {agent!r}", "session_id"
+                )
+            for active in await self.store.active_runs(session.id):
+                if spec.double_texting == "reject":
+                    raise RunConflict(
+                        f"session {session.id!r} has run {active.id!r} in progress ({active.status}); "
+                        "wait for it, cancel it, or configure double_texting: enqueue or interrupt",
+                        active.id,
+                    )
+                if spec.double_texting == "interrupt":
+                    await self.cancel(active.id)
+        run, created = await self.store.create_run(
+            session_id=session.id,
+            agent=agent,
+            agent_version=version,
+            owner=owner,
+            input_message=message,
+            idempotency_key=idempotency_key,
+            timeout_s=spec.limits.timeout_s,
+        )
+        if created:
+            self.worker.wake()
+        return run, created
+
+    async def run(self, run_id: str) -> Run:
+        run = await self.store.get_run(run_id)
+        if run is None:
+            raise NotFound(f"no run {run_id!r}")
+        return run
+
+    async def wait(self, run_id: str, timeout_s: float) -> Run:
+        """Until the run ends or pauses for approval, or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        with self.bus.subscribe(run_id) as queue:
+            while True:
+                run = await self.run(run_id)
+                remaining = deadline - time.monotonic()
+                if run.status in TERMINAL or run.status == "awaiting_approval" or remaining <= 0:
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_next_durable(queue), min(remaining, STORE_POLL_S))
+
+    async def follow(self, run_id: str, after_seq: int = 0, *, deltas: bool = True) -> AsyncIterator[LiveEvent]:
+        """Stored events after `after_seq`, then live ones, until the run ends (through approval pauses)."""
+        await self.run(run_id)
+        last = after_seq
+        with self.bus.subscribe(run_id) as queue:
+            while True:
+                for stored in await self.store.events_after(run_id, last):
+                    last = stored.seq
+                    yield LiveEvent(run_id, stored.type, stored.data, stored.seq)
+                    if stored.type in FINAL_EVENTS:
+                        return
+                try:
+                    event = await asyncio.wait_for(queue.get(), STORE_POLL_S)
+                except TimeoutError:
+                    continue
+                if event.seq is None and deltas:
+                    yield event
+
+    async def cancel(self, run_id: str) -> Run:
+        run = await self.store.request_cancel(run_id)
+        if run is None:
+            raise NotFound(f"no run {run_id!r}")
+        self.worker.cancel_local(run_id)
+        return run
+
+    async def approve(self, run_id: str, decision: ApprovalDecision) -> Run:
+        run = await self.run(run_id)
+        if run.status != "awaiting_approval":
+            raise RunConflict(f"run {run_id!r} is {run.status}, not awaiting approval", run_id)
+        pending = run.pending_approval or []
+        targets = [c for c in pending if decision.call_id in (None, c["id"])]
+        if not targets:
+            ids = ", ".join(c["id"] for c in pending)
+            raise InvalidRequest(f"no pending call {decision.call_id!r} (pending: {ids})", "call_id")
+        if decision.arguments is not None and len(targets) != 1:
+            raise InvalidRequest("edited arguments need the 'call_id' of one call", "call_id")
+        record = {"decision": decision.decision, "arguments": decision.arguments, "comment": decision.comment}
+        updated = await self.store.set_approvals(run_id, {c["id"]: record for c in targets})
+        assert updated is not None
+        self.worker.wake()
+        return updated
+
+    async def agent(self, name: str) -> tuple[int, Any]:
+        try:
+            return await self.catalog.latest(name)
+        except UnknownAgent:
+            names = ", ".join(await self.catalog.names())
+            raise NotFound(f"no agent {name!r} (agents: {names})") from None
+
+
+async def _next_durable(queue: asyncio.Queue[LiveEvent]) -> LiveEvent:
+    while True:
+        event = await queue.get()
+        if event.seq is not None:
+            return event

@@ -1,0 +1,139 @@
+"""Claims queued runs and executes them under a heartbeated lease.
+
+Every `strata serve` runs one worker; on PostgreSQL they share the queue (claims use
+`FOR UPDATE SKIP LOCKED`). A worker that dies stops heartbeating; its runs' leases expire and any
+worker's sweeper puts them back in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import uuid
+
+import structlog
+
+from strata.agents.engine import RunEngine
+from strata.store.runs import RunStore
+from strata.store.tables import Run
+
+log = structlog.get_logger("strata.worker")
+
+
+class _Why(enum.Enum):
+    CANCEL = "cancel"
+    LEASE_LOST = "lease_lost"
+    SHUTDOWN = "shutdown"
+
+
+class RunWorker:
+    def __init__(self, store: RunStore, engine: RunEngine, *, concurrency: int, lease_s: float, poll_s: float) -> None:
+        self.store = store
+        self.engine = engine
+        self.owner = f"worker_{uuid.uuid4().hex[:12]}"
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._why: dict[str, _Why] = {}
+        self._wakeup = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        if self.concurrency > 0:
+            self._loops = [
+                asyncio.create_task(self._claim_loop(), name="runs:claim"),
+                asyncio.create_task(self._sweep_loop(), name="runs:sweep"),
+            ]
+
+    async def stop(self) -> None:
+        """Stop claiming; hand running runs back to the queue so another replica resumes them at once."""
+        for loop in self._loops:
+            loop.cancel()
+        for run_id, task in list(self._active.items()):
+            self._why[run_id] = _Why.SHUTDOWN
+            task.cancel()
+        if self._active:
+            await asyncio.gather(*self._active.values(), return_exceptions=True)
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+    def cancel_local(self, run_id: str) -> bool:
+        """Cancel a run this worker is executing now (cancels on other replicas go by heartbeat)."""
+        task = self._active.get(run_id)
+        if task is None:
+            return False
+        self._why[run_id] = _Why.CANCEL
+        task.cancel()
+        return True
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                while len(self._active) < self.concurrency:
+                    run = await self.store.claim(self.owner, self.lease_s)
+                    if run is None:
+                        break
+                    self._active[run.id] = asyncio.create_task(self._execute(run), name=f"run:{run.id}")
+            except Exception:
+                log.exception("claiming runs failed; retrying")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 2)
+            try:
+                swept = await self.store.sweep_expired()
+            except Exception:
+                log.exception("sweeping expired leases failed")
+                continue
+            if swept:
+                log.warning("runs with expired leases returned to the queue", count=swept)
+                self.wake()
+
+    async def _execute(self, run: Run) -> None:
+        log.info("run claimed", run_id=run.id, agent=run.agent, attempt=run.attempts)
+        execution = asyncio.current_task()
+        assert execution is not None
+        heartbeat = asyncio.create_task(self._heartbeat(run.id, execution))
+        try:
+            await self.engine.execute(run, self.owner)
+        except asyncio.CancelledError:
+            why = self._why.get(run.id)
+            if why is _Why.CANCEL:
+                await self.engine.cancel(run, self.owner, "cancelled by request")
+            elif why is _Why.SHUTDOWN:
+                await self.store.release(run.id, self.owner)
+            elif why is None:
+                raise
+        except Exception:
+            log.exception("run execution crashed; it will be retried after its lease expires", run_id=run.id)
+        finally:
+            heartbeat.cancel()
+            self._active.pop(run.id, None)
+            self._why.pop(run.id, None)
+            self.wake()
+
+    async def _heartbeat(self, run_id: str, execution: asyncio.Task[None]) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                beat = await self.store.heartbeat(run_id, self.owner, self.lease_s)
+            except Exception:
+                log.exception("heartbeat failed", run_id=run_id)
+                continue
+            if not beat.alive:
+                self._why[run_id] = _Why.LEASE_LOST
+                execution.cancel()
+                return
+            if beat.cancel_requested:
+                self._why[run_id] = _Why.CANCEL
+                execution.cancel()
+                return

@@ -1,0 +1,77 @@
+"""`WS /v1/agents/{agent}/ws`: chat with an agent over one socket.
+
+Client -> server: `{"type": "message", "input": "...", "session_id": optional}` starts a run in the
+socket's session (the first run creates one); `{"type": "cancel"}` cancels the current run.
+Server -> client: the run's events, as in SSE (`{"type", "run_id", "seq", ...}`), and
+`{"type": "error", "message"}` for a bad client message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from strata.agents.service import AgentService, InvalidRequest, NotFound, RunConflict
+from strata.api.state import AppState
+
+router = APIRouter(tags=["runs"])
+
+
+@router.websocket("/v1/agents/{agent}/ws")
+async def agent_socket(websocket: WebSocket, agent: str) -> None:
+    state: AppState = websocket.app.state.strata
+    agents = state.agent_service()
+    await websocket.accept()
+    session_id: str | None = None
+    current: dict[str, Any] = {"run": None, "task": None}
+    try:
+        while True:
+            try:
+                message = orjson.loads(await websocket.receive_text())
+            except orjson.JSONDecodeError as exc:
+                await _send(websocket, {"type": "error", "message": f"not JSON: {exc}"})
+                continue
+            kind = message.get("type") if isinstance(message, dict) else None
+            if kind == "cancel":
+                if current["run"]:
+                    await agents.cancel(current["run"])
+                continue
+            if kind != "message" or not isinstance(message.get("input"), str):
+                await _send(websocket, {"type": "error", "message": "expected {'type': 'message', 'input': str}"})
+                continue
+            try:
+                run, _ = await agents.start_run(
+                    agent,
+                    {"role": "user", "content": message["input"]},
+                    session_id=message.get("session_id") or session_id,
+                    idempotency_key=message.get("idempotency_key"),
+                    owner=None,
+                )
+            except (NotFound, RunConflict, InvalidRequest) as exc:
+                await _send(websocket, {"type": "error", "message": str(exc)})
+                continue
+            session_id = run.session_id
+            current["run"] = run.id
+            current["task"] = asyncio.create_task(_forward(websocket, agents, run.id))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        task = current["task"]
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _forward(websocket: WebSocket, agents: AgentService, run_id: str) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        async for event in agents.follow(run_id):
+            await _send(websocket, {"type": event.type, "run_id": event.run_id, "seq": event.seq, **event.data})
+
+
+async def _send(websocket: WebSocket, payload: dict[str, Any]) -> None:
+    await websocket.send_text(orjson.dumps(payload).decode())

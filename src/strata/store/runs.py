@@ -1,0 +1,390 @@
+"""Runs, their steps, events and session messages: every write the run engine makes.
+
+Writes by the worker that owns a run are *fenced*: each unit of work first extends the run's lease
+on the condition that this worker still holds it, so a worker that lost its lease (paused, partitioned)
+can never write over the worker that took the run over.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from strata.store.database import Database
+from strata.store.tables import Event, Message, Run, Session, Step
+
+ACTIVE = ("queued", "running", "awaiting_approval")
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything we store is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the run; it must stop touching it."""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    run_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    alive: bool
+    cancel_requested: bool
+
+
+@dataclass
+class Unit:
+    """One transaction. Events added here are published (after commit) to live subscribers."""
+
+    tx: AsyncSession
+    events: list[StoredEvent] = field(default_factory=list)
+
+    async def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> StoredEvent:
+        seq = (
+            await self.tx.execute(
+                update(Run)
+                .where(Run.id == run_id)
+                .values(next_event_seq=Run.next_event_seq + 1)
+                .returning(Run.next_event_seq)
+            )
+        ).scalar_one()
+        now = utcnow()
+        self.tx.add(Event(run_id=run_id, seq=seq, type=type_, data=data, created_at=now))
+        stored = StoredEvent(run_id, seq, type_, data, now)
+        self.events.append(stored)
+        return stored
+
+    async def add_message(self, session_id: str, run_id: str | None, data: dict[str, Any]) -> None:
+        seq = (
+            await self.tx.execute(
+                update(Session)
+                .where(Session.id == session_id)
+                .values(next_message_seq=Session.next_message_seq + 1, updated_at=utcnow())
+                .returning(Session.next_message_seq)
+            )
+        ).scalar_one()
+        self.tx.add(
+            Message(session_id=session_id, seq=seq, run_id=run_id, role=data["role"], data=data, created_at=utcnow())
+        )
+
+
+class RunStore:
+    def __init__(self, db: Database, publish: Callable[[StoredEvent], None] | None = None) -> None:
+        self.db = db
+        self._publish = publish or (lambda _event: None)
+
+    @asynccontextmanager
+    async def unit(
+        self, *, run_id: str | None = None, owner: str | None = None, lease_s: float = 0
+    ) -> AsyncIterator[Unit]:
+        """A transaction; with `owner`, fenced on (and extending) that worker's lease of `run_id`."""
+        async with self.db.transaction() as tx:
+            if owner is not None:
+                held = await tx.execute(
+                    update(Run)
+                    .where(Run.id == run_id, Run.lease_owner == owner, Run.status == "running")
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                )
+                if held.rowcount != 1:
+                    raise LeaseLost(run_id)
+            unit = Unit(tx)
+            yield unit
+        for event in unit.events:
+            self._publish(event)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create_session(self, agent: str, owner: str | None, metadata: dict[str, Any] | None = None) -> Session:
+        now = utcnow()
+        session = Session(
+            id=new_id("sess"), agent=agent, owner=owner, metadata_=metadata or {}, created_at=now, updated_at=now
+        )
+        async with self.db.transaction() as tx:
+            tx.add(session)
+        return session
+
+    async def get_session(self, session_id: str) -> Session | None:
+        async with self.db.sessions() as tx:
+            return await tx.get(Session, session_id)
+
+    async def messages(self, session_id: str) -> list[Message]:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(select(Message).where(Message.session_id == session_id).order_by(Message.seq))
+            return list(rows.scalars())
+
+    # -- runs --------------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        *,
+        session_id: str,
+        agent: str,
+        agent_version: int,
+        owner: str | None,
+        input_message: dict[str, Any],
+        idempotency_key: str | None,
+        timeout_s: float,
+    ) -> tuple[Run, bool]:
+        """Persist a queued run (the acknowledgement point). Returns (run, created)."""
+        if idempotency_key:
+            existing = await self.by_idempotency_key(agent, idempotency_key)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        run = Run(
+            id=new_id("run"),
+            session_id=session_id,
+            agent=agent,
+            agent_version=agent_version,
+            owner=owner,
+            status="queued",
+            idempotency_key=idempotency_key,
+            input=input_message,
+            approvals={},
+            created_at=now,
+            deadline_at=now + timedelta(seconds=timeout_s),
+        )
+        try:
+            async with self.unit() as unit:
+                unit.tx.add(run)
+                await unit.tx.flush()
+                await unit.add_event(run.id, "run.created", {"agent": agent, "session_id": session_id})
+        except IntegrityError:
+            if idempotency_key:  # a concurrent request with the same key won the race
+                existing = await self.by_idempotency_key(agent, idempotency_key)
+                if existing is not None:
+                    return existing, False
+            raise
+        return run, True
+
+    async def by_idempotency_key(self, agent: str, key: str) -> Run | None:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(select(Run).where(Run.agent == agent, Run.idempotency_key == key))
+            return rows.scalar_one_or_none()
+
+    async def get_run(self, run_id: str) -> Run | None:
+        async with self.db.sessions() as tx:
+            return await tx.get(Run, run_id)
+
+    async def active_runs(self, session_id: str) -> list[Run]:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(
+                select(Run).where(Run.session_id == session_id, Run.status.in_(ACTIVE)).order_by(Run.created_at)
+            )
+            return list(rows.scalars())
+
+    async def steps(self, run_id: str) -> list[Step]:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(select(Step).where(Step.run_id == run_id).order_by(Step.id))
+            return list(rows.scalars())
+
+    async def events_after(self, run_id: str, seq: int, limit: int = 1000) -> list[StoredEvent]:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(
+                select(Event).where(Event.run_id == run_id, Event.seq > seq).order_by(Event.seq).limit(limit)
+            )
+            return [StoredEvent(e.run_id, e.seq, e.type, e.data, aware(e.created_at)) for e in rows.scalars()]
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    async def claim(self, owner: str, lease_s: float) -> Run | None:
+        """Take the oldest queued run whose session has no earlier unfinished run."""
+        earlier = aliased(Run)
+        blocked = exists().where(
+            and_(
+                earlier.session_id == Run.session_id,
+                earlier.id != Run.id,
+                earlier.status.in_(ACTIVE),
+                earlier.created_at < Run.created_at,
+            )
+        )
+        query = select(Run.id).where(Run.status == "queued", ~blocked).order_by(Run.created_at).limit(1)
+        if not self.db.is_sqlite:
+            query = query.with_for_update(skip_locked=True, of=Run)
+        async with self.unit() as unit:
+            run_id = (await unit.tx.execute(query)).scalar_one_or_none()
+            if run_id is None:
+                return None
+            now = utcnow()
+            taken = await unit.tx.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "queued")
+                .values(
+                    status="running",
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    started_at=func.coalesce(Run.started_at, now),
+                    attempts=Run.attempts + 1,
+                )
+            )
+            if taken.rowcount != 1:
+                return None
+            run = await unit.tx.get(Run, run_id, populate_existing=True)
+            assert run is not None
+            return run
+
+    async def heartbeat(self, run_id: str, owner: str, lease_s: float) -> Heartbeat:
+        async with self.db.transaction() as tx:
+            result = await tx.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.lease_owner == owner, Run.status == "running")
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                .returning(Run.cancel_requested)
+            )
+            row = result.first()
+        return Heartbeat(alive=row is not None, cancel_requested=bool(row and row[0]))
+
+    async def release(self, run_id: str, owner: str) -> None:
+        """Hand a running run back to the queue (graceful shutdown), so another worker resumes it now."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.lease_owner == owner, Run.status == "running")
+                .values(status="queued", lease_owner=None, lease_expires_at=None)
+            )
+
+    async def sweep_expired(self) -> int:
+        """Runs whose worker stopped heartbeating (crashed) go back to the queue."""
+        async with self.db.transaction() as tx:
+            result = await tx.execute(
+                update(Run)
+                .where(Run.status == "running", Run.lease_expires_at < utcnow())
+                .values(status="queued", lease_owner=None, lease_expires_at=None)
+            )
+        return int(result.rowcount or 0)
+
+    # -- control -----------------------------------------------------------------------------
+
+    async def request_cancel(self, run_id: str) -> Run | None:
+        """A queued or paused run is cancelled at once; a running one at its worker's next heartbeat."""
+        async with self.unit() as unit:
+            run = await unit.tx.get(Run, run_id, with_for_update=not self.db.is_sqlite)
+            if run is None or run.status in TERMINAL:
+                return run
+            if run.status == "running":
+                run.cancel_requested = True
+            else:
+                await finish(unit, run, "cancelled", "cancelled by request")
+            return run
+
+    async def set_approvals(self, run_id: str, decisions: dict[str, Any]) -> Run | None:
+        async with self.unit() as unit:
+            run = await unit.tx.get(Run, run_id, with_for_update=not self.db.is_sqlite)
+            if run is None or run.status != "awaiting_approval":
+                return run
+            run.approvals = {**(run.approvals or {}), **decisions}
+            pending = [c for c in run.pending_approval or [] if c["id"] not in run.approvals]
+            await unit.add_event(run.id, "approval.resolved", {"decisions": decisions})
+            if not pending:
+                run.status, run.pending_approval = "queued", None
+            return run
+
+
+async def finish(unit: Unit, run: Run, status: str, reason: str | None, output: str | None = None) -> None:
+    """Move a run to a terminal state, with its event, inside the caller's unit of work."""
+    run.status = status
+    run.status_reason = reason
+    run.output = output if output is not None else run.output
+    run.finished_at = utcnow()
+    run.lease_owner = None
+    run.lease_expires_at = None
+    run.pending_approval = None
+    data: dict[str, Any] = {"status": status, "reason": reason}
+    if output is not None:
+        data["output"] = output
+    await unit.add_event(run.id, f"run.{status}", data)
+
+
+async def start_step(
+    unit: Unit,
+    run_id: str,
+    *,
+    turn: int,
+    kind: str,
+    name: str,
+    call_id: str = "",
+    input_: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Step:
+    """Record that a step is about to run; a step left `started` by a crash is started again."""
+    existing = (
+        await unit.tx.execute(
+            select(Step).where(Step.run_id == run_id, Step.turn == turn, Step.kind == kind, Step.call_id == call_id)
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.attempts += 1
+        existing.status = "started"
+        existing.started_at = utcnow()
+        return existing
+    step = Step(
+        run_id=run_id,
+        turn=turn,
+        kind=kind,
+        call_id=call_id,
+        name=name,
+        status="started",
+        idempotency_key=idempotency_key,
+        input=input_,
+        attempts=1,
+        started_at=utcnow(),
+    )
+    unit.tx.add(step)
+    return step
+
+
+async def complete_step(
+    unit: Unit,
+    run_id: str,
+    *,
+    turn: int,
+    kind: str,
+    call_id: str = "",
+    status: str = "completed",
+    output: dict[str, Any] | None = None,
+    error: str | None = None,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+) -> None:
+    await unit.tx.execute(
+        update(Step)
+        .where(Step.run_id == run_id, Step.turn == turn, Step.kind == kind, Step.call_id == call_id)
+        .values(
+            status=status,
+            output=output,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finished_at=utcnow(),
+        )
+    )
+
+
+def session_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    return [m.data for m in messages]
