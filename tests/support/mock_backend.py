@@ -44,6 +44,7 @@ class Reply:
     content: str | None = "Hello from the mock backend."
     tool_calls: list[ToolCallSpec] | None = None
     echo: bool = False  # reply with the last user message instead of `content`
+    answer_after_tool: str | None = None  # if the last message is a tool result, answer this instead
     finish_reason: str | None = None  # default: "tool_calls" with tool calls, else "stop"
     status: int = 200
     error_message: str = "mock failure"
@@ -125,7 +126,7 @@ class MockBackend:
         return app
 
     async def start_async(self) -> None:
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
         await site.start()
@@ -155,6 +156,10 @@ class MockBackend:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.stop_async())
+            pending = asyncio.all_tasks(loop)  # handlers still hanging or sleeping by script
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
             self._stopped.set()
 
@@ -227,6 +232,9 @@ class MockBackend:
         if reply.status >= 400:
             headers = {"Retry-After": reply.retry_after} if reply.retry_after else None
             return _error(reply.status, reply.error_message, reply.error_param, headers)
+        messages = body.get("messages") or [{}]
+        if reply.answer_after_tool is not None and messages[-1].get("role") == "tool":
+            reply = Reply(content=reply.answer_after_tool, latency_s=0, usage=reply.usage)
         content = _last_user_text(body) if reply.echo else reply.content
         if body.get("stream"):
             return await self._stream(request, body, reply, content)

@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import yaml
 
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -1,16 +1,17 @@
 """The `python` built-in: run model-written code in a bubblewrap sandbox, never on the host.
 
-The sandbox has no network, no view of host processes, no environment secrets and a read-only
-filesystem holding only /usr and the interpreter; /tmp is a small private tmpfs that vanishes with
-the run. Limits (CPU, memory, processes, file size) are set inside the sandbox, after its
-namespaces exist, so RLIMIT_NPROC counts only the sandbox's own processes.
+The sandbox has no network, sees no host process, gets no environment secrets, and sees a
+read-only filesystem holding only /usr and the interpreter; /tmp is a small private tmpfs that
+vanishes with the run. Limits are set by a bootstrap inside the sandbox, after its namespaces
+exist, just before the model's program replaces it.
 
-RLIMIT_NPROC is ignored for processes whose real uid is host root, so the code must never run as
-host root. When Strata itself is root, bwrap would map the sandbox user onto root and resolve bind
-sources as an unprivileged user (which cannot reach an interpreter under /root). So we create a
-fresh user namespace per run, with an identity uid map and nested namespaces disabled, let root
-bwrap build the mounts, and have it switch into that namespace as uid 65534 (`--userns`): the code
-then runs as host uid 65534, where the process limit is enforced.
+The process limit (RLIMIT_NPROC) is the subtle one: the kernel ignores it for host root, and a
+user namespace created by root bwrap maps the sandbox user onto host root. Unprivileged bwrap
+cannot help either, since it resolves bind sources as that user (an interpreter under /root is out
+of reach). So when Strata runs as root, root bwrap builds the mounts and keeps only CAP_SETUID and
+CAP_SETGID, and the bootstrap drops to a fresh unprivileged uid per run, which loses those too
+(bwrap also sets no_new_privs and mounts everything nosuid). The per-run uid gives each run its own
+process count. As any other user, bwrap runs unprivileged in a user namespace of its own.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import asyncio
 import contextlib
 import json
 import os
+import random
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,15 +34,26 @@ from typing import Any
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult, ToolRisk, ToolSpec
 from strata.config import PythonToolConfig
 
-SANDBOX_UID = 65534  # "nobody": owns nothing on the host
 CODE_PATH = "/sandbox/main.py"  # what tracebacks show the model
 MAX_CODE_BYTES = 1_000_000
 # Our own wall-clock kill must win over the caller's timeout, so the model still gets the output.
 KILL_GRACE_S = 5.0
+# Host uids for runs started by root: above the ranges distributions, systemd and subuid maps use.
+SANDBOX_UID_BASE = 1_900_000_000
+SANDBOX_UID_SPAN = 1 << 24
+# Inside a user namespace of its own (Strata not root) the sandbox user is "nobody".
+NAMESPACED_UID = 65534
+MIN_BWRAP_VERSION = (0, 8)  # --disable-userns, --size
 _CHUNK = 64 * 1024
 _MIB = 1024 * 1024
-_CLONE_NEWUSER = 0x10000000
 _MISSING_BWRAP = "the python tool is disabled: bubblewrap (bwrap) is not installed; install the 'bubblewrap' package"
+# The last stderr line of a failed program, and what it means in terms of our limits.
+_LIMIT_HINTS = (
+    (b"MemoryError", "exceeded the memory limit ({memory_mb} MB)"),
+    (b"File too large", "exceeded the file size limit ({memory_mb} MB)"),
+    (b"No space left on device", "/tmp is full ({memory_mb} MB)"),
+    (b"Resource temporarily unavailable", "probably hit the process limit ({max_processes})"),
+)
 
 PARAMETERS: dict[str, Any] = {
     "type": "object",
@@ -49,10 +64,14 @@ PARAMETERS: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-# Runs inside the sandbox: limits apply from here on, then the model's program replaces this process.
+# Runs inside the sandbox; then the model's program replaces this process, limits and uid included.
 _BOOTSTRAP = """\
 import os, resource, sys
-cpu, memory, processes, file_size = map(int, sys.argv[1:5])
+uid, cpu, memory, processes, file_size = map(int, sys.argv[1:6])
+if uid >= 0:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 limits = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
           (resource.RLIMIT_NPROC, processes, processes), (resource.RLIMIT_FSIZE, file_size, file_size)]
 for kind, soft, hard in limits:
@@ -60,20 +79,7 @@ for kind, soft, hard in limits:
     if ceiling != resource.RLIM_INFINITY:
         soft, hard = min(soft, ceiling), min(hard, ceiling)
     resource.setrlimit(kind, (soft, hard))
-os.execv(sys.executable, [sys.executable, "-I", "-u", sys.argv[5]])
-"""
-
-# Holds a new user namespace while the parent maps it; forbids namespaces nested inside it.
-_NAMESPACE_HOLDER = f"""\
-import ctypes, sys
-if ctypes.CDLL(None, use_errno=True).unshare({_CLONE_NEWUSER}) != 0:
-    sys.exit("unshare(CLONE_NEWUSER) failed: " + __import__("os").strerror(ctypes.get_errno()))
-print("unshared", flush=True)
-sys.stdin.readline()
-with open("/proc/sys/user/max_user_namespaces", "w") as f:
-    f.write("0")
-print("sealed", flush=True)
-sys.stdin.read()
+os.execv(sys.executable, [sys.executable, "-I", "-u", sys.argv[6]])
 """
 
 
@@ -112,20 +118,22 @@ class _Capture:
 class PythonSandboxTool(Tool):
     """Runs one Python program per call inside bwrap. Disabled (never unsandboxed) without bwrap."""
 
-    def __init__(self, config: PythonToolConfig, bwrap_path: str | None | EllipsisType = ...) -> None:
-        """`bwrap_path`: `...` looks bwrap up on PATH; None means it is not installed."""
+    def __init__(self, config: PythonToolConfig, bwrap_path: str | EllipsisType | None = ...) -> None:
+        """`bwrap_path`: `...` (the default) looks bwrap up on PATH; None means it is not installed."""
         self._config = config
         self._bwrap = shutil.which("bwrap") if bwrap_path is ... else bwrap_path
         self._interpreter = os.path.realpath(sys.executable)
         self._running: set[asyncio.subprocess.Process] = set()
-        self.unavailable_reason = self._check_available()
+        self._uids_in_use: set[int] = set()
+        self.unavailable_reason: str | None = self._check_available()
         self.spec = ToolSpec(
             name="python",
             description=(
                 "Run a Python 3 program in an isolated sandbox and get its stdout, stderr and exit status. "
-                "Only the standard library; no network; only /tmp is writable and it is emptied after every call. "
+                "No network; only /tmp is writable and it is emptied after every call. "
                 f"Limits: {config.timeout_s:g}s wall clock, {config.cpu_s}s CPU, {config.memory_mb} MB memory, "
-                f"{config.max_output_bytes} bytes of output. Print the results you need."
+                f"{config.max_processes} processes, {config.max_output_bytes} bytes of output. "
+                "Print the results you need."
             ),
             parameters=PARAMETERS,
             timeout_s=config.timeout_s + KILL_GRACE_S,
@@ -139,6 +147,11 @@ class PythonSandboxTool(Tool):
             return "the python tool is disabled: its bubblewrap sandbox needs Linux"
         if not self._bwrap or not os.access(self._bwrap, os.X_OK):
             return _MISSING_BWRAP
+        version = _bwrap_version(self._bwrap)
+        if version is None or version < MIN_BWRAP_VERSION:
+            found = ".".join(map(str, version)) if version else "an unknown version"
+            wanted = ".".join(map(str, MIN_BWRAP_VERSION))
+            return f"the python tool is disabled: it needs bubblewrap {wanted} or newer, found {found}"
         return None
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
@@ -150,52 +163,55 @@ class PythonSandboxTool(Tool):
         source = code.encode("utf-8", errors="surrogatepass")
         if len(source) > MAX_CODE_BYTES:
             raise ToolError(f"the program is too long ({len(source)} bytes; at most {MAX_CODE_BYTES})")
-        wall_s = min(self._config.timeout_s, context.timeout_s) if context.timeout_s > 0 else self._config.timeout_s
-        outcome = await self._run(source, wall_s)
+        wall_s = self._config.timeout_s
+        if context.timeout_s > 0:
+            wall_s = min(wall_s, context.timeout_s)
+        uid = self._claim_uid() if os.geteuid() == 0 else None
+        try:
+            outcome = await self._run(source, wall_s, uid)
+        finally:
+            self._uids_in_use.discard(uid or -1)
         return self._result(outcome, wall_s)
 
     async def close(self) -> None:
         for process in list(self._running):
             _kill_group(process)
 
-    async def _run(self, source: bytes, wall_s: float) -> _Outcome:
+    def _claim_uid(self) -> int:
+        while (uid := random.randrange(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_SPAN)) in self._uids_in_use:
+            pass
+        self._uids_in_use.add(uid)
+        return uid
+
+    async def _run(self, source: bytes, wall_s: float, uid: int | None) -> _Outcome:
         code_fd = os.memfd_create("strata-python-code")
         info_read, info_write = os.pipe()
-        userns_fd: int | None = None
         try:
             os.write(code_fd, source)
             os.lseek(code_fd, 0, os.SEEK_SET)
             os.set_blocking(info_read, False)
-            as_root = os.geteuid() == 0
-            if as_root:
-                userns_fd = await _private_user_namespace()
-            argv = self._bwrap_argv(code_fd, info_write, userns_fd)
-            pass_fds = (code_fd, info_write) if userns_fd is None else (code_fd, info_write, userns_fd)
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
-                *argv,
+                *self.command(code_fd, info_write, uid),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env={},
-                pass_fds=pass_fds,
+                pass_fds=(code_fd, info_write),
                 start_new_session=True,
-                # Root bwrap builds the mounts; a gid other than root's sidesteps bwrap's setuid-before-setgid bug.
-                **({"group": SANDBOX_UID, "extra_groups": []} if as_root else {}),
             )
         except BaseException:
             os.close(info_read)
             raise
         finally:
-            for fd in (code_fd, info_write, userns_fd):
-                if fd is not None:
-                    os.close(fd)
+            os.close(code_fd)
+            os.close(info_write)
         self._running.add(process)
         try:
             return await self._supervise(process, info_read, wall_s, started)
         finally:
             self._running.discard(process)
-            if process.returncode is None:  # cancelled: kill at once, the caller is not waiting
+            if process.returncode is None:  # cancelled: kill now, nobody waits for the result
                 _kill_sandbox(process, info_read)
                 _kill_group(process)
             os.close(info_read)
@@ -223,8 +239,7 @@ class PythonSandboxTool(Tool):
                     await asyncio.wait_for(asyncio.shield(finished), timeout=2.0)
         finally:
             overflow.cancel()
-            if not finished.done():
-                finished.cancel()
+            finished.cancel()
         return _Outcome(
             exit_code=process.returncode,
             stopped_for=stopped_for,
@@ -234,42 +249,43 @@ class PythonSandboxTool(Tool):
             duration_s=time.monotonic() - started,
         )
 
-    def _bwrap_argv(self, code_fd: int, info_fd: int, userns_fd: int | None) -> list[str]:
+    def command(self, code_fd: int, info_fd: int, uid: int | None) -> list[str]:
+        """The bwrap command line. `uid`: the host uid to drop to when we are root, else None."""
         assert self._bwrap is not None
         config = self._config
-        bin_dir = os.path.dirname(self._interpreter)
-        if userns_fd is None:
-            identity = ["--unshare-user", "--disable-userns"]
-        else:
-            identity = ["--userns", str(userns_fd)]
-        argv = [
+        if uid is None:  # unprivileged bwrap: a user namespace of its own, no nested ones
+            identity = [
+                "--unshare-user",
+                "--disable-userns",
+                "--uid",
+                str(NAMESPACED_UID),
+                "--gid",
+                str(NAMESPACED_UID),
+            ]
+        else:  # root bwrap: the bootstrap needs exactly these two capabilities to drop to `uid`
+            identity = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        memory = str(config.memory_mb * _MIB)
+        # The process limit counts bwrap's reaper (pid 1) when it runs as the sandbox user.
+        processes = config.max_processes if uid is not None else config.max_processes + 1
+        return [
             self._bwrap,
             *identity,
-            *("--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)),
             *("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"),
             *("--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)),
-            "--clearenv",
-            *("--setenv", "PATH", f"{bin_dir}:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"),
-            *("--setenv", "HOME", "/tmp"),
+            *("--clearenv", "--setenv", "PATH", f"{os.path.dirname(self._interpreter)}:/usr/bin:/bin"),
+            *("--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp"),
             *("--ro-bind", "/usr", "/usr"),
             *_system_links(),
-            *(arg for root in _interpreter_roots(self._interpreter) for arg in ("--ro-bind", root, root)),
+            *_interpreter_binds(self._interpreter),
             *("--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"),
             *("--ro-bind-try", "/etc/localtime", "/etc/localtime"),
             *("--proc", "/proc", "--dev", "/dev"),
-            *("--size", str(config.memory_mb * _MIB), "--perms", "1777", "--tmpfs", "/tmp"),
+            *("--size", memory, "--perms", "1777", "--tmpfs", "/tmp"),
             *("--perms", "0444", "--ro-bind-data", str(code_fd), CODE_PATH),
             *("--chdir", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/"),
-            "--",
-            *(self._interpreter, "-I", "-S", "-c", _BOOTSTRAP),
-            str(config.cpu_s),
-            str(config.memory_mb * _MIB),
-            # bwrap's reaper (pid 1) runs as the sandbox user too, and counts.
-            str(config.max_processes + 1),
-            str(config.memory_mb * _MIB),
-            CODE_PATH,
+            *("--", self._interpreter, "-I", "-S", "-c", _BOOTSTRAP),
+            *(str(-1 if uid is None else uid), str(config.cpu_s), memory, str(processes), memory, CODE_PATH),
         ]
-        return argv
 
     def _result(self, outcome: _Outcome, wall_s: float) -> ToolResult:
         status, failed = self._status(outcome, wall_s)
@@ -291,65 +307,37 @@ class PythonSandboxTool(Tool):
         return ToolResult(content="\n".join(parts), is_error=failed, metadata=metadata)
 
     def _status(self, outcome: _Outcome, wall_s: float) -> tuple[str, bool]:
+        """The first line the model reads, and whether the call failed."""
         config = self._config
         if outcome.stopped_for == "timeout":
-            return f"timed out after {wall_s:g}s (killed)", True
+            return f"timed out after {wall_s:g}s: killed", True
         if outcome.stopped_for == "output":
             return f"killed: the output exceeded {config.max_output_bytes} bytes", True
         code = outcome.exit_code
         if code == 0:
             return "exit status 0", False
         if code == 1 and not outcome.stdout and outcome.stderr.startswith(b"bwrap: "):
-            raise ToolError(f"the python sandbox failed to start: {outcome.stderr.decode(errors='replace').strip()}")
+            detail = outcome.stderr.decode(errors="replace").strip()
+            raise ToolError(f"the python sandbox failed to start: {detail}")
         if code is not None and code > 128 and (name := _signal_name(code - 128)):
-            # bwrap reports a child killed by signal N as exit status 128 + N.
+            # bwrap reports a program killed by signal N as exit status 128 + N.
             reason = {
                 "SIGXCPU": f"exceeded the CPU time limit ({config.cpu_s}s)",
                 "SIGKILL": "a resource limit was exceeded",
-                "SIGXFSZ": "exceeded the file size limit",
-                "SIGSEGV": "crashed",
+                "SIGXFSZ": f"exceeded the file size limit ({config.memory_mb} MB)",
             }.get(name)
-            return f"killed by {name}" + (f": {reason}" if reason else ""), True
-        if _last_line(outcome.stderr).startswith(b"MemoryError"):
-            return f"exit status {code}: exceeded the memory limit ({config.memory_mb} MB)", True
+            return (f"killed: {reason} [{name}]" if reason else f"killed by {name}"), True
+        last_line = _last_line(outcome.stderr)
+        for marker, hint in _LIMIT_HINTS:
+            if marker in last_line:
+                return f"exit status {code}: " + hint.format(**config.model_dump()), True
         return f"exit status {code}", True
-
-
-async def _private_user_namespace() -> int:
-    """A new user namespace (identity-mapped, nested ones forbidden) as an fd for `bwrap --userns`."""
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        _NAMESPACE_HOLDER,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={},
-    )
-    assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
-    try:
-        if await holder.stdout.readline() != b"unshared\n":
-            error = (await holder.stderr.read()).decode(errors="replace").strip()
-            raise ToolError(f"the python sandbox failed to start: no user namespace ({error})")
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{holder.pid}/{name}", "w") as mapping:
-                mapping.write("0 0 4294967295\n")
-        holder.stdin.write(b"mapped\n")
-        await holder.stdin.drain()
-        if await holder.stdout.readline() != b"sealed\n":
-            raise ToolError("the python sandbox failed to start: could not seal its user namespace")
-        return os.open(f"/proc/{holder.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        if holder.returncode is None:
-            holder.kill()
-        await holder.wait()
 
 
 async def _stop(process: asyncio.subprocess.Process, info_read: int) -> None:
     """Kill the sandbox's pid 1, which takes every process in it along, then let bwrap reap it."""
-    _kill_sandbox(process, info_read)
+    if process.returncode is None:
+        _kill_sandbox(process, info_read)
     try:
         await asyncio.wait_for(process.wait(), timeout=2.0)
     except TimeoutError:
@@ -394,8 +382,12 @@ def _system_links() -> list[str]:
     return args
 
 
-def _interpreter_roots(interpreter: str) -> list[str]:
-    """The interpreter's install prefixes outside /usr (a pyenv or /opt Python), outermost only."""
+def _interpreter_binds(interpreter: str) -> list[str]:
+    """Read-only binds of the interpreter's install prefixes outside /usr (a pyenv or /opt Python).
+
+    bwrap would give the missing parents of a bind the host's modes (/root is 0700), which the
+    sandbox user could not traverse, so they are made 0755 first.
+    """
     candidates = {
         os.path.realpath(sys.base_prefix),
         os.path.realpath(sys.base_exec_prefix),
@@ -403,11 +395,32 @@ def _interpreter_roots(interpreter: str) -> list[str]:
     }
     roots: list[str] = []
     for path in sorted(candidates):
-        if path == "/" or path == "/usr" or path.startswith("/usr/"):
+        if path in ("/", "/usr") or path.startswith("/usr/"):
             continue
-        if not any(path == root or path.startswith(root + "/") for root in roots):
+        if not any(path.startswith(root + "/") for root in roots) and path not in roots:
             roots.append(path)
-    return roots
+    args: list[str] = []
+    parents: set[str] = set()
+    for root in roots:
+        parent = os.path.dirname(root)
+        chain: list[str] = []
+        while parent != "/" and parent not in parents:
+            chain.append(parent)
+            parents.add(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(chain):
+            args += ["--perms", "0755", "--dir", directory]
+        args += ["--ro-bind", root, root]
+    return args
+
+
+def _bwrap_version(bwrap: str) -> tuple[int, ...] | None:
+    try:
+        output = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, env={}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", output)
+    return tuple(int(part) for part in match.groups(default="0")) if match else None
 
 
 def _signal_name(number: int) -> str | None:
