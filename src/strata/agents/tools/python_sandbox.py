@@ -45,6 +45,7 @@ SANDBOX_UID_SPAN = 1 << 24
 NAMESPACED_UID = 65534
 MIN_BWRAP_VERSION = (0, 8)  # --disable-userns, --size
 _CHUNK = 64 * 1024
+_REAP_TIMEOUT_S = 2.0
 _MIB = 1024 * 1024
 _MISSING_BWRAP = "the python tool is disabled: bubblewrap (bwrap) is not installed; install the 'bubblewrap' package"
 # The last stderr line of a failed program, and what it means in terms of our limits.
@@ -115,6 +116,71 @@ class _Capture:
                 return
 
 
+class _Sandbox:
+    """A running bwrap (our child) and a pidfd on the sandbox's pid 1, learnt from `--info-fd`.
+
+    Killing pid 1 kills every process in its pid namespace before pid 1 itself is gone, so waiting
+    for pid 1 is how we know nothing the program started is still running.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, info_read: int) -> None:
+        self.process = process
+        self._info_read = info_read
+        self._pidfd: int | None = None
+        self._attach = asyncio.ensure_future(self._find_pid1())
+
+    async def _find_pid1(self) -> None:
+        info = b""
+        while True:  # bwrap may write its JSON in pieces
+            await _readable(self._info_read)
+            chunk = os.read(self._info_read, 4096)
+            info += chunk
+            try:
+                child = int(json.loads(info)["child-pid"])
+                break
+            except (ValueError, KeyError, TypeError):
+                if not chunk:
+                    return  # bwrap failed before starting pid 1
+        try:
+            pidfd = os.pidfd_open(child)
+        except OSError:
+            return  # pid 1 is already gone, and everything in its namespace with it
+        # The pidfd pins the process; its parent tells us it is ours and not a reused pid.
+        if _parent_pid(child) == self.process.pid:
+            self._pidfd = pidfd
+        else:
+            os.close(pidfd)
+
+    def kill(self) -> None:
+        """SIGKILL pid 1 and bwrap. Safe to call at any time, any number of times."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def destroy(self) -> None:
+        """Kill everything and wait until it is gone. Idempotent."""
+        if not self._attach.done():
+            # bwrap reports pid 1 within milliseconds of starting; give it a moment, not forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._attach), timeout=_REAP_TIMEOUT_S)
+        self._attach.cancel()
+        self.kill()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_REAP_TIMEOUT_S):
+                await self.process.wait()
+                if self._pidfd is not None:
+                    await _readable(self._pidfd)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._info_read >= 0:
+            os.close(self._info_read)
+            self._info_read = -1
+
+
 class PythonSandboxTool(Tool):
     """Runs one Python program per call inside bwrap. Disabled (never unsandboxed) without bwrap."""
 
@@ -123,7 +189,7 @@ class PythonSandboxTool(Tool):
         self._config = config
         self._bwrap = shutil.which("bwrap") if bwrap_path is ... else bwrap_path
         self._interpreter = os.path.realpath(sys.executable)
-        self._running: set[asyncio.subprocess.Process] = set()
+        self._running: set[_Sandbox] = set()
         self._uids_in_use: set[int] = set()
         self.unavailable_reason: str | None = self._check_available()
         self.spec = ToolSpec(
@@ -170,12 +236,12 @@ class PythonSandboxTool(Tool):
         try:
             outcome = await self._run(source, wall_s, uid)
         finally:
-            self._uids_in_use.discard(uid or -1)
+            self._uids_in_use.discard(-1 if uid is None else uid)
         return self._result(outcome, wall_s)
 
     async def close(self) -> None:
-        for process in list(self._running):
-            _kill_group(process)
+        for sandbox in list(self._running):
+            sandbox.kill()
 
     def _claim_uid(self) -> int:
         while (uid := random.randrange(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_SPAN)) in self._uids_in_use:
@@ -206,19 +272,17 @@ class PythonSandboxTool(Tool):
         finally:
             os.close(code_fd)
             os.close(info_write)
-        self._running.add(process)
+        sandbox = _Sandbox(process, info_read)
+        self._running.add(sandbox)
         try:
-            return await self._supervise(process, info_read, wall_s, started)
+            return await self._supervise(sandbox, wall_s, started)
         finally:
-            self._running.discard(process)
-            if process.returncode is None:  # cancelled: kill now, nobody waits for the result
-                _kill_sandbox(process, info_read)
-                _kill_group(process)
-            os.close(info_read)
+            # Also on success: background processes the program left behind die with it.
+            self._running.discard(sandbox)
+            await sandbox.destroy()
 
-    async def _supervise(
-        self, process: asyncio.subprocess.Process, info_read: int, wall_s: float, started: float
-    ) -> _Outcome:
+    async def _supervise(self, sandbox: _Sandbox, wall_s: float, started: float) -> _Outcome:
+        process = sandbox.process
         assert process.stdout is not None and process.stderr is not None
         capture = _Capture(self._config.max_output_bytes)
         finished = asyncio.ensure_future(
@@ -234,12 +298,14 @@ class PythonSandboxTool(Tool):
             done, _ = await asyncio.wait({finished, overflow}, timeout=wall_s, return_when=asyncio.FIRST_COMPLETED)
             if finished not in done:
                 stopped_for = "output" if overflow in done else "timeout"
-                await _stop(process, info_read)
+                await sandbox.destroy()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(finished), timeout=2.0)
+                    await asyncio.wait_for(asyncio.shield(finished), timeout=_REAP_TIMEOUT_S)
         finally:
             overflow.cancel()
             finished.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finished  # retrieve it, so a cancelled gather is not reported as never retrieved
         return _Outcome(
             exit_code=process.returncode,
             stopped_for=stopped_for,
@@ -334,41 +400,23 @@ class PythonSandboxTool(Tool):
         return f"exit status {code}", True
 
 
-async def _stop(process: asyncio.subprocess.Process, info_read: int) -> None:
-    """Kill the sandbox's pid 1, which takes every process in it along, then let bwrap reap it."""
-    if process.returncode is None:
-        _kill_sandbox(process, info_read)
+async def _readable(fd: int) -> None:
+    """Wait until `fd` is readable (a pipe with data or closed; a pidfd whose process has exited)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
     try:
-        await asyncio.wait_for(process.wait(), timeout=2.0)
-    except TimeoutError:
-        _kill_group(process)
-        await process.wait()
-
-
-def _kill_sandbox(process: asyncio.subprocess.Process, info_read: int) -> None:
-    try:
-        child = int(json.loads(os.read(info_read, 4096))["child-pid"])
-        pidfd = os.pidfd_open(child)
-    except (OSError, ValueError, KeyError, TypeError):
-        _kill_group(process)  # bwrap had not started the sandbox yet
-        return
-    try:
-        # The pid is pinned by the pidfd; make sure it is still bwrap's child, not a reused pid.
-        with open(f"/proc/{child}/stat", "rb") as stat:
-            parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
-        if parent == process.pid:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        else:
-            _kill_group(process)
-    except (OSError, ValueError, IndexError):
-        _kill_group(process)
+        await ready
     finally:
-        os.close(pidfd)
+        loop.remove_reader(fd)
 
 
-def _kill_group(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _system_links() -> list[str]:

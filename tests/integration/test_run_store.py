@@ -1,0 +1,132 @@
+"""The run store's guarantees, on SQLite and on PostgreSQL: claims never overlap, a session's runs
+go one at a time, a worker that lost its lease cannot write, idempotency keys hold under races."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from strata.store.database import Database
+from strata.store.runs import LeaseLost, RunStore
+from tests.support.databases import fresh_postgres, sqlite_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        with sqlite_url(tmp_path) as url:
+            database = Database(url)
+            await database.upgrade()
+            yield database
+            await database.dispose()
+    else:
+        async with fresh_postgres() as url:
+            database = Database(url)
+            await database.upgrade()
+            yield database
+            await database.dispose()
+
+
+async def new_run(store: RunStore, session_id: str | None = None, key: str | None = None) -> str:
+    if session_id is None:
+        session_id = (await store.create_session("agent", None)).id
+    run, _ = await store.create_run(
+        session_id=session_id,
+        agent="agent",
+        agent_version=1,
+        owner=None,
+        input_message={"role": "user", "content": "hi"},
+        idempotency_key=key,
+        timeout_s=60,
+    )
+    return run.id
+
+
+async def test_migrations_are_idempotent(db: Database) -> None:
+    await db.upgrade()  # a second start (or a second replica) finds nothing to do
+    await db.upgrade()
+
+
+async def test_concurrent_workers_never_claim_the_same_run(db: Database) -> None:
+    store = RunStore(db)
+    created = {await new_run(store) for _ in range(30)}
+    claimed: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    async def worker(owner: str) -> None:
+        while (run := await store.claim(owner, lease_s=30)) is not None:
+            claimed[owner].append(run.id)
+
+    await asyncio.gather(*(worker(owner) for owner in claimed))
+    everything = [run_id for runs in claimed.values() for run_id in runs]
+    assert sorted(everything) == sorted(created)  # each run claimed exactly once
+
+
+async def test_a_sessions_runs_are_claimed_in_order_one_at_a_time(db: Database) -> None:
+    store = RunStore(db)
+    session = (await store.create_session("agent", None)).id
+    first = await new_run(store, session)
+    second = await new_run(store, session)
+    claimed = await store.claim("w", lease_s=30)
+    assert claimed is not None and claimed.id == first
+    assert await store.claim("w", lease_s=30) is None  # the second waits for the first
+    async with store.unit(run_id=first, owner="w", lease_s=30) as unit:
+        run = await unit.tx.get(type(claimed), first)
+        run.status = "completed"
+    claimed = await store.claim("w", lease_s=30)
+    assert claimed is not None and claimed.id == second
+
+
+async def test_a_worker_that_lost_its_lease_cannot_write(db: Database) -> None:
+    store = RunStore(db)
+    run_id = await new_run(store)
+    assert (await store.claim("old", lease_s=0.2)) is not None
+    await asyncio.sleep(0.4)
+    assert await store.sweep_expired() == 1
+    taken = await store.claim("new", lease_s=30)
+    assert taken is not None and taken.id == run_id and taken.attempts == 2
+    with pytest.raises(LeaseLost):
+        async with store.unit(run_id=run_id, owner="old", lease_s=30) as unit:
+            await unit.add_event(run_id, "should.not.land", {})
+    assert not (await store.heartbeat(run_id, "old", 30)).alive
+    assert (await store.heartbeat(run_id, "new", 30)).alive
+    assert [e.type for e in await store.events_after(run_id, 0)] == ["run.created"]
+
+
+async def test_cancel_of_a_running_run_reaches_its_heartbeat(db: Database) -> None:
+    store = RunStore(db)
+    run_id = await new_run(store)
+    await store.claim("w", lease_s=30)
+    assert not (await store.heartbeat(run_id, "w", 30)).cancel_requested
+    await store.request_cancel(run_id)
+    assert (await store.heartbeat(run_id, "w", 30)).cancel_requested
+
+
+async def test_a_queued_run_is_cancelled_at_once(db: Database) -> None:
+    store = RunStore(db)
+    run_id = await new_run(store)
+    run = await store.request_cancel(run_id)
+    assert run is not None and run.status == "cancelled"
+    assert await store.claim("w", lease_s=30) is None
+    assert [e.type for e in await store.events_after(run_id, 0)] == ["run.created", "run.cancelled"]
+
+
+async def test_idempotency_key_holds_under_a_race(db: Database) -> None:
+    store = RunStore(db)
+    session = (await store.create_session("agent", None)).id
+    ids = await asyncio.gather(*(new_run(store, session, key="same-key") for _ in range(8)))
+    assert len(set(ids)) == 1
+
+
+async def test_event_numbers_stay_gapless_under_concurrent_writers(db: Database) -> None:
+    store = RunStore(db)
+    run_id = await new_run(store)
+
+    async def write(n: int) -> None:
+        async with store.unit() as unit:
+            await unit.add_event(run_id, "tick", {"n": n})
+
+    await asyncio.gather(*(write(n) for n in range(20)))
+    assert [e.seq for e in await store.events_after(run_id, 0)] == list(range(1, 22))
