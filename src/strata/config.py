@@ -220,7 +220,9 @@ class AgentConfig(_Strict):
         default="reject", description="A message to a session whose run is still going: 409, queue, or cancel it."
     )
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens_per_step: int | None = Field(default=None, ge=1)
+    max_tokens_per_step: int | None = Field(
+        default=1024, ge=1, description="Completion tokens per model call; bounds a rambling model's cost."
+    )
 
 
 def demo_agent(model: str) -> dict[str, object]:
@@ -228,8 +230,11 @@ def demo_agent(model: str) -> dict[str, object]:
     return dict(
         name="demo",
         model=model,
-        system_prompt="You are a helpful assistant. Use the tools when they help; answer briefly.",
+        system_prompt="You are a helpful assistant. Use the calculator for arithmetic and current_time for the "
+        "time; then answer briefly.",
         tools=["current_time", "calculator"],
+        temperature=0,
+        max_tokens_per_step=256,
         limits={"max_steps": 6, "timeout_s": 120},
     )
 

@@ -153,3 +153,26 @@ def test_model_server_dies_with_a_killed_strata(tmp_path: Path) -> None:
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{child}").exists(), "the model server outlived a kill -9 of strata"
+
+
+def test_an_agent_run_on_the_embedded_model_calls_a_tool(embedded: StrataProcess) -> None:
+    spec = {
+        "model": "smollm2-135m",
+        "system_prompt": "You are a calculator assistant. Always use the calculator tool for arithmetic.",
+        "tools": ["calculator"],
+        "temperature": 0,
+        "max_tokens_per_step": 64,
+        "limits": {"max_steps": 2, "timeout_s": 120},
+    }
+    assert httpx.put(f"{embedded.url}/admin/agents/calc", json=spec).status_code in (200, 201)
+    run = httpx.post(f"{embedded.url}/v1/agents/calc/runs", json={"input": "What is 12*7?"}, timeout=180).json()
+    assert run["status"] in ("completed", "failed"), run
+    tool_steps = [s for s in run["steps"] if s["kind"] == "tool"]
+    assert tool_steps, f"the model called no tool: {run}"
+    first = tool_steps[0]
+    assert first["name"] == "calculator"
+    assert isinstance(json.loads(first["input"]["arguments"]), dict)  # a grammar-constrained, parseable call
+    assert first["output"]["content"] == "84"
+    # The result went back to the model: a model step followed the tool step.
+    kinds = [s["kind"] for s in run["steps"]]
+    assert kinds[:3] == ["model", "tool", "model"]

@@ -59,9 +59,9 @@ def test_a_killed_server_resumes_the_run_without_repeating_tools(tmp_path: Path)
             assert (final["status"], final["output"]) == ("completed", "all three recorded")
             assert final["attempts"] == 2
             lines = effects.read_text().splitlines()
-            assert sorted(lines) == sorted(
-                [f"{run_id}:0:c1 first", f"{run_id}:1:c2 second", f"{run_id}:1:c3 third"]
-            ), "each tool call ran exactly once, across the crash"
+            assert sorted(lines) == sorted([f"{run_id}:0:c1 first", f"{run_id}:1:c2 second", f"{run_id}:1:c3 third"]), (
+                "each tool call ran exactly once, across the crash"
+            )
             events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", timeout=10).text
             assert "event: run.resumed" in events
             # The resumed model call saw every tool result from before the crash.

@@ -42,7 +42,8 @@ async def test_two_servers_share_the_queue_without_double_execution(tmp_path: Pa
                     responses = await asyncio.gather(
                         *(
                             client.post(
-                                f"{servers[i % 2].url}/v1/agents/clerk/runs", json={"input": f"job {i}", "mode": "background"}
+                                f"{servers[i % 2].url}/v1/agents/clerk/runs",
+                                json={"input": f"job {i}", "mode": "background"},
                             )
                             for i in range(RUNS)
                         )

@@ -78,7 +78,8 @@ class _Assembly:
                 self.finish_reason = choice["finish_reason"]
 
     def message(self, id_prefix: str) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        # "" rather than null beside tool calls: some servers (llama-cpp-python) refuse a null content.
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
         if self.calls:
             calls = [self.calls[i] for i in sorted(self.calls)]
             for index, call in enumerate(calls):
@@ -162,6 +163,8 @@ class ModelCaller:
         self, model: str, payload: dict[str, Any], call_id: str, on_delta: DeltaHook
     ) -> ModelOutcome:
         body = {**payload, "model": model}
+        if body.get("tools") and not self._chat.streams_tool_calls(model):
+            return await self._complete_once(body, model, call_id, on_delta)
         request = ChatCompletionRequest.model_validate(body)
         relay = await self._chat.open_stream(ChatCall(request, body), {})
         assembly = _Assembly()
@@ -178,6 +181,27 @@ class ModelCaller:
                     raise _stream_error(chunk["error"])
                 assembly.add(chunk, on_delta)
         raise _stream_error({"message": "the stream ended without [DONE]"})
+
+    async def _complete_once(self, body: dict[str, Any], model: str, call_id: str, on_delta: DeltaHook) -> ModelOutcome:
+        """For backends that cannot stream while choosing tools: one answer, one delta."""
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        reply = orjson.loads(await self._chat.complete(ChatCall(ChatCompletionRequest.model_validate(body), body), {}))
+        choice = (reply.get("choices") or [{}])[0]
+        message = dict(choice.get("message") or {"role": "assistant", "content": ""})
+        message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}
+        message["content"] = message.get("content") or ""
+        for index, call in enumerate(message.get("tool_calls") or []):
+            call["id"] = call.get("id") or f"call_{call_id}_{index}"
+        if message.get("content"):
+            on_delta(message["content"])
+        usage = reply.get("usage") or {}
+        return ModelOutcome(
+            message=message,
+            model=model,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            finish_reason=choice.get("finish_reason"),
+        )
 
 
 def _outcome(assembly: _Assembly, model: str, call_id: str) -> ModelOutcome:

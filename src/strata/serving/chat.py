@@ -29,6 +29,9 @@ class ChatService:
     def __init__(self, router: Router) -> None:
         self._router = router
 
+    def streams_tool_calls(self, model: str) -> bool:
+        return self._router.resolve(model).streams_tool_calls
+
     def _target(self, call: ChatCall) -> tuple[Deployment, dict[str, Any]]:
         deployment = self._router.resolve(call.request.model)
         deployment.check_available()

@@ -27,6 +27,8 @@ class Deployment(ABC):
     kind: str
     #: Does the backend put `usage` in streams when asked via `stream_options`? If not, Strata counts.
     reports_stream_usage: bool = True
+    #: Can the backend stream an answer when `tools` are offered with tool_choice "auto"?
+    streams_tool_calls: bool = True
 
     def __init__(self, model: str, upstream_model: str, client: OpenAIClient, counter: TokenCounter) -> None:
         self.model = model

@@ -74,6 +74,8 @@ class EmbeddedDeployment(Deployment):
             max_connections=config.max_connections,
         )
         super().__init__(config.name, config.name, client, LlamaServerTokenCounter(client))
+        # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
+        self.streams_tool_calls = config.chat_format != "chatml-function-calling"
         self.supervisor = ProcessSupervisor(
             f"llama.cpp:{config.name}",
             make_spec=self._launch_spec,

@@ -2,14 +2,14 @@
 
 The sandbox has no network, sees no host process, gets no environment secrets, and sees a
 read-only filesystem holding only /usr and the interpreter; /tmp is a small private tmpfs that
-vanishes with the run. Limits are set by a bootstrap inside the sandbox, after its namespaces
-exist, just before the model's program replaces it.
+vanishes with the run. Our own pid 1 inside it applies the limits to the program it starts, and
+killing that pid 1 kills everything the program started.
 
 The process limit (RLIMIT_NPROC) is the subtle one: the kernel ignores it for host root, and a
 user namespace created by root bwrap maps the sandbox user onto host root. Unprivileged bwrap
 cannot help either, since it resolves bind sources as that user (an interpreter under /root is out
 of reach). So when Strata runs as root, root bwrap builds the mounts and keeps only CAP_SETUID and
-CAP_SETGID, and the bootstrap drops to a fresh unprivileged uid per run, which loses those too
+CAP_SETGID, and the program drops to a fresh unprivileged host uid per run, which loses those too
 (bwrap also sets no_new_privs and mounts everything nosuid). The per-run uid gives each run its own
 process count. As any other user, bwrap runs unprivileged in a user namespace of its own.
 """
@@ -54,6 +54,7 @@ _LIMIT_HINTS = (
     (b"File too large", "exceeded the file size limit ({memory_mb} MB)"),
     (b"No space left on device", "/tmp is full ({memory_mb} MB)"),
     (b"Resource temporarily unavailable", "probably hit the process limit ({max_processes})"),
+    (b"can't start new thread", "probably hit the process limit ({max_processes}, threads included)"),
 )
 
 PARAMETERS: dict[str, Any] = {
@@ -65,22 +66,37 @@ PARAMETERS: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-# Runs inside the sandbox; then the model's program replaces this process, limits and uid included.
+# The sandbox's pid 1 (bwrap --as-pid-1). It starts the model's program as pid 2 with the limits
+# and uid applied, reaps orphans, and exits with the program's status, which ends every other
+# process in the sandbox; bwrap reaps it, so no zombie is left on a host whose init does not reap.
+# It keeps its own credentials, so bwrap's parent-death signal stays armed on it.
 _BOOTSTRAP = """\
 import os, resource, sys
 uid, cpu, memory, processes, file_size = map(int, sys.argv[1:6])
-if uid >= 0:
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-limits = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
-          (resource.RLIMIT_NPROC, processes, processes), (resource.RLIMIT_FSIZE, file_size, file_size)]
-for kind, soft, hard in limits:
-    ceiling = resource.getrlimit(kind)[1]
-    if ceiling != resource.RLIM_INFINITY:
-        soft, hard = min(soft, ceiling), min(hard, ceiling)
-    resource.setrlimit(kind, (soft, hard))
-os.execv(sys.executable, [sys.executable, "-I", "-u", sys.argv[6]])
+program = os.fork()
+if program == 0:
+    try:
+        if uid >= 0:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        for kind, soft, hard in [
+            (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
+            (resource.RLIMIT_NPROC, processes, processes), (resource.RLIMIT_FSIZE, file_size, file_size),
+        ]:
+            ceiling = resource.getrlimit(kind)[1]
+            if ceiling != resource.RLIM_INFINITY:
+                soft, hard = min(soft, ceiling), min(hard, ceiling)
+            resource.setrlimit(kind, (soft, hard))
+        os.execv(sys.executable, [sys.executable, "-I", "-u", sys.argv[6]])
+    except BaseException as error:
+        os.write(2, f"bwrap: the sandbox bootstrap failed: {error!r}\\n".encode())
+    os._exit(1)
+while True:
+    pid, status = os.wait()
+    if pid == program:
+        code = os.waitstatus_to_exitcode(status)  # -N when killed by signal N: report it as 128 + N
+        os._exit(128 - code if code < 0 else code)
 """
 
 
@@ -152,27 +168,28 @@ class _Sandbox:
             os.close(pidfd)
 
     def kill(self) -> None:
-        """SIGKILL pid 1 and bwrap. Safe to call at any time, any number of times."""
+        """SIGKILL pid 1, which bwrap then reaps before exiting; bwrap itself while pid 1 is unknown."""
         if self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        if self.process.returncode is None:
+        elif self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
 
     async def destroy(self) -> None:
-        """Kill everything and wait until it is gone. Idempotent."""
+        """Kill everything in the sandbox and wait until bwrap has reaped it. Idempotent."""
         if not self._attach.done():
             # bwrap reports pid 1 within milliseconds of starting; give it a moment, not forever.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._attach), timeout=_REAP_TIMEOUT_S)
         self._attach.cancel()
         self.kill()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_REAP_TIMEOUT_S):
-                await self.process.wait()
-                if self._pidfd is not None:
-                    await _readable(self._pidfd)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=_REAP_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -185,7 +202,10 @@ class PythonSandboxTool(Tool):
     """Runs one Python program per call inside bwrap. Disabled (never unsandboxed) without bwrap."""
 
     def __init__(self, config: PythonToolConfig, bwrap_path: str | EllipsisType | None = ...) -> None:
-        """`bwrap_path`: `...` (the default) looks bwrap up on PATH; None means it is not installed."""
+        """`bwrap_path`: `...` (the default) looks bwrap up on PATH; None means it is not installed.
+
+        Runs `bwrap --version` once, so build it at startup, not per request.
+        """
         self._config = config
         self._bwrap = shutil.which("bwrap") if bwrap_path is ... else bwrap_path
         self._interpreter = os.path.realpath(sys.executable)
@@ -198,7 +218,7 @@ class PythonSandboxTool(Tool):
                 "Run a Python 3 program in an isolated sandbox and get its stdout, stderr and exit status. "
                 "No network; only /tmp is writable and it is emptied after every call. "
                 f"Limits: {config.timeout_s:g}s wall clock, {config.cpu_s}s CPU, {config.memory_mb} MB memory, "
-                f"{config.max_processes} processes, {config.max_output_bytes} bytes of output. "
+                f"{config.max_processes} processes or threads, {config.max_output_bytes} bytes of output. "
                 "Print the results you need."
             ),
             parameters=PARAMETERS,
@@ -236,7 +256,8 @@ class PythonSandboxTool(Tool):
         try:
             outcome = await self._run(source, wall_s, uid)
         finally:
-            self._uids_in_use.discard(-1 if uid is None else uid)
+            if uid is not None:
+                self._uids_in_use.discard(uid)
         return self._result(outcome, wall_s)
 
     async def close(self) -> None:
@@ -266,6 +287,9 @@ class PythonSandboxTool(Tool):
                 pass_fds=(code_fd, info_write),
                 start_new_session=True,
             )
+        except OSError as error:
+            os.close(info_read)
+            raise ToolError(f"the python sandbox failed to start: {error}") from error
         except BaseException:
             os.close(info_read)
             raise
@@ -320,24 +344,18 @@ class PythonSandboxTool(Tool):
         assert self._bwrap is not None
         config = self._config
         if uid is None:  # unprivileged bwrap: a user namespace of its own, no nested ones
-            identity = [
-                "--unshare-user",
-                "--disable-userns",
-                "--uid",
-                str(NAMESPACED_UID),
-                "--gid",
-                str(NAMESPACED_UID),
-            ]
+            user = str(NAMESPACED_UID)
+            identity = ["--unshare-user", "--disable-userns", "--uid", user, "--gid", user]
         else:  # root bwrap: the bootstrap needs exactly these two capabilities to drop to `uid`
             identity = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         memory = str(config.memory_mb * _MIB)
-        # The process limit counts bwrap's reaper (pid 1) when it runs as the sandbox user.
+        # The process limit counts our pid 1 when it runs as the sandbox user.
         processes = config.max_processes if uid is not None else config.max_processes + 1
         return [
             self._bwrap,
             *identity,
             *("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"),
-            *("--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)),
+            *("--hostname", "sandbox", "--as-pid-1", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)),
             *("--clearenv", "--setenv", "PATH", f"{os.path.dirname(self._interpreter)}:/usr/bin:/bin"),
             *("--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp"),
             *("--ro-bind", "/usr", "/usr"),
