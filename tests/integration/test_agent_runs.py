@@ -4,6 +4,8 @@ modes, guards, approval, cancellation, backpressure, fallback, SSE resume and We
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +365,44 @@ def test_agents_are_listed_and_versioned_through_the_admin_api(strata: StrataPro
     assert (bad_model.status_code, bad_model.json()["error"]["param"]) == (400, "model")
     bad_tool = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "mock-model", "tools": ["nuke"]})
     assert (bad_tool.status_code, bad_tool.json()["error"]["param"]) == (400, "tools")
+
+
+def test_strata_run_streams_to_the_terminal(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(calc("3*3"), Reply(content="Nine."))
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "run", "helper", "3*3?", "--url", strata.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '-> calculator({"expression":"3*3"})' in result.stdout
+    assert "<- 9" in result.stdout
+    assert result.stdout.rstrip().endswith("Nine.")
+
+
+def test_strata_run_reports_a_failed_run(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(calc("1+1"), calc("2+2"), calc("3+3"))
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "run", "short", "go", "--url", strata.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "run.failed: step limit" in result.stdout
+
+
+def test_strata_chat_keeps_one_session(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="Hi Ada."), Reply(content="You are Ada."))
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "chat", "helper", "--url", strata.url],
+        input="I am Ada\nWho am I?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Hi Ada." in result.stdout and "You are Ada." in result.stdout
+    contents = [m.get("content") for m in mock_backend.chat_requests()[-1].body["messages"]]
+    assert contents[1:] == ["I am Ada", "Hi Ada.", "Who am I?"]

@@ -192,3 +192,19 @@ def test_the_documented_example_config_is_valid() -> None:
     assert config.server == defaults.server
     assert config.logging == defaults.logging
     assert config.models[0] == defaults.models[0]
+    assert config.tools == defaults.tools
+    assert config.runs == defaults.runs
+    assert config.agents == defaults.agents
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = write(tmp_path, f"data_dir: {tmp_path / 'data'}\n")
+    result = run_cli("db", "upgrade", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "database is up to date" in result.stdout
+    tables = {
+        row[0] for row in sqlite3.connect(tmp_path / "data" / "strata.db").execute("select name from sqlite_master")
+    }
+    assert {"runs", "steps", "events", "sessions", "messages", "agent_versions", "alembic_version"} <= tables
