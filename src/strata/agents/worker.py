@@ -15,7 +15,7 @@ import uuid
 import structlog
 
 from strata.agents.engine import RunEngine
-from strata.store.runs import RunStore
+from strata.store.runs import LeaseLost, RunStore
 from strata.store.tables import Run
 
 log = structlog.get_logger("strata.worker")
@@ -107,12 +107,15 @@ class RunWorker:
             await self.engine.execute(run, self.owner)
         except asyncio.CancelledError:
             why = self._why.get(run.id)
-            if why is _Why.CANCEL:
-                await self.engine.cancel(run, self.owner, "cancelled by request")
-            elif why is _Why.SHUTDOWN:
-                await self.store.release(run.id, self.owner)
-            elif why is None:
+            if why is None:
                 raise
+            try:
+                if why is _Why.CANCEL:
+                    await self.engine.cancel(run, self.owner, "cancelled by request")
+                elif why is _Why.SHUTDOWN:
+                    await self.store.release(run.id, self.owner)
+            except LeaseLost:
+                log.warning("run taken over by another worker before it could be stopped", run_id=run.id)
         except Exception:
             log.exception("run execution crashed; it will be retried after its lease expires", run_id=run.id)
         finally:
