@@ -68,10 +68,7 @@ class RunEngine:
         try:
             job = _Job(self, run, owner, spec)
         except ToolUnavailable as exc:
-            async with self.store.unit(run_id=run.id, owner=owner, lease_s=self.lease_s) as unit:
-                fresh = await unit.tx.get(Run, run.id, populate_existing=True)
-                assert fresh is not None
-                await finish(unit, fresh, "failed", str(exc))
+            await self.end(run, owner, "failed", str(exc))
             return
         remaining = (aware(run.deadline_at) - utcnow()).total_seconds()
         try:
@@ -90,11 +87,12 @@ class RunEngine:
         except LeaseLost:
             log.warning("lost the lease of a run; another worker has it", run_id=run.id)
 
-    async def cancel(self, run: Run, owner: str, reason: str) -> None:
+    async def end(self, run: Run, owner: str, status: str, reason: str | None, output: str | None = None) -> None:
+        """Move a run this worker holds to a terminal state (fenced on the lease)."""
         async with self.store.unit(run_id=run.id, owner=owner, lease_s=self.lease_s) as unit:
             fresh = await unit.tx.get(Run, run.id, populate_existing=True)
             assert fresh is not None
-            await finish(unit, fresh, "cancelled", reason)
+            await finish(unit, fresh, status, reason, output)
 
 
 class _Job:
@@ -117,8 +115,7 @@ class _Job:
         return run
 
     async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
-        async with self.unit() as unit:
-            await finish(unit, await self.fresh_run(unit), status, reason, output)
+        await self.engine.end(self.run, self.owner, status, reason, output)
 
     async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
         await self.end(status, reason, output)

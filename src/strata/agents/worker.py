@@ -111,7 +111,7 @@ class RunWorker:
                 raise
             try:
                 if why is _Why.CANCEL:
-                    await self.engine.cancel(run, self.owner, "cancelled by request")
+                    await self.engine.end(run, self.owner, "cancelled", "cancelled by request")
                 elif why is _Why.SHUTDOWN:
                     await self.store.release(run.id, self.owner)
             except LeaseLost:

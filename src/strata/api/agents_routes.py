@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from strata.api.errors import ApiError, format_loc
+from strata.api.errors import ApiError, invalid_body
 from strata.api.state import AppState
 from strata.config import AgentConfig
 
@@ -44,9 +44,7 @@ async def put_agent(name: str, request: Request) -> Response:
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = format_loc(tuple(first["loc"]))
-        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        raise invalid_body(exc.errors(include_url=False)) from None
     for model in filter(None, (spec.model, spec.fallback_model)):
         if model not in state.router.models:
             raise ApiError(400, f"model {model!r} is not served here (models: {', '.join(state.router.models)})",

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -157,9 +158,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = format_loc(tuple(first["loc"])[1:])
-        return error_response(ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param))
+        return error_response(invalid_body(exc.errors(), skip=1))  # FastAPI's locations start with "body"
 
     async def on_agent_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, NotFound):
@@ -192,6 +191,16 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(agent_error, on_agent_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def invalid_body(errors: Sequence[Any], *, skip: int = 0) -> ApiError:
+    """A 400 for the first of pydantic's errors, naming the offending field the way users write it."""
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = errors[0]
+    param = format_loc(tuple(first["loc"])[skip:])
+    message = "required field is missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"{param}: {message}" if param else message, param=param)
 
 
 def format_loc(loc: tuple[Any, ...]) -> str | None:

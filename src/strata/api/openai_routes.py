@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from strata.api.disconnect import cancel_on_disconnect
-from strata.api.errors import ApiError, format_loc
+from strata.api.errors import ApiError, invalid_body
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.serving.chat import ChatCall
@@ -34,12 +34,7 @@ def parse_chat(body: bytes) -> ChatCall:
     try:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = format_loc(tuple(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "missing":
-            message = "required field is missing"
-        raise ApiError(400, f"{param}: {message}" if param else message, param=param) from None
+        raise invalid_body(exc.errors(include_url=False)) from None
     return ChatCall(request, payload)
 
 
