@@ -98,6 +98,8 @@ def test_sync_run_calls_a_tool_and_answers(strata: StrataProcess, mock_backend: 
         ("model", "completed"),
     ]
     assert run["steps"][1]["output"]["content"] == "42"
+    assert run["steps"][2]["input"] == {"messages": 4, "tools": ["calculator", "record"]}  # system, user, call, result
+    assert run["steps"][1]["idempotency_key"] == f"{run['id']}:0:call_0"
     # The model saw the system prompt, the question, its own tool call and the tool's result.
     second = mock_backend.chat_requests()[-1].body
     assert second["messages"][0] == {"role": "system", "content": "You are a test agent."}

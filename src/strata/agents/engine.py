@@ -157,8 +157,9 @@ class _Job:
             )
         if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
             await self.stop("failed", f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}")
+        step_input = {"messages": len(history) + bool(self.spec.system_prompt), "tools": sorted(self.tools)}
         async with self.unit() as unit:
-            await start_step(unit, run.id, turn=turn, kind="model", name=self.spec.model)
+            await start_step(unit, run.id, turn=turn, kind="model", name=self.spec.model, input_=step_input)
             await unit.add_event(run.id, "step.started", {"turn": turn, "kind": "model", "model": self.spec.model})
         messages = [m.data for m in history]
         if self.spec.system_prompt:
