@@ -50,12 +50,54 @@ class TimeoutsConfig(_Strict):
     total_s: float = Field(default=600.0, gt=0, le=86400, description="Whole non-streaming request.")
 
 
+class RetryConfig(_Strict):
+    """Retries of retryable failures (connect errors, 429, 5xx, timeouts before the first byte)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10, description="Attempts in all, the first included.")
+    backoff_initial_s: float = Field(default=0.1, gt=0, le=60)
+    backoff_max_s: float = Field(default=5.0, gt=0, le=600)
+    budget_ratio: float = Field(
+        default=0.2, ge=0, le=1, description="Retries may add at most this fraction of the requests in the window."
+    )
+    budget_window_s: float = Field(default=10.0, gt=0, le=3600)
+    budget_min_per_s: float = Field(
+        default=1.0, ge=0, le=10_000, description="Retries always allowed per second, whatever the ratio."
+    )
+
+
+class BreakerConfig(_Strict):
+    """A circuit breaker per deployment: open after consecutive failures or a failure rate."""
+
+    consecutive_failures: int = Field(default=5, ge=1, le=10_000)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    min_requests: int = Field(
+        default=20, ge=1, le=1_000_000, description="Requests in the window before the rate counts."
+    )
+    window_s: float = Field(default=30.0, gt=0, le=3600)
+    open_s: float = Field(default=10.0, gt=0, le=3600, description="How long it stays open before a probe.")
+    half_open_probes: int = Field(default=1, ge=1, le=1000, description="Requests let through at once when half-open.")
+
+
+class AdmissionConfig(_Strict):
+    """Backpressure per deployment: at most max_in_flight, then a bounded queue, then 503 at once."""
+
+    max_in_flight: int = Field(default=64, ge=1, le=100_000)
+    max_queue: int = Field(default=256, ge=0, le=1_000_000)
+    max_queue_wait_s: float = Field(default=5.0, ge=0, le=600)
+
+
 class _ModelBase(_Strict):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients put in `model`.")
     timeouts: TimeoutsConfig = TimeoutsConfig()
     max_connections: int = Field(default=256, ge=1, le=100_000, description="Pooled connections.")
     input_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million prompt tokens.")
     output_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million completion tokens.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Models tried in order when every deployment of this one fails."
+    )
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 class EmbeddedModelConfig(_ModelBase):
@@ -89,32 +131,74 @@ class EmbeddedModelConfig(_ModelBase):
         return value
 
 
-class OpenAIModelConfig(_ModelBase):
-    """Any OpenAI-compatible HTTP endpoint: vLLM, llama.cpp's llama-server, a cloud API."""
+def _env_var_is_set(value: str | None, info: ValidationInfo) -> str | None:
+    if value is None:
+        return None
+    if not ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid environment variable name")
+    environ = (info.context or {}).get("environ", os.environ)
+    if not environ.get(value):
+        raise ValueError(f"environment variable {value} is not set")
+    return value
 
-    kind: Literal["openai"] = "openai"
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+class EndpointConfig(_Strict):
+    """One replica of a remote model: an OpenAI-compatible base URL."""
+
     base_url: str = Field(description="Up to and including the API version, e.g. http://gpu1:8000/v1")
     upstream_model: str | None = Field(default=None, description="Model name the backend expects.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Share of traffic relative to the others.")
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-        return value.rstrip("/")
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
 
     @field_validator("api_key_env")
     @classmethod
-    def _env_is_set(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        if not ENV_NAME.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        environ = (info.context or {}).get("environ", os.environ)
-        if not environ.get(value):
-            raise ValueError(f"environment variable {value} is not set")
-        return value
+    def _env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_var_is_set(value, info)
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class OpenAIModelConfig(_ModelBase):
+    """Any OpenAI-compatible HTTP endpoint: vLLM, llama.cpp's llama-server, a cloud API.
+
+    One endpoint with `base_url`, or several replicas with `deployments` (load-balanced)."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str | None = Field(default=None, description="Up to and including the API version.")
+    upstream_model: str | None = Field(default=None, description="Model name the backend expects.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    deployments: list[EndpointConfig] = Field(
+        default_factory=list, description="Replicas; each may override upstream_model and api_key_env."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_var_is_set(value, info)
+
+    @model_validator(mode="after")
+    def _one_way_to_reach_it(self) -> OpenAIModelConfig:
+        if bool(self.base_url) == bool(self.deployments):
+            raise ValueError("give either 'base_url' (one endpoint) or 'deployments' (replicas), not both or neither")
+        return self
 
     @property
     def api_key(self) -> str | None:
@@ -124,8 +208,45 @@ class OpenAIModelConfig(_ModelBase):
     def target_model(self) -> str:
         return self.upstream_model or self.name
 
+    def endpoints(self) -> list[EndpointConfig]:
+        """Every replica, with the model-level upstream name and key filled in where not overridden."""
+        if self.base_url:
+            return [
+                EndpointConfig.model_construct(
+                    base_url=self.base_url, upstream_model=self.target_model, api_key_env=self.api_key_env, weight=1.0
+                )
+            ]
+        return [
+            d.model_copy(
+                update={
+                    "upstream_model": d.upstream_model or self.target_model,
+                    "api_key_env": d.api_key_env or self.api_key_env,
+                }
+            )
+            for d in self.deployments
+        ]
+
 
 ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig, Field(discriminator="kind")]
+
+
+class RouteRule(_Strict):
+    """Send a request to `model` when every condition given here holds (none given: always)."""
+
+    model: str
+    agents: list[str] = Field(default_factory=list, description="Requests made by one of these agents' runs.")
+    tags: list[str] = Field(
+        default_factory=list, description="Requests tagged so (header X-Strata-Tag, or metadata.tag in the body)."
+    )
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="Prompts at most this long (estimated).")
+    min_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class RouteConfig(_Strict):
+    """A model name that is a policy, not a backend: the first matching rule picks the model."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    rules: list[RouteRule] = Field(min_length=1)
 
 
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -261,11 +382,15 @@ class StrataConfig(_Strict):
     server: ServerConfig = ServerConfig()
     models: list[ModelConfig] = Field(default_factory=lambda: [EmbeddedModelConfig()])
     data_dir: Path = Path("strata-data")
+    redis_url: str | None = Field(
+        default=None, description="redis://host:6379/0 — shares breaker state (and more) across replicas."
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy async URL; default: a SQLite file in data_dir. "
         "PostgreSQL: postgresql+asyncpg://user@host/db",
     )
+    routes: list[RouteConfig] = Field(default_factory=list)
     tools: ToolsConfig = ToolsConfig()
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig.model_validate(demo_agent("smollm2-135m"))])
     runs: RunsConfig = RunsConfig()
@@ -280,10 +405,28 @@ class StrataConfig(_Strict):
             data = {**data, "agents": [demo_agent(name or "smollm2-135m")]}
         return data
 
+    @field_validator("routes")
+    @classmethod
+    def _routes_are_consistent(cls, routes: list[RouteConfig], info: ValidationInfo) -> list[RouteConfig]:
+        models = {m.name: m for m in info.data.get("models") or ()}
+        for model in models.values():
+            for fallback in model.fallbacks:
+                if fallback == model.name or fallback not in models:
+                    raise ValueError(
+                        f"model {model.name!r} falls back to {fallback!r}, which is not another configured model"
+                    )
+        for route in routes:
+            if route.name in models:
+                raise ValueError(f"route {route.name!r} has the name of a model")
+            for rule in route.rules:
+                if rule.model not in models:
+                    raise ValueError(f"route {route.name!r} sends to {rule.model!r}, which is not a configured model")
+        return routes
+
     @field_validator("agents")
     @classmethod
     def _agents_are_consistent(cls, agents: list[AgentConfig], info: ValidationInfo) -> list[AgentConfig]:
-        models = {m.name for m in info.data.get("models") or ()}
+        models = {m.name for m in info.data.get("models") or ()} | {r.name for r in info.data.get("routes") or ()}
         tools: ToolsConfig | None = info.data.get("tools")
         known_tools = set(BUILTIN_TOOLS) | {f.name for f in (tools.functions if tools else ())}
         mcp_prefixes = tuple(f"{m.name}__" for m in (tools.mcp_servers if tools else ()))

@@ -212,7 +212,7 @@ def _data_path(loc: tuple[str | int, ...], data: Any) -> KeyPath:
         ):
             out.append(part)
             cur = cur[part]
-        elif last:
+        elif last and not (isinstance(cur, dict) and part == cur.get("kind")):  # a union's tag is no key
             out.append(part)
     return tuple(out)
 

@@ -72,7 +72,11 @@ BAD_CONFIGS = [
         {},
         ["{file}:2: server.port: Input should be a valid integer, unable to parse string as an integer (got 'abc')"],
     ),
-    ("models:\n  - kind: openai\n    name: x\n", {}, ["{file}:2: models[0].base_url: required key is missing"]),
+    (
+        "models:\n  - kind: openai\n    name: x\n",
+        {},
+        ["{file}:2: models[0]: give either 'base_url' (one endpoint) or 'deployments' (replicas), not both or neither"],
+    ),
     (
         "models:\n  - kind: vllm\n    name: x\n",
         {},
@@ -125,7 +129,7 @@ BAD_CONFIGS = [
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
-            "(allowed: server, models, data_dir, database_url, tools, agents, runs, logging)",
+            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, logging)",
         ],
     ),
 ]
