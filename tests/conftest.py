@@ -28,6 +28,8 @@ def mock_model(mock: MockBackend, name: str = "mock-model", **extra: object) -> 
         "base_url": mock.url,
         "upstream_model": "upstream-" + name,
         "api_key_env": "MOCK_API_KEY",
+        # Error-path tests fail on purpose again and again: keep the breaker out of their way.
+        "breaker": {"consecutive_failures": 10_000, "failure_rate": 1.0, "min_requests": 10_000},
         **extra,
     }
 

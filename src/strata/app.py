@@ -17,14 +17,14 @@ from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
 from strata.serving.chat import ChatService
-from strata.serving.router import Router, build_deployments
+from strata.serving.router import build_router
 
 log = structlog.get_logger("strata.app")
 
 
 def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
-    router = Router(build_deployments(config), health_interval_s=config.server.health_interval_s)
+    router = build_router(config)
     state = AppState(
         config=config,
         router=router,

@@ -291,9 +291,10 @@ def test_denied_call_is_reported_to_the_model(strata: StrataProcess, mock_backen
 
 
 def test_backpressure_waits_instead_of_failing(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    # Each refusal outlasts the serving layer's own retries (3 attempts), so the run itself must wait.
     mock_backend.script(
-        Reply(status=503, retry_after="0.2", error_message="queue full"),
-        Reply(status=429, retry_after="0.2", error_message="slow down"),
+        *[Reply(status=503, retry_after="0.2", error_message="queue full")] * 3,
+        *[Reply(status=429, retry_after="0.2", error_message="slow down")] * 3,
         Reply(content="made it"),
     )
     run = start(strata, "helper", "busy?").json()

@@ -86,12 +86,15 @@ def test_invalid_bodies_are_400_with_the_offending_field(
 
 
 def test_backend_5xx_is_502_naming_the_deployment(strata: StrataProcess, mock_backend: MockBackend) -> None:
-    mock_backend.script(Reply(status=500, error_message="CUDA out of memory"))
+    mock_backend.script(*[Reply(status=500, error_message="CUDA out of memory")] * 3)
     response = post(strata, {"model": "mock-model", "messages": USER})
     assert response.status_code == 502
     error = error_of(response)
     assert "CUDA out of memory" in error["message"]
     assert error["deployment"].startswith("mock-model/127.0.0.1:")
+    # Retried up to the model's max_attempts (3), each attempt named in the error.
+    assert [a["deployment"] for a in error["attempts"]] == [error["deployment"]] * 3
+    assert len(mock_backend.chat_requests()) == 3
 
 
 def test_backend_overloaded_is_503_with_retry_after(strata: StrataProcess, mock_backend: MockBackend) -> None:
@@ -103,9 +106,11 @@ def test_backend_overloaded_is_503_with_retry_after(strata: StrataProcess, mock_
 
 
 def test_backend_rate_limit_is_429_with_retry_after(strata: StrataProcess, mock_backend: MockBackend) -> None:
-    mock_backend.script(Reply(status=429, error_message="slow down", retry_after="3"))
+    # A Retry-After longer than the retry policy's cap is not waited out: the client gets it.
+    mock_backend.script(Reply(status=429, error_message="slow down", retry_after="30"))
     response = post(strata, {"model": "mock-model", "messages": USER})
-    assert (response.status_code, response.headers["retry-after"]) == (429, "3")
+    assert (response.status_code, response.headers["retry-after"]) == (429, "30")
+    assert len(mock_backend.chat_requests()) == 1
 
 
 def test_backend_400_is_passed_on_with_its_message_and_param(strata: StrataProcess, mock_backend: MockBackend) -> None:
@@ -125,14 +130,14 @@ def test_unreachable_backend_is_502(strata: StrataProcess) -> None:
 
 
 def test_connection_reset_before_headers_is_502(strata: StrataProcess, mock_backend: MockBackend) -> None:
-    mock_backend.script(Reply(reset="before_headers"))
+    mock_backend.script(*[Reply(reset="before_headers")] * 3)
     response = post(strata, {"model": "mock-model", "messages": USER})
     assert response.status_code == 502
     assert error_of(response)["code"] == "upstream_unavailable"
 
 
 def test_hanging_backend_is_504(strata: StrataProcess, mock_backend: MockBackend) -> None:
-    mock_backend.script(Reply(hang=True))
+    mock_backend.script(*[Reply(hang=True)] * 3)
     response = post(strata, {"model": "mock-fast-timeout", "messages": USER})  # the client waits 15s at most
     assert response.status_code == 504
     error = error_of(response)
@@ -161,7 +166,7 @@ def test_stream_cut_without_done_is_reported(strata: StrataProcess, mock_backend
 
 
 def test_stream_error_before_first_byte_keeps_its_status(strata: StrataProcess, mock_backend: MockBackend) -> None:
-    mock_backend.script(Reply(status=500))
+    mock_backend.script(*[Reply(status=500)] * 3)
     response = post(strata, {"model": "mock-model", "messages": USER, "stream": True})
     assert response.status_code == 502
     assert response.headers["content-type"].startswith("application/json")

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import random
 import threading
 import time
 from collections import deque
@@ -81,6 +82,11 @@ class MockBackend:
         self.completed_streams = 0
         self.in_flight = 0
         self.models = ["mock-model"]
+        # Fault knobs for chaos tests, applied before the script: a seeded share of requests fail.
+        self.error_rate = 0.0
+        self.error_status = 500
+        self._rng = random.Random(1234)
+        self.chat_attempts = 0  # every chat request that reached the mock, failed or not
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +107,8 @@ class MockBackend:
             self.default = Reply()
             self.disconnects = 0
             self.completed_streams = 0
+            self.error_rate = 0.0
+            self.chat_attempts = 0
 
     def _next_reply(self) -> Reply:
         with self._lock:
@@ -210,8 +218,11 @@ class MockBackend:
         except orjson.JSONDecodeError:
             return _error(400, "body is not JSON")
         self._record(request, body)
+        self.chat_attempts += 1
         if not self._authorised(request):
             return _error(401, "invalid api key")
+        if self.error_rate and self._rng.random() < self.error_rate:
+            return _error(self.error_status, "injected fault")
         reply = self._next_reply()
         self.in_flight += 1
         try:

@@ -166,6 +166,7 @@ class _Job:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
         models = [self.spec.model] + ([self.spec.fallback_model] if self.spec.fallback_model else [])
         outcome = await self.engine.caller.call(
+            agent=self.spec.name,
             models=models,
             messages=messages,
             tools=[tool.spec.openai_schema() for tool in self.tools.values()],

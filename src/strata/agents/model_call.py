@@ -95,6 +95,7 @@ class ModelCaller:
     async def call(
         self,
         *,
+        agent: str,
         models: list[str],
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
@@ -119,13 +120,14 @@ class ModelCaller:
             if index > 0:
                 await on_fallback(models[index - 1], model, str(last_error))
             try:
-                return await self._with_retries(model, payload, deadline, call_id, on_delta, on_wait)
+                return await self._with_retries(agent, model, payload, deadline, call_id, on_delta, on_wait)
             except ModelStepError as exc:
                 last_error = exc
         raise ModelStepError(str(last_error))
 
     async def _with_retries(
         self,
+        agent: str,
         model: str,
         payload: dict[str, Any],
         deadline: float,
@@ -136,7 +138,7 @@ class ModelCaller:
         failures = waits = 0
         while True:
             try:
-                return await self._stream_once(model, payload, call_id, on_delta)
+                return await self._stream_once(agent, model, payload, call_id, on_delta)
             except ModelNotFoundError as exc:
                 raise ModelStepError(exc.message) from None
             except ServingError as exc:
@@ -160,13 +162,13 @@ class ModelCaller:
                 await asyncio.sleep(delay)
 
     async def _stream_once(
-        self, model: str, payload: dict[str, Any], call_id: str, on_delta: DeltaHook
+        self, agent: str, model: str, payload: dict[str, Any], call_id: str, on_delta: DeltaHook
     ) -> ModelOutcome:
         body = {**payload, "model": model}
         if body.get("tools") and not self._chat.streams_tool_calls(model):
-            return await self._complete_once(body, model, call_id, on_delta)
+            return await self._complete_once(agent, body, model, call_id, on_delta)
         request = ChatCompletionRequest.model_validate(body)
-        relay = await self._chat.open_stream(ChatCall(request, body), {})
+        relay = await self._chat.open_stream(ChatCall(request, body, agent=agent), {})
         assembly = _Assembly()
         buffer = b""
         async for piece in relay:
@@ -182,10 +184,13 @@ class ModelCaller:
                 assembly.add(chunk, on_delta)
         raise _stream_error({"message": "the stream ended without [DONE]"})
 
-    async def _complete_once(self, body: dict[str, Any], model: str, call_id: str, on_delta: DeltaHook) -> ModelOutcome:
+    async def _complete_once(
+        self, agent: str, body: dict[str, Any], model: str, call_id: str, on_delta: DeltaHook
+    ) -> ModelOutcome:
         """For backends that cannot stream while choosing tools: one answer, one delta."""
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        reply = orjson.loads(await self._chat.complete(ChatCall(ChatCompletionRequest.model_validate(body), body), {}))
+        request = ChatCompletionRequest.model_validate(body)
+        reply = orjson.loads(await self._chat.complete(ChatCall(request, body, agent=agent), {}))
         choice = (reply.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": ""})
         message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}

@@ -70,7 +70,9 @@ def error_response(error: ApiError) -> Response:
 
 
 def from_serving_error(exc: ServingError) -> ApiError:
-    extra = {"deployment": exc.deployment} if exc.deployment else {}
+    extra: dict[str, Any] = {"deployment": exc.deployment} if exc.deployment else {}
+    if exc.attempts:
+        extra["attempts"] = exc.attempts
     if isinstance(exc, ModelNotFoundError):
         return ApiError(404, exc.message, code=exc.code, param="model")
     if isinstance(exc, BackendNotReadyError):

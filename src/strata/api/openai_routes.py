@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def parse_chat(body: bytes) -> ChatCall:
+def parse_chat(body: bytes, tag: str | None = None) -> ChatCall:
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON chat-completion request")
     try:
@@ -35,13 +35,16 @@ def parse_chat(body: bytes) -> ChatCall:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
         raise invalid_body(exc.errors(include_url=False)) from None
-    return ChatCall(request, payload)
+    metadata = payload.get("metadata")
+    if tag is None and isinstance(metadata, dict) and isinstance(metadata.get("tag"), str):
+        tag = metadata["tag"]
+    return ChatCall(request, payload, tag=tag)
 
 
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    call = parse_chat(await request.body())
+    call = parse_chat(await request.body(), request.headers.get("x-strata-tag"))
     request_id = current_request_id()
     headers = {"X-Request-ID": request_id} if request_id else {}
     if call.request.stream:

@@ -140,7 +140,7 @@ class RetryPolicy:
         """
         if attempt < 1:
             raise ValueError("attempt counts from 1")
-        if retry_after is not None and retry_after == retry_after:  # not NaN
+        if retry_after is not None and not math.isnan(retry_after):
             return min(max(retry_after, 0.0), self._max)
         ceiling = min(self._max, self._initial * 2.0 ** min(attempt - 1, _MAX_EXPONENT))
         return self._rng() * ceiling

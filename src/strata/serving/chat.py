@@ -1,4 +1,4 @@
-"""Chat completions through the router: pick the deployment, call it, make sure `usage` is filled."""
+"""Chat completions through the router and the dispatcher; makes sure `usage` is always filled."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 
 from strata.serving.deployment import Deployment
-from strata.serving.router import Router
+from strata.serving.dispatch import Dispatcher
+from strata.serving.router import Router, RoutingHints
 from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay, prompt_tokens_estimate
 from strata.serving.usage import Usage
@@ -19,29 +20,46 @@ CHAT_PATH = "/chat/completions"
 
 @dataclass(frozen=True)
 class ChatCall:
-    """A validated request plus the client's JSON as sent, which is what gets forwarded."""
+    """A validated request plus the client's JSON as sent, which is what gets forwarded.
+
+    `agent` and `tag` feed route rules (a request from an agent's run, or tagged by its client)."""
 
     request: ChatCompletionRequest
     payload: dict[str, Any]
+    agent: str | None = None
+    tag: str | None = None
 
 
 class ChatService:
     def __init__(self, router: Router) -> None:
         self._router = router
+        self._dispatcher = Dispatcher(router)
 
     def streams_tool_calls(self, model: str) -> bool:
         return self._router.resolve(model).streams_tool_calls
 
-    def _target(self, call: ChatCall) -> tuple[Deployment, dict[str, Any]]:
-        deployment = self._router.resolve(call.request.model)
-        deployment.check_available()
-        payload = call.payload
-        payload["model"] = deployment.upstream_model
-        return deployment, payload
+    def _model(self, call: ChatCall) -> str:
+        requested = call.request.model
+        if self._router.is_model(requested):
+            return requested  # the common case: no route, no hints to compute
+        hints = RoutingHints(call.agent, call.tag, len(call.request.prompt_text()) // 4)
+        return self._router.route(requested, hints)
+
+    def _body(self, call: ChatCall, *, stream: bool) -> Any:
+        payload = dict(call.payload)
+        if stream:
+            # Always ask for usage (metering needs it); the relay hides it from clients that did not ask.
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+
+        def for_deployment(deployment: Deployment) -> bytes:
+            payload["model"] = deployment.upstream_model
+            return orjson.dumps(payload)
+
+        return for_deployment
 
     async def complete(self, call: ChatCall, headers: Mapping[str, str]) -> bytes:
-        deployment, payload = self._target(call)
-        reply = await deployment.client.post_json(CHAT_PATH, orjson.dumps(payload), headers)
+        model = self._model(call)
+        deployment, reply = await self._dispatcher.complete(model, self._body(call, stream=False), CHAT_PATH, headers)
         body = orjson.loads(reply.body)
         if isinstance(body, dict) and not _has_usage(body):
             body["usage"] = (await self._count(deployment, call, body)).as_dict()
@@ -50,10 +68,10 @@ class ChatService:
 
     async def open_stream(self, call: ChatCall, headers: Mapping[str, str]) -> ChatStreamRelay:
         """Errors before the first byte raise here, so the client still gets a proper status code."""
-        deployment, payload = self._target(call)
-        # Always ask for usage (metering needs it); the relay hides it from clients that did not ask.
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        stream = await deployment.client.open_stream(CHAT_PATH, orjson.dumps(payload), headers)
+        model = self._model(call)
+        deployment, stream = await self._dispatcher.open_stream(
+            model, self._body(call, stream=True), CHAT_PATH, headers
+        )
         request = call.request
 
         async def prompt_tokens() -> int:

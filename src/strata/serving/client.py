@@ -7,7 +7,7 @@ connections warm across requests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -37,10 +37,28 @@ class UpstreamStream:
         self._response = response
         self.deployment = deployment
         self.read_timeout_s = read_timeout_s
+        self._first: bytes | None = None
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
+    async def prefetch(self) -> None:
+        """Wait for the first chunk, so failures before any byte reached the client can still be retried."""
+        async for chunk in self._read():
+            self._first = chunk
+            return
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for chunk in self._read():
+            yield chunk
+
+    async def _read(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_any():
+            while chunk := await self._response.content.readany():
                 yield chunk
         except TimeoutError:
             raise UpstreamTimeoutError(
@@ -55,6 +73,9 @@ class UpstreamStream:
     def close(self) -> None:
         if not self._response.closed:
             self._response.close()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
 
 class OpenAIClient:
@@ -112,14 +133,25 @@ class OpenAIClient:
             raise UpstreamUnavailableError("the backend client is not started", deployment=self.deployment)
         return self._session
 
-    async def post_json(self, path: str, payload: bytes, headers: Mapping[str, str] | None = None) -> UpstreamReply:
-        """A non-streaming call below the API base URL; errors come back as `ServingError`s."""
-        return await self.post_json_url(self.base_url + path, payload, headers)
+    async def post_json(
+        self, path: str, payload: bytes, headers: Mapping[str, str] | None = None, timeout_s: float | None = None
+    ) -> UpstreamReply:
+        """A non-streaming call below the API base URL; errors come back as `ServingError`s.
 
-    async def post_json_url(self, url: str, payload: bytes, headers: Mapping[str, str] | None = None) -> UpstreamReply:
+        `timeout_s` shortens the total timeout to what is left of the request's deadline."""
+        return await self.post_json_url(self.base_url + path, payload, headers, timeout_s)
+
+    async def post_json_url(
+        self, url: str, payload: bytes, headers: Mapping[str, str] | None = None, timeout_s: float | None = None
+    ) -> UpstreamReply:
+        timeout = self._plain_timeout
+        if timeout_s is not None and timeout_s < self._timeouts.total_s:
+            timeout = aiohttp.ClientTimeout(
+                total=timeout_s, connect=self._timeouts.connect_s, sock_read=self._timeouts.read_s
+            )
         try:
             async with self.session.post(
-                url, data=payload, headers=self._headers(headers), timeout=self._plain_timeout
+                url, data=payload, headers=self._headers(headers), timeout=timeout
             ) as response:
                 body = await response.read()
                 if response.status >= 400:

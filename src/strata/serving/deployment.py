@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from strata.config import OpenAIModelConfig
+from strata.config import EndpointConfig, OpenAIModelConfig
+from strata.resilience.admission import AdmissionController
+from strata.resilience.breaker import CircuitBreaker
 from strata.serving.client import OpenAIClient
 from strata.serving.usage import ApproximateTokenCounter, TokenCounter
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Per-deployment protection: admission control (backpressure) and a circuit breaker."""
+
+    admission: AdmissionController
+    breaker: CircuitBreaker
 
 
 @dataclass(frozen=True)
@@ -30,12 +39,32 @@ class Deployment(ABC):
     #: Can the backend stream an answer when `tools` are offered with tool_choice "auto"?
     streams_tool_calls: bool = True
 
-    def __init__(self, model: str, upstream_model: str, client: OpenAIClient, counter: TokenCounter) -> None:
+    def __init__(
+        self,
+        model: str,
+        upstream_model: str,
+        client: OpenAIClient,
+        counter: TokenCounter,
+        guards: Guards,
+        weight: float = 1.0,
+    ) -> None:
         self.model = model
         self.upstream_model = upstream_model
         self.client = client
         self.counter = counter
+        self.admission = guards.admission
+        self.breaker = guards.breaker
+        self.weight = weight
         self._probe_ok = False
+
+    @property
+    def name(self) -> str:
+        return self.client.deployment
+
+    @property
+    def load(self) -> float:
+        """Outstanding requests (running and queued) per unit of weight, for load balancing."""
+        return (self.admission.in_flight + self.admission.queued) / self.weight
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -70,15 +99,16 @@ class RemoteDeployment(Deployment):
 
     kind = "openai"
 
-    def __init__(self, config: OpenAIModelConfig) -> None:
+    def __init__(self, config: OpenAIModelConfig, endpoint: EndpointConfig, name: str, guards: Guards) -> None:
         client = OpenAIClient(
-            f"{config.name}/{urlsplit(config.base_url).netloc}",
-            config.base_url,
-            api_key=config.api_key,
+            name,
+            endpoint.base_url,
+            api_key=endpoint.api_key,
             timeouts=config.timeouts,
             max_connections=config.max_connections,
         )
-        super().__init__(config.name, config.target_model, client, ApproximateTokenCounter())
+        upstream = endpoint.upstream_model or config.target_model
+        super().__init__(config.name, upstream, client, ApproximateTokenCounter(), guards, endpoint.weight)
 
     async def start(self) -> None:
         await self.client.start()

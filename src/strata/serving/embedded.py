@@ -16,7 +16,7 @@ import orjson
 
 from strata.config import EmbeddedModelConfig
 from strata.serving.client import OpenAIClient
-from strata.serving.deployment import Deployment
+from strata.serving.deployment import Deployment, Guards
 from strata.serving.errors import BackendNotReadyError
 from strata.serving.supervisor import ChildState, LaunchSpec, ProcessSupervisor, free_port
 from strata.serving.usage import LlamaServerTokenCounter
@@ -59,7 +59,7 @@ class EmbeddedDeployment(Deployment):
     kind = "embedded"
     reports_stream_usage = False  # llama-cpp-python's server sends no usage in streams; Strata counts
 
-    def __init__(self, config: EmbeddedModelConfig, data_dir: Path) -> None:
+    def __init__(self, config: EmbeddedModelConfig, data_dir: Path, guards: Guards) -> None:
         self.config = config
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
@@ -73,7 +73,7 @@ class EmbeddedDeployment(Deployment):
             timeouts=config.timeouts,
             max_connections=config.max_connections,
         )
-        super().__init__(config.name, config.name, client, LlamaServerTokenCounter(client))
+        super().__init__(config.name, config.name, client, LlamaServerTokenCounter(client), guards)
         # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
         self.streams_tool_calls = config.chat_format != "chatml-function-calling"
         self.supervisor = ProcessSupervisor(

@@ -15,6 +15,8 @@ class ServingError(Exception):
         super().__init__(message)
         self.message = message
         self.deployment = deployment
+        #: Every deployment tried for the request, in order, with what went wrong there.
+        self.attempts: list[dict[str, str]] = []
 
 
 class ModelNotFoundError(ServingError):
@@ -59,3 +61,15 @@ class UpstreamStatusError(ServingError):
         self.param = param
         self.upstream_code = upstream_code
         self.retry_after = retry_after
+
+
+class OverloadedError(BackendNotReadyError):
+    """Every deployment that could serve the request is at its limit (admission control refused)."""
+
+    code = "overloaded"
+
+
+class CircuitOpenError(BackendNotReadyError):
+    """Every deployment of the model is failing (breakers open): failing fast, no upstream call."""
+
+    code = "circuit_open"

@@ -1,57 +1,127 @@
-"""Model name -> deployment, plus the health loop that keeps each deployment's state current."""
+"""Model names -> pools of deployments, route rules (virtual model names), and the health loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
-from strata.config import EmbeddedModelConfig, StrataConfig
-from strata.serving.deployment import Deployment, DeploymentInfo, RemoteDeployment
+from strata.config import EmbeddedModelConfig, ModelConfig, RouteConfig, StrataConfig
+from strata.resilience.admission import AdmissionController
+from strata.resilience.breaker import BreakerStore, CircuitBreaker, MemoryBreakerStore
+from strata.resilience.retry import RetryBudget, RetryPolicy
+from strata.serving.deployment import Deployment, DeploymentInfo, Guards, RemoteDeployment
 from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
+from strata.serving.pool import ModelPool
 
 log = structlog.get_logger("strata.router")
 
 
-def build_deployments(config: StrataConfig) -> list[Deployment]:
-    deployments: list[Deployment] = []
-    for model in config.models:
-        if isinstance(model, EmbeddedModelConfig):
-            deployments.append(EmbeddedDeployment(model, Path(config.data_dir)))
-        else:
-            deployments.append(RemoteDeployment(model))
-    return deployments
+@dataclass(frozen=True)
+class RoutingHints:
+    """What route rules may look at: who asks (an agent), how it is tagged, how long the prompt is."""
+
+    agent: str | None = None
+    tag: str | None = None
+    prompt_tokens: int = 0
+
+
+def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> ModelPool:
+    def guards(name: str) -> Guards:
+        return Guards(AdmissionController.from_config(config.admission), CircuitBreaker(name, config.breaker, breakers))
+
+    deployments: list[Deployment]
+    if isinstance(config, EmbeddedModelConfig):
+        deployments = [EmbeddedDeployment(config, data_dir, guards(f"{config.name}/embedded"))]
+    else:
+        endpoints = config.endpoints()
+        hosts = Counter(urlsplit(e.base_url).netloc for e in endpoints)
+        deployments = []
+        for index, endpoint in enumerate(endpoints):
+            host = urlsplit(endpoint.base_url).netloc
+            name = f"{config.name}/{host}" if hosts[host] == 1 else f"{config.name}/{host}#{index}"
+            deployments.append(RemoteDeployment(config, endpoint, name, guards(name)))
+    budget = RetryBudget.from_config(config.retry)
+    return ModelPool(
+        config.name,
+        deployments,
+        retry=RetryPolicy(config.retry, budget),
+        budget=budget,
+        fallbacks=list(config.fallbacks),
+        total_timeout_s=config.timeouts.total_s,
+    )
+
+
+def build_router(config: StrataConfig, breakers: BreakerStore | None = None) -> Router:
+    store = breakers or MemoryBreakerStore()
+    pools = [build_pool(model, Path(config.data_dir), store) for model in config.models]
+    return Router(pools, config.routes, health_interval_s=config.server.health_interval_s)
 
 
 class Router:
-    def __init__(self, deployments: Iterable[Deployment], health_interval_s: float) -> None:
-        self._by_model = {d.model: d for d in deployments}
+    def __init__(self, pools: Iterable[ModelPool], routes: Iterable[RouteConfig], health_interval_s: float) -> None:
+        self._pools = {pool.model: pool for pool in pools}
+        self._routes = {route.name: route for route in routes}
         self._health_interval_s = health_interval_s
         self._health_task: asyncio.Task[None] | None = None
 
-    def resolve(self, model: str) -> Deployment:
-        deployment = self._by_model.get(model)
-        if deployment is None:
-            available = ", ".join(sorted(self._by_model))
+    def route(self, model: str, hints: RoutingHints | None = None) -> str:
+        """The configured model that serves `model`: itself, or what its route's first matching rule says."""
+        if model in self._pools:
+            return model
+        route = self._routes.get(model)
+        if route is None:
+            available = ", ".join(sorted([*self._pools, *self._routes]))
             raise ModelNotFoundError(f"The model {model!r} does not exist. Available models: {available}")
-        return deployment
+        hints = hints or RoutingHints()
+        for rule in route.rules:
+            if rule.agents and hints.agent not in rule.agents:
+                continue
+            if rule.tags and hints.tag not in rule.tags:
+                continue
+            if rule.max_prompt_tokens is not None and hints.prompt_tokens > rule.max_prompt_tokens:
+                continue
+            if rule.min_prompt_tokens is not None and hints.prompt_tokens < rule.min_prompt_tokens:
+                continue
+            return rule.model
+        raise ModelNotFoundError(f"no rule of route {model!r} matches this request")
+
+    def is_model(self, name: str) -> bool:
+        return name in self._pools
+
+    def pool(self, model: str) -> ModelPool:
+        pool = self._pools.get(model)
+        if pool is None:
+            raise ModelNotFoundError(f"The model {model!r} does not exist")
+        return pool
+
+    def resolve(self, model: str) -> Deployment:
+        """A representative deployment of `model` (for what all its replicas share: kind, capabilities)."""
+        return self.pool(self.route(model)).deployments[0]
 
     @property
     def models(self) -> list[str]:
-        return list(self._by_model)
+        return [*self._pools, *self._routes]
+
+    @property
+    def deployments(self) -> list[Deployment]:
+        return [d for pool in self._pools.values() for d in pool.deployments]
 
     def infos(self) -> list[DeploymentInfo]:
-        return [d.info() for d in self._by_model.values()]
+        return [d.info() for d in self.deployments]
 
     def any_healthy(self) -> bool:
-        return any(d.healthy for d in self._by_model.values())
+        return any(d.healthy for d in self.deployments)
 
     async def start(self) -> None:
-        for deployment in self._by_model.values():
+        for deployment in self.deployments:
             await deployment.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="health-probes")
 
@@ -60,20 +130,20 @@ class Router:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        await asyncio.gather(*(d.stop(grace_s) for d in self._by_model.values()), return_exceptions=True)
+        await asyncio.gather(*(d.stop(grace_s) for d in self.deployments), return_exceptions=True)
 
     async def _health_loop(self) -> None:
         last: dict[str, bool] = {}
         while True:
-            deployments = list(self._by_model.values())
+            deployments = self.deployments
             results = await asyncio.gather(*(d.probe() for d in deployments))
             for deployment, healthy in zip(deployments, results, strict=True):
-                if last.get(deployment.model) != healthy:
-                    last[deployment.model] = healthy
+                if last.get(deployment.name) != healthy:
+                    last[deployment.name] = healthy
                     log.info(
                         "deployment health",
                         model=deployment.model,
-                        deployment=deployment.client.deployment,
+                        deployment=deployment.name,
                         healthy=healthy,
                         state=deployment.state,
                     )

@@ -1,0 +1,171 @@
+"""One request through the resilience machinery: pick a deployment, pass admission control and its
+circuit breaker, call it, and on a retryable failure try again (another replica first, with backoff
+and within the retry budget and the request's deadline), then the model's fallbacks.
+
+Retryable: connection failures, timeouts before the first byte, 429 and 5xx. Never after a stream
+has started: a stream is only handed to the relay once its first chunk has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import structlog
+
+from strata.resilience.admission import Overloaded
+from strata.resilience.retry import parse_retry_after
+from strata.serving.client import UpstreamReply, UpstreamStream
+from strata.serving.deployment import Deployment
+from strata.serving.errors import (
+    BackendNotReadyError,
+    CircuitOpenError,
+    OverloadedError,
+    ServingError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from strata.serving.router import Router
+
+log = structlog.get_logger("strata.dispatch")
+T = TypeVar("T")
+Operation = Callable[[Deployment, float], Awaitable[T]]
+
+
+def retryable(exc: ServingError) -> bool:
+    if isinstance(exc, UpstreamStatusError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, UpstreamUnavailableError | UpstreamTimeoutError)
+
+
+class Dispatcher:
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def complete(self, model: str, payload: Callable[[Deployment], bytes], path: str,
+                       headers: Mapping[str, str]) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
+        async def call(deployment: Deployment, remaining: float) -> UpstreamReply:
+            async with deployment.admission.admit():
+                return await deployment.client.post_json(path, payload(deployment), headers, timeout_s=remaining)
+
+        return await self._run(model, call)
+
+    async def open_stream(self, model: str, payload: Callable[[Deployment], bytes], path: str,
+                          headers: Mapping[str, str]) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
+        async def call(deployment: Deployment, remaining: float) -> UpstreamStream:
+            await deployment.admission.acquire()
+            try:
+                stream = await deployment.client.open_stream(path, payload(deployment), headers)
+                stream.on_close(deployment.admission.release)  # the slot is held until the stream ends
+            except BaseException:
+                deployment.admission.release()
+                raise
+            try:
+                await asyncio.wait_for(stream.prefetch(), remaining)  # a failure before the first byte can retry
+            except BaseException as exc:
+                stream.close()
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeoutError(
+                        "no first byte before the deadline", deployment=deployment.name
+                    ) from None
+                raise
+            return stream
+
+        return await self._run(model, call)
+
+    async def _run(self, model: str, call: Operation[T]) -> tuple[Deployment, T]:
+        chain = [model, *self._router.pool(model).fallbacks]
+        deadline = time.monotonic() + self._router.pool(model).total_timeout_s
+        attempts: list[dict[str, str]] = []
+        last: ServingError | None = None
+        for index, name in enumerate(chain):
+            if index:
+                log.warning("falling back", model=model, fallback=name, error=last.message if last else None)
+            try:
+                return await self._try_model(name, call, deadline, attempts)
+            except ServingError as exc:
+                last = exc
+                if not (retryable(exc) or isinstance(exc, BackendNotReadyError)):
+                    break  # the request itself is wrong: another model would refuse it too
+        assert last is not None
+        last.attempts = attempts
+        raise last
+
+    async def _try_model(
+        self, model: str, call: Operation[T], deadline: float, attempts: list[dict[str, str]]
+    ) -> tuple[Deployment, T]:
+        pool = self._router.pool(model)
+        pool.budget.record_request()
+        tried: set[str] = set()
+        attempt = 0
+        last: ServingError | Overloaded | None = None
+        while True:
+            deployment = pool.pick(exclude=tried)
+            if deployment is None:
+                raise _nothing_left(model, last)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if isinstance(last, ServingError):
+                    raise last
+                raise UpstreamTimeoutError(f"the request's deadline passed after {attempt} attempts", deployment=model)
+            tried.add(deployment.name)
+            try:
+                deployment.check_available()
+            except BackendNotReadyError as exc:
+                last = exc
+                attempts.append({"deployment": deployment.name, "error": exc.message})
+                continue
+            if not await deployment.breaker.allow():
+                attempts.append({"deployment": deployment.name, "error": "circuit open"})
+                continue
+            attempt += 1
+            try:
+                result = await call(deployment, remaining)
+            except Overloaded as exc:
+                await deployment.breaker.release_probe()
+                last = exc
+                attempts.append({"deployment": deployment.name, "error": f"overloaded ({exc.reason})"})
+                continue  # another replica may have room; being full is no failure of the backend
+            except ServingError as exc:
+                exc.deployment = exc.deployment or deployment.name
+                attempts.append({"deployment": deployment.name, "error": exc.message})
+                last = exc
+                if not retryable(exc):
+                    await deployment.breaker.record_success()  # it answered; the request was at fault
+                    raise
+                await deployment.breaker.record_failure()
+                retry_after = parse_retry_after(exc.retry_after) if isinstance(exc, UpstreamStatusError) else None
+                if not pool.retry.should_retry(attempt, retry_after):
+                    raise
+                delay = min(pool.retry.delay(attempt, retry_after), max(0.0, deadline - time.monotonic()))
+                log.info("retrying", model=model, deployment=deployment.name, attempt=attempt,
+                         delay_s=round(delay, 3), error=exc.message)  # fmt: skip
+                if len(tried) >= len(pool.deployments):
+                    tried.clear()  # every replica had its turn; the next attempt may reuse one
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                await deployment.breaker.release_probe()
+                raise
+            await deployment.breaker.record_success()
+            return deployment, result
+
+
+def _nothing_left(model: str, last: ServingError | Overloaded | None) -> ServingError:
+    """The error to report when no deployment is left to try."""
+    if isinstance(last, Overloaded):
+        return OverloadedError(
+            f"every deployment of {model!r} is at capacity ({last.reason}); retry later",
+            deployment=model,
+            retry_after_s=last.retry_after_s,
+        )
+    if last is not None:
+        return last
+    return CircuitOpenError(
+        f"no deployment of {model!r} can take requests now: their circuit breakers are open",
+        deployment=model,
+        retry_after_s=1.0,
+    )
