@@ -8,14 +8,24 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from strata import __version__
 from strata.agents.runtime import AgentRuntime
-from strata.api import agents_routes, health_routes, openai_routes, runs_routes, sessions_routes, ws_routes
+from strata.api import (
+    admin_routes,
+    agents_routes,
+    health_routes,
+    openai_routes,
+    runs_routes,
+    sessions_routes,
+    ws_routes,
+)
 from strata.api.errors import install_error_handlers
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
+from strata.resilience.breaker import RedisBreakerStore
 from strata.serving.chat import ChatService
 from strata.serving.router import build_router
 
@@ -24,7 +34,8 @@ log = structlog.get_logger("strata.app")
 
 def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
-    router = build_router(config)
+    redis = Redis.from_url(config.redis_url) if config.redis_url else None
+    router = build_router(config, RedisBreakerStore(redis) if redis is not None else None)
     state = AppState(
         config=config,
         router=router,
@@ -54,13 +65,15 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
             state.lifecycle.draining = True
             await state.runtime.stop()
             await router.stop(grace_s=10.0)
+            if redis is not None:
+                await redis.aclose()
             log.info("strata stopped")
 
     app = FastAPI(title="Strata", version=__version__, lifespan=lifespan)
     app.state.strata = state
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
-    for routes in (runs_routes, sessions_routes, agents_routes, ws_routes):
+    for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes):
         app.include_router(routes.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
