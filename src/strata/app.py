@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
@@ -22,17 +26,19 @@ from strata.api import (
     ws_routes,
 )
 from strata.api.errors import install_error_handlers
+from strata.api.reload import reload_config
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
 from strata.resilience.breaker import RedisBreakerStore
 from strata.serving.chat import ChatService
+from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import build_router
 
 log = structlog.get_logger("strata.app")
 
 
-def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastAPI:
+def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_path: Path | None = None) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
     redis = Redis.from_url(config.redis_url) if config.redis_url else None
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None)
@@ -41,7 +47,9 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
         router=router,
         chat=ChatService(router),
         started_at=time.time(),
+        deployer=ModelDeployer(router, drain_grace_s=config.server.shutdown_grace_s),
         lifecycle=lifecycle or Lifecycle(),
+        config_path=config_path,
     )
 
     @asynccontextmanager
@@ -53,6 +61,8 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
             log.error("cannot start the agent runtime", error=str(exc))
             await router.stop(grace_s=5.0)
             raise
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: _background(reload_config(state)))
         log.info(
             "strata started",
             models=[info.model for info in router.infos()],
@@ -63,7 +73,9 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
             yield
         finally:
             state.lifecycle.draining = True
+            loop.remove_signal_handler(signal.SIGHUP)
             await state.runtime.stop()
+            await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
             if redis is not None:
                 await redis.aclose()
@@ -78,3 +90,13 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None) -> FastA
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(work: Coroutine[Any, Any, Any]) -> None:
+    """Run a signal's work as a task, holding a reference so it is not collected midway."""
+    task = asyncio.create_task(work)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,8 +31,6 @@ ConfigOption = Annotated[
 
 
 def _load_or_exit(path: Path | None) -> StrataConfig:
-    import os
-
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -77,7 +76,7 @@ def serve(
     configure_logging(loaded.logging)
     lifecycle = Lifecycle()
     try:
-        application = build_app(loaded, lifecycle)
+        application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ))
     except EmbeddedModelUnavailable as exc:
         err.print(f"[bold red]cannot start:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -204,7 +204,7 @@ async def test_sigterm_under_load_lets_in_flight_streams_finish(tmp_path: Path, 
                 return b"".join([chunk async for chunk in response.aiter_bytes()])
 
         tasks = [asyncio.create_task(stream()) for _ in range(20)]
-        while backend.in_flight < 20:  # noqa: ASYNC110 - the counter lives in the mock's thread
+        while backend.in_flight < 20:
             await asyncio.sleep(0.02)
         strata.signal(signal.SIGTERM)
         results = await asyncio.gather(*tasks)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from strata.agents.runtime import AgentRuntime
 from strata.agents.service import AgentService
 from strata.config import StrataConfig
 from strata.serving.chat import ChatService
 from strata.serving.errors import BackendNotReadyError
+from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router
 
 
@@ -25,7 +27,9 @@ class AppState:
     router: Router
     chat: ChatService
     started_at: float
+    deployer: ModelDeployer
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    config_path: Path | None = None  # what `POST /admin/reload` and SIGHUP re-read
     runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected
 
     def agent_runtime(self) -> AgentRuntime:

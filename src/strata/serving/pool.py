@@ -25,9 +25,12 @@ class ModelPool:
         budget: RetryBudget,
         fallbacks: list[str],
         total_timeout_s: float,
+        config: object = None,
         rng: random.Random | None = None,
     ) -> None:
         self.model = model
+        self.config = config  # the model config this pool was built from (hot swap compares versions by it)
+        self.version = 1
         self.deployments = deployments
         self.retry = retry
         self.budget = budget

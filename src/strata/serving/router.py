@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,13 +56,17 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> M
         budget=budget,
         fallbacks=list(config.fallbacks),
         total_timeout_s=config.timeouts.total_s,
+        config=config,
     )
 
 
 def build_router(config: StrataConfig, breakers: BreakerStore | None = None) -> Router:
     store = breakers or MemoryBreakerStore()
-    pools = [build_pool(model, Path(config.data_dir), store) for model in config.models]
-    return Router(pools, config.routes, health_interval_s=config.server.health_interval_s)
+    data_dir = Path(config.data_dir)
+    pools = [build_pool(model, data_dir, store) for model in config.models]
+    router = Router(pools, config.routes, health_interval_s=config.server.health_interval_s)
+    router.factory = lambda model: build_pool(model, data_dir, store)
+    return router
 
 
 class Router:
@@ -71,6 +75,20 @@ class Router:
         self._routes = {route.name: route for route in routes}
         self._health_interval_s = health_interval_s
         self._health_task: asyncio.Task[None] | None = None
+        #: Builds a pool for a model config (hot swap and reload build the new version with it).
+        self.factory: Callable[[ModelConfig], ModelPool] | None = None
+
+    def install(self, pool: ModelPool) -> ModelPool | None:
+        """Put `pool` in service for its model; new requests go to it at once. Returns the one it replaced."""
+        previous = self._pools.get(pool.model)
+        self._pools[pool.model] = pool
+        return previous
+
+    def uninstall(self, model: str) -> ModelPool | None:
+        return self._pools.pop(model, None)
+
+    def set_routes(self, routes: Iterable[RouteConfig]) -> None:
+        self._routes = {route.name: route for route in routes}
 
     def route(self, model: str, hints: RoutingHints | None = None) -> str:
         """The configured model that serves `model`: itself, or what its route's first matching rule says."""
