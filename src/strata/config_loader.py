@@ -230,10 +230,10 @@ def _issue_from_error(err: Any, data: Any, sources: _Sources) -> ConfigIssue:
     elif kind == "missing":
         message = "required key is missing"
     elif kind == "union_tag_invalid":
-        message = f"unknown model kind {err['input'].get('kind')!r}; expected 'embedded' or 'openai'"
+        message = f"unknown model kind {err['input'].get('kind')!r}; expected 'embedded', 'openai' or 'vllm'"
         path = (*path, "kind") if path and path[-1] != "kind" else path
     elif kind == "union_tag_not_found":
-        message = "each model needs a 'kind': 'embedded' or 'openai'"
+        message = "each model needs a 'kind': 'embedded', 'openai' or 'vllm'"
     elif "input" in err and isinstance(err["input"], str | int | float | bool) and kind != "value_error":
         message += f" (got {err['input']!r})"
     return ConfigIssue(sources.describe(path), format_path(path), message)
@@ -241,7 +241,7 @@ def _issue_from_error(err: Any, data: Any, sources: _Sources) -> ConfigIssue:
 
 def _allowed_keys(path: KeyPath, data: Any) -> list[str]:
     """Field names of the config section at `path`, resolving list items and the model-kind union."""
-    from strata.config import EmbeddedModelConfig, OpenAIModelConfig
+    from strata.config import EmbeddedModelConfig, OpenAIModelConfig, VllmModelConfig
 
     model: type[BaseModel] | None = StrataConfig
     cur = data
@@ -249,7 +249,7 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str]:
         cur = _child(cur, part)
         if isinstance(part, int):  # an entry of the models list: its kind picks the schema
             kind = cur.get("kind") if isinstance(cur, dict) else None
-            model = OpenAIModelConfig if kind == "openai" else EmbeddedModelConfig
+            model = {"openai": OpenAIModelConfig, "vllm": VllmModelConfig}.get(str(kind), EmbeddedModelConfig)
             continue
         field_info = model.model_fields.get(part) if model else None
         annotation = field_info.annotation if field_info else None

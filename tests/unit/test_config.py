@@ -78,14 +78,14 @@ BAD_CONFIGS = [
         ["{file}:2: models[0]: give either 'base_url' (one endpoint) or 'deployments' (replicas), not both or neither"],
     ),
     (
-        "models:\n  - kind: vllm\n    name: x\n",
+        "models:\n  - kind: tgi\n    name: x\n",
         {},
-        ["{file}:2: models[0].kind: unknown model kind 'vllm'; expected 'embedded' or 'openai'"],
+        ["{file}:2: models[0].kind: unknown model kind 'tgi'; expected 'embedded', 'openai' or 'vllm'"],
     ),
     (
         "models:\n  - name: x\n    base_url: http://h\n",
         {},
-        ["{file}:2: models[0]: each model needs a 'kind': 'embedded' or 'openai'"],
+        ["{file}:2: models[0]: each model needs a 'kind': 'embedded', 'openai' or 'vllm'"],
     ),
     ("models: []\n", {}, ["{file}:1: models: at least one model must be configured"]),
     (

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from strata.config import EmbeddedModelConfig, ModelConfig, RouteConfig, StrataConfig
+from strata.config import EmbeddedModelConfig, ModelConfig, RouteConfig, StrataConfig, VllmModelConfig
 from strata.resilience.admission import AdmissionController
 from strata.resilience.breaker import BreakerStore, CircuitBreaker, MemoryBreakerStore
 from strata.resilience.retry import RetryBudget, RetryPolicy
@@ -20,6 +20,7 @@ from strata.serving.deployment import Deployment, DeploymentInfo, Guards, Remote
 from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
 from strata.serving.pool import ModelPool
+from strata.serving.vllm import VllmDeployment
 
 log = structlog.get_logger("strata.router")
 
@@ -40,6 +41,8 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> M
     deployments: list[Deployment]
     if isinstance(config, EmbeddedModelConfig):
         deployments = [EmbeddedDeployment(config, data_dir, guards(f"{config.name}/embedded"))]
+    elif isinstance(config, VllmModelConfig):
+        deployments = [VllmDeployment(config, data_dir, guards(f"{config.name}/vllm"))]
     else:
         endpoints = config.endpoints()
         hosts = Counter(urlsplit(e.base_url).netloc for e in endpoints)

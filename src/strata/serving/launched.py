@@ -1,0 +1,121 @@
+"""Deployments whose server Strata launches itself (the embedded llama.cpp server, vLLM).
+
+Shared: one supervisor (launch, health wait, restart with backoff, graceful stop), a loopback
+address on a free port, and a bearer token made anew for every launch and known only to Strata —
+handed over through the environment or a 0600 file, never on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.config import TimeoutsConfig
+from strata.serving.client import OpenAIClient
+from strata.serving.deployment import Deployment, Guards
+from strata.serving.errors import BackendNotReadyError
+from strata.serving.supervisor import ChildState, LaunchSpec, ProcessSupervisor, free_port
+from strata.serving.usage import ApproximateTokenCounter, TokenCounter
+
+LOOPBACK = "127.0.0.1"
+# Passed through to a child; nothing else of Strata's environment (no secrets, no stray settings).
+CHILD_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "OMP_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start the server for one launch on `port` with `token`."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+def base_child_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in CHILD_ENV_KEYS if key in os.environ}
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (it may hold the launch token)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+class LaunchedDeployment(Deployment):
+    label: str  # "llama.cpp", "vLLM": for logs and errors
+
+    def __init__(
+        self,
+        model: str,
+        upstream_model: str,
+        *,
+        data_dir: Path,
+        guards: Guards,
+        timeouts: TimeoutsConfig,
+        max_connections: int,
+        startup_timeout_s: float,
+        restart_backoff_max_s: float,
+        counter: Callable[[OpenAIClient], TokenCounter] = lambda _client: ApproximateTokenCounter(),
+    ) -> None:
+        self.run_dir = data_dir / "run"
+        self.log_path = data_dir / "logs" / f"{model.replace('/', '_')}.log"
+        self._port: int | None = None
+        client = OpenAIClient(
+            f"{model}/{self.kind}",
+            f"http://{LOOPBACK}:0/v1",
+            api_key=None,
+            timeouts=timeouts,
+            max_connections=max_connections,
+        )
+        super().__init__(model, upstream_model, client, counter(client), guards)
+        self.supervisor = ProcessSupervisor(
+            f"{self.label}:{model}",
+            make_spec=self._launch_spec,
+            is_healthy=self.client.probe,
+            startup_timeout_s=startup_timeout_s,
+            backoff_max_s=restart_backoff_max_s,
+        )
+
+    @abstractmethod
+    def launch(self, port: int, token: str) -> Launch:
+        """The command and environment of one launch."""
+
+    def _launch_spec(self) -> LaunchSpec:
+        self._port = free_port(LOOPBACK, preferred=self._port)
+        token = secrets.token_urlsafe(32)
+        self.client.set_endpoint(f"http://{LOOPBACK}:{self._port}/v1", token)
+        launch = self.launch(self._port, token)
+        return LaunchSpec(argv=launch.argv, env=launch.env, log_path=self.log_path)
+
+    async def start(self) -> None:
+        await self.client.start()
+        self.supervisor.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.supervisor.stop(grace_s)
+        await self.client.close()
+
+    def check_available(self) -> None:
+        if self.supervisor.state is not ChildState.READY:
+            raise BackendNotReadyError(
+                f"the {self.label} server of {self.model!r} is {self.supervisor.state.value}; try again shortly",
+                deployment=self.name,
+                retry_after_s=1.0,
+            )
+
+    async def probe(self) -> bool:
+        return self.healthy
+
+    @property
+    def healthy(self) -> bool:
+        # The supervisor health-checked the child before calling it ready and sees its exit at once.
+        return self.supervisor.state is ChildState.READY
+
+    @property
+    def state(self) -> str:
+        return self.supervisor.state.value
