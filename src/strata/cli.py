@@ -20,6 +20,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration."
 app.add_typer(config_app, name="config")
 db_app = typer.Typer(no_args_is_help=True, help="The state database.")
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(no_args_is_help=True, help="Models on a running Strata: versions, hot swap.")
+app.add_typer(models_app, name="models")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -129,6 +131,54 @@ def chat_agent(
     from strata.terminal import chat_loop
 
     chat_loop(url, agent, out)
+
+
+@models_app.command("list")
+def models_list(url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """Each model's version in service and its deployments."""
+    from rich.table import Table
+
+    data = _admin(url, "GET", "/admin/models")["data"]
+    table = Table("model", "version", "state", "deployments", "earlier versions")
+    for model in data:
+        earlier = ", ".join(
+            f"v{v['version']} {v['state']}" for v in model["versions"] if v["version"] != model["version"]
+        )
+        table.add_row(model["model"], str(model["version"]), model["state"], "\n".join(model["deployments"]), earlier)
+    out.print(table)
+
+
+@models_app.command("deploy")
+def models_deploy(
+    name: Annotated[str, typer.Argument(help="The model to replace (or add).")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="YAML or JSON: the model's new config (as in models:).")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    health_timeout_s: Annotated[float, typer.Option(help="How long the new version may take to get healthy.")] = 120,
+) -> None:
+    """Hot-swap a model to new deployments: start, health-check, switch traffic, drain the old ones."""
+    try:
+        spec = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        err.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    with err.status(f"deploying {name}: starting and health-checking the new version..."):
+        result = _admin(url, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
+    out.print(f"[green]{name} v{result['version']} is serving[/] on {', '.join(result['deployments'])}")
+
+
+def _admin(url: str, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
+    import httpx
+
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=None)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach Strata at {url}:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if response.status_code >= 400:
+        error = response.json().get("error", {}) if "json" in response.headers.get("content-type", "") else {}
+        err.print(f"[red]error {response.status_code}:[/] {error.get('message', response.text)}", highlight=False)
+        raise typer.Exit(1)
+    return response.json()
 
 
 def _banner(config: StrataConfig) -> None:

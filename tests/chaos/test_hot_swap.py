@@ -103,3 +103,42 @@ async def test_sighup_reloads_changed_models_by_hot_swap(tmp_path: Path) -> None
             assert reloaded["unchanged"] == ["llm", "extra"] and reloaded["deployed"] == []
         finally:
             strata.stop()
+
+
+def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with MockBackend() as first, MockBackend() as second:
+        second.default = Reply(content="via the CLI")
+        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": first.url}])
+        try:
+            spec = tmp_path / "llm-v2.yaml"
+            spec.write_text(f"kind: openai\nbase_url: {second.url}\n")
+            deploy = subprocess.run(
+                [sys.executable, "-m", "strata", "models", "deploy", "llm", "-f", str(spec), "--url", strata.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert deploy.returncode == 0, deploy.stderr
+            assert "llm v2 is serving" in deploy.stdout
+            listing = subprocess.run(
+                [sys.executable, "-m", "strata", "models", "list", "--url", strata.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert listing.returncode == 0 and "serving" in listing.stdout
+            assert second.url.split("//")[1].split("/")[0] in listing.stdout
+            spec.write_text("kind: openai\nbase_url: ftp://nowhere\n")
+            refused = subprocess.run(
+                [sys.executable, "-m", "strata", "models", "deploy", "llm", "-f", str(spec), "--url", strata.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert refused.returncode == 1
+            assert "error 400" in refused.stderr and "base_url" in refused.stderr
+        finally:
+            strata.stop()

@@ -28,11 +28,14 @@ def mocks() -> Iterator[list[MockBackend]]:
         backend.stop()
 
 
-def serve(tmp_path: Path, models: list[dict[str, Any]], **server: Any) -> StrataProcess:
+def serve(
+    tmp_path: Path, models: list[dict[str, Any]], extra: dict[str, Any] | None = None, **server: Any
+) -> StrataProcess:
     config = {
         "models": models,
         "agents": [],
         "server": {"health_interval_s": 0.2, "drain_delay_s": 0, **server},
+        **(extra or {}),
     }
     return StrataProcess(tmp_path, config).start()
 

@@ -1,8 +1,8 @@
 """The replicas of one model, and which one gets the next request.
 
 Least outstanding requests by the power of two choices (weighted): two healthy deployments with a
-closed breaker are drawn at random and the less loaded one wins. Cheap, and it avoids the herd that
-"always the least loaded" causes when many requests arrive at once.
+closed breaker are drawn at random, in proportion to their weights, and the less loaded one wins.
+Cheap, and it avoids the herd that "always the least loaded" causes when many requests arrive at once.
 """
 
 from __future__ import annotations
@@ -49,5 +49,6 @@ class ModelPool:
             return None
         if len(usable) == 1:
             return usable[0]
-        first, second = self._rng.sample(usable, 2) if len(usable) > 2 else usable
+        # Two candidates drawn in proportion to their weights; the less loaded one wins, ties the first.
+        first, second = self._rng.choices(usable, weights=[d.weight for d in usable], k=2)
         return first if first.load <= second.load else second
