@@ -344,6 +344,12 @@ class AgentLimits(_Strict):
     loop_repeats: int = Field(
         default=3, ge=2, le=100, description="Identical tool calls (or A-B-A-B cycles) that count as a loop."
     )
+    tool_rounds: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="After this many rounds of tool calls the model is offered no tools, so it must answer.",
+    )
 
 
 class AgentConfig(_Strict):
@@ -375,7 +381,8 @@ def demo_agent(model: str) -> dict[str, object]:
         tools=["current_time", "calculator"],
         temperature=0,
         max_tokens_per_step=256,
-        limits={"max_steps": 6, "timeout_s": 120},
+        # A model as small as SmolLM2-135M keeps calling tools; after one round it must answer.
+        limits={"max_steps": 6, "timeout_s": 120, "tool_rounds": 1},
     )
 
 

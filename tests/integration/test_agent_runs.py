@@ -48,6 +48,7 @@ def strata(
             agent("helper", tools=["calculator", "record"]),
             agent("approver", tools=["record"], require_approval=["record"]),
             agent("short", tools=["calculator"], limits={"max_steps": 2}),
+            agent("decisive", tools=["calculator"], limits={"tool_rounds": 1}),
             agent("thrifty", limits={"max_tokens": 50}),
             agent("budget", limits={"max_cost_usd": 0.01}),
             agent("hasty", limits={"timeout_s": 1.5}),
@@ -409,3 +410,12 @@ def test_strata_chat_keeps_one_session(strata: StrataProcess, mock_backend: Mock
     assert "Hi Ada." in result.stdout and "You are Ada." in result.stdout
     contents = [m.get("content") for m in mock_backend.chat_requests()[-1].body["messages"]]
     assert contents[1:] == ["I am Ada", "Hi Ada.", "Who am I?"]
+
+
+def test_after_its_tool_rounds_the_model_is_offered_no_tools(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(calc("2+2"), Reply(content="4, finally"))
+    run = start(strata, "decisive", "2+2?").json()
+    assert (run["status"], run["output"]) == ("completed", "4, finally")
+    first, second = mock_backend.chat_requests()[-2:]
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["calculator"]
+    assert "tools" not in second.body and "tool_choice" not in second.body

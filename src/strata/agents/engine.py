@@ -165,11 +165,13 @@ class _Job:
         if self.spec.system_prompt:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
         models = [self.spec.model] + ([self.spec.fallback_model] if self.spec.fallback_model else [])
+        rounds = sum(1 for m in history if m.run_id == run.id and m.role == "assistant" and m.data.get("tool_calls"))
+        offered = limits.tool_rounds is None or rounds < limits.tool_rounds
         outcome = await self.engine.caller.call(
             agent=self.spec.name,
             models=models,
             messages=messages,
-            tools=[tool.spec.openai_schema() for tool in self.tools.values()],
+            tools=[tool.spec.openai_schema() for tool in self.tools.values()] if offered else [],
             temperature=self.spec.temperature,
             max_tokens=self.spec.max_tokens_per_step,
             deadline=self.deadline,

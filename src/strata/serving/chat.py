@@ -53,7 +53,7 @@ class ChatService:
 
         def for_deployment(deployment: Deployment) -> bytes:
             payload["model"] = deployment.upstream_model
-            return orjson.dumps(payload)
+            return orjson.dumps(deployment.adapt(payload))
 
         return for_deployment
 

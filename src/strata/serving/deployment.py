@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from strata.config import EndpointConfig, OpenAIModelConfig
 from strata.resilience.admission import AdmissionController
@@ -71,6 +72,10 @@ class Deployment(ABC):
 
     @abstractmethod
     async def stop(self, grace_s: float) -> None: ...
+
+    def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The request body as this backend needs it (most need nothing changed)."""
+        return payload
 
     def check_available(self) -> None:
         """Raise `BackendNotReadyError` when the deployment is known to be unable to answer now."""

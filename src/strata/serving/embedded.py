@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -69,6 +70,29 @@ class EmbeddedDeployment(LaunchedDeployment):
         )
         # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
         self.streams_tool_calls = config.chat_format != "chatml-function-calling"
+
+    def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
+        # llama-cpp-python's chatml-function-calling template drops `tool` messages altogether, so the
+        # model would never see a tool's result and call the tool again and again. Tell it as a user turn.
+        messages = payload.get("messages") or []
+        if self.config.chat_format != "chatml-function-calling" or not any(m.get("role") == "tool" for m in messages):
+            return payload
+        names = {
+            call.get("id"): (call.get("function") or {}).get("name")
+            for m in messages
+            if m.get("role") == "assistant"
+            for call in m.get("tool_calls") or ()
+        }
+        rewritten = [
+            {
+                "role": "user",
+                "content": f"Result of {names.get(m.get('tool_call_id')) or 'the tool'}: {m.get('content')}",
+            }
+            if m.get("role") == "tool"
+            else m
+            for m in messages
+        ]
+        return {**payload, "messages": rewritten}
 
     def launch(self, port: int, token: str) -> Launch:
         model: dict[str, object] = {
