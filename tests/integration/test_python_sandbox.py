@@ -285,9 +285,9 @@ async def test_spec_and_bad_arguments() -> None:
     assert (tool.spec.name, tool.spec.risk) == ("python", ToolRisk.MEDIUM)
     assert tool.spec.parameters["required"] == ["code"]
     assert tool.spec.timeout_s >= CONFIG.timeout_s
-    if tool.unavailable_reason is None:
-        with pytest.raises(ToolError, match="'code' must be a string"):
-            await tool.invoke({"code": 42}, CONTEXT)
+    assert tool.unavailable_reason is None
+    with pytest.raises(ToolError, match="'code' must be a string"):
+        await tool.invoke({"code": 42}, CONTEXT)
 
 
 def _own_pid_ns() -> str:
