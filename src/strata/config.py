@@ -100,7 +100,14 @@ class _ModelBase(_Strict):
     admission: AdmissionConfig = AdmissionConfig()
 
 
-class EmbeddedModelConfig(_ModelBase):
+class LaunchedModelBase(_ModelBase):
+    """Models whose server Strata launches and supervises itself."""
+
+    startup_timeout_s: float = Field(default=120.0, gt=0, le=7200, description="Loading the weights.")
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+
+
+class EmbeddedModelConfig(LaunchedModelBase):
     """A llama.cpp server that Strata launches and supervises on loopback."""
 
     kind: Literal["embedded"] = "embedded"
@@ -115,8 +122,6 @@ class EmbeddedModelConfig(_ModelBase):
         "calling with tool_choice 'auto'; null uses the template in the GGUF file.",
     )
     n_threads: int | None = Field(default=None, ge=1, le=1024)
-    startup_timeout_s: float = Field(default=120.0, gt=0, le=3600)
-    restart_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("model_path")
     @classmethod
@@ -227,7 +232,7 @@ class OpenAIModelConfig(_ModelBase):
         ]
 
 
-class VllmModelConfig(_ModelBase):
+class VllmModelConfig(LaunchedModelBase):
     """A vLLM server that Strata launches (`vllm serve`) on chosen GPUs and supervises on loopback."""
 
     kind: Literal["vllm"] = "vllm"

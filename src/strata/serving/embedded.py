@@ -57,17 +57,7 @@ class EmbeddedDeployment(LaunchedDeployment):
         self.config = config
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
-        super().__init__(
-            config.name,
-            config.name,
-            data_dir=data_dir,
-            guards=guards,
-            timeouts=config.timeouts,
-            max_connections=config.max_connections,
-            startup_timeout_s=config.startup_timeout_s,
-            restart_backoff_max_s=config.restart_backoff_max_s,
-            counter=LlamaServerTokenCounter,
-        )
+        super().__init__(config, data_dir=data_dir, guards=guards, counter=LlamaServerTokenCounter)
         # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
         self.streams_tool_calls = config.chat_format != "chatml-function-calling"
 

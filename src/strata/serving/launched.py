@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.config import TimeoutsConfig
+from strata.config import LaunchedModelBase
 from strata.serving.client import OpenAIClient
 from strata.serving.deployment import Deployment, Guards
 from strata.serving.errors import BackendNotReadyError
@@ -51,17 +51,13 @@ class LaunchedDeployment(Deployment):
 
     def __init__(
         self,
-        model: str,
-        upstream_model: str,
+        config: LaunchedModelBase,
         *,
         data_dir: Path,
         guards: Guards,
-        timeouts: TimeoutsConfig,
-        max_connections: int,
-        startup_timeout_s: float,
-        restart_backoff_max_s: float,
         counter: Callable[[OpenAIClient], TokenCounter] = lambda _client: ApproximateTokenCounter(),
     ) -> None:
+        model = config.name  # served under its Strata name
         self.run_dir = data_dir / "run"
         self.log_path = data_dir / "logs" / f"{model.replace('/', '_')}.log"
         self._port: int | None = None
@@ -69,16 +65,16 @@ class LaunchedDeployment(Deployment):
             f"{model}/{self.kind}",
             f"http://{LOOPBACK}:0/v1",
             api_key=None,
-            timeouts=timeouts,
-            max_connections=max_connections,
+            timeouts=config.timeouts,
+            max_connections=config.max_connections,
         )
-        super().__init__(model, upstream_model, client, counter(client), guards)
+        super().__init__(model, model, client, counter(client), guards)
         self.supervisor = ProcessSupervisor(
             f"{self.label}:{model}",
             make_spec=self._launch_spec,
             is_healthy=self.client.probe,
-            startup_timeout_s=startup_timeout_s,
-            backoff_max_s=restart_backoff_max_s,
+            startup_timeout_s=config.startup_timeout_s,
+            backoff_max_s=config.restart_backoff_max_s,
         )
 
     @abstractmethod

@@ -19,16 +19,7 @@ class VllmDeployment(LaunchedDeployment):
 
     def __init__(self, config: VllmModelConfig, data_dir: Path, guards: Guards) -> None:
         self.config = config
-        super().__init__(
-            config.name,
-            config.name,  # served under its Strata name (--served-model-name)
-            data_dir=data_dir,
-            guards=guards,
-            timeouts=config.timeouts,
-            max_connections=config.max_connections,
-            startup_timeout_s=config.startup_timeout_s,
-            restart_backoff_max_s=config.restart_backoff_max_s,
-        )
+        super().__init__(config, data_dir=data_dir, guards=guards)  # served as --served-model-name
 
     def launch(self, port: int, token: str) -> Launch:
         c = self.config
