@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from strata import __version__
@@ -30,10 +31,11 @@ from strata.api.reload import reload_config
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
+from strata.observability.serving_metrics import ServingCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
-from strata.serving.router import build_router
+from strata.serving.router import Router, build_router
 
 log = structlog.get_logger("strata.app")
 
@@ -48,6 +50,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
         chat=ChatService(router),
         started_at=time.time(),
         deployer=ModelDeployer(router, drain_grace_s=config.server.shutdown_grace_s),
+        metrics=_metrics_registry(router),
         lifecycle=lifecycle or Lifecycle(),
         config_path=config_path,
     )
@@ -62,7 +65,14 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
             await router.stop(grace_s=5.0)
             raise
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: _background(reload_config(state)))
+        reloads: set[asyncio.Task[Any]] = set()  # referenced until done, so none is collected midway
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload_config(state))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         log.info(
             "strata started",
             models=[info.model for info in router.infos()],
@@ -92,11 +102,8 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     return app
 
 
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _background(work: Coroutine[Any, Any, Any]) -> None:
-    """Run a signal's work as a task, holding a reference so it is not collected midway."""
-    task = asyncio.create_task(work)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+def _metrics_registry(router: Router) -> CollectorRegistry:
+    """One registry per app (never the process-global one), so several apps in a process stay apart."""
+    registry = CollectorRegistry()
+    registry.register(ServingCollector(router))
+    return registry

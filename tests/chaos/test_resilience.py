@@ -57,6 +57,14 @@ async def fire(
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+def metric(strata: StrataProcess, line_start: str) -> float:
+    """The value of the first /metrics sample whose line starts with `line_start`."""
+    for line in httpx.get(f"{strata.url}/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric line starting with {line_start!r}")
+
+
 def breaker_states(strata: StrataProcess) -> dict[str, str]:
     data = httpx.get(f"{strata.url}/admin/deployments").json()["data"]
     return {d["target"]: d["breaker"]["state"] for d in data}
@@ -90,6 +98,8 @@ async def test_hanging_replica_trips_its_breaker_then_recovers(tmp_path: Path, m
                 break
             assert (await fire(strata, 1, 1))[0].status_code == 200
         assert breaker_states(strata)[hanging.url] == "open"
+        name = f"llm/127.0.0.1:{hanging.port}"
+        assert metric(strata, f'strata_deployment_breaker_state{{deployment="{name}",model="llm",state="open"}}') == 1
         before = hanging.chat_attempts
         responses = await fire(strata, 10, 2)
         assert [r.status_code for r in responses] == [200] * 10
@@ -125,6 +135,7 @@ async def test_all_replicas_down_are_served_by_the_fallback(tmp_path: Path, mock
         responses = await fire(strata, 30, 5)
         assert [r.status_code for r in responses] == [200] * 30
         assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {"from the CPU model"}
+        assert metric(strata, 'strata_fallbacks_total{model="llm"}') == 30
     finally:
         strata.stop()
 
@@ -145,6 +156,9 @@ async def test_retry_budget_holds_under_a_total_outage(tmp_path: Path, mocks: li
         # Without a budget: 200 x 5 = 1000 attempts. With it: the 200 requests, 10% more, and 5 spare.
         assert down.chat_attempts <= 200 + 20 + 5, down.chat_attempts
         assert all(r.json()["error"]["attempts"] for r in responses)
+        retried = metric(strata, 'strata_retries_total{model="llm"}')
+        assert retried == down.chat_attempts - 200  # every attempt beyond the first was a counted retry
+        assert metric(strata, 'strata_retry_budget_exhausted_total{model="llm"}') > 0
     finally:
         strata.stop()
 
@@ -175,6 +189,7 @@ async def test_overload_is_refused_at_once_while_admitted_requests_finish(
         first_success = min(t for code, t in finished if code == 200)
         assert all(t < first_success for code, t in finished if code == 503), "refusals came before any answer"
         assert slow.chat_attempts == 4, "refused requests never reached the backend"
+        assert metric(strata, 'strata_overload_rejections_total{model="llm"}') == 36
     finally:
         strata.stop()
 
@@ -188,7 +203,7 @@ async def test_memory_stays_bounded_under_sustained_overload(tmp_path: Path, moc
         await fire(strata, 200, 100)
         baseline = rss_mib(strata)
         for _ in range(3):
-            responses = await fire(strata, 1000, 200)
+            responses = await fire(strata, 600, 200)
             assert Counter(r.status_code for r in responses).keys() <= {200, 503}
         assert rss_mib(strata) - baseline < 60, "memory grew with the offered load"
     finally:

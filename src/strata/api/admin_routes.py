@@ -7,6 +7,7 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
@@ -110,3 +111,9 @@ async def reload(request: Request) -> Response:
     except ConfigError as exc:
         raise ApiError(400, "invalid configuration: " + "; ".join(str(i) for i in exc.issues)) from None
     return Response(orjson.dumps(report.__dict__), media_type="application/json")
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.strata
+    return Response(generate_latest(state.metrics), media_type=CONTENT_TYPE_LATEST)

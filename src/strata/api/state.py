@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from strata.agents.runtime import AgentRuntime
 from strata.agents.service import AgentService
 from strata.config import StrataConfig
@@ -28,6 +30,7 @@ class AppState:
     chat: ChatService
     started_at: float
     deployer: ModelDeployer
+    metrics: CollectorRegistry
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     config_path: Path | None = None  # what `POST /admin/reload` and SIGHUP re-read
     runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected

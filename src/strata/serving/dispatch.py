@@ -83,6 +83,7 @@ class Dispatcher:
         last: ServingError | None = None
         for index, name in enumerate(chain):
             if index:
+                self._router.pool(chain[index - 1]).stats.fallbacks += 1
                 log.warning("falling back", model=model, fallback=name, error=last.message if last else None)
             try:
                 return await self._try_model(name, call, deadline, attempts)
@@ -105,7 +106,12 @@ class Dispatcher:
         while True:
             deployment = pool.pick(exclude=tried)
             if deployment is None:
-                raise _nothing_left(model, last)
+                error = _nothing_left(model, last)
+                if isinstance(error, OverloadedError):
+                    pool.stats.overloaded += 1
+                elif isinstance(error, CircuitOpenError):
+                    pool.stats.circuit_open += 1
+                raise error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if isinstance(last, ServingError):
@@ -140,6 +146,7 @@ class Dispatcher:
                 retry_after = parse_retry_after(exc.retry_after) if isinstance(exc, UpstreamStatusError) else None
                 if not pool.retry.should_retry(attempt, retry_after):
                     raise
+                pool.stats.retries += 1
                 delay = min(pool.retry.delay(attempt, retry_after), max(0.0, deadline - time.monotonic()))
                 log.info("retrying", model=model, deployment=deployment.name, attempt=attempt,
                          delay_s=round(delay, 3), error=exc.message)  # fmt: skip

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from strata.resilience.breaker import BreakerState
 from strata.resilience.retry import RetryBudget, RetryPolicy
 from strata.serving.deployment import Deployment
+
+
+@dataclass
+class PoolStats:
+    """Counters of what resilience did for this model, read by the metrics collector at scrape time."""
+
+    retries: int = 0
+    fallbacks: int = 0  # requests this model could not serve that went on to a fallback model
+    overloaded: int = 0  # requests refused because every deployment was at capacity
+    circuit_open: int = 0  # requests refused because every breaker was open
 
 
 class ModelPool:
@@ -36,6 +47,7 @@ class ModelPool:
         self.budget = budget
         self.fallbacks = fallbacks
         self.total_timeout_s = total_timeout_s
+        self.stats = PoolStats()
         self._rng = rng or random.Random()
 
     def pick(self, exclude: Collection[str] = ()) -> Deployment | None:
