@@ -32,6 +32,7 @@ from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
 from strata.observability.serving_metrics import ServingCollector
+from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
@@ -106,4 +107,5 @@ def _metrics_registry(router: Router) -> CollectorRegistry:
     """One registry per app (never the process-global one), so several apps in a process stay apart."""
     registry = CollectorRegistry()
     registry.register(ServingCollector(router))
+    registry.register(UpstreamCollector(router))
     return registry

@@ -69,6 +69,13 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         port = int(argv[argv.index("--port") + 1])
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # private to Strata
 
+        deadline = time.monotonic() + 10  # vLLM's own metrics appear in Strata's, per deployment
+        while "vllm:gpu_cache_usage_perc" not in httpx.get(f"{strata.url}/metrics").text:
+            assert time.monotonic() < deadline, "vLLM's metrics never reached Strata's /metrics"
+            time.sleep(0.2)
+        exported = httpx.get(f"{strata.url}/metrics").text
+        assert 'vllm:gpu_cache_usage_perc{deployment="llama-8b/vllm",model_name="llama-8b"} 0.25' in exported
+
         [child] = strata.children()
         os.killpg(os.getpgid(child), signal.SIGKILL)  # the server crashes (the sh wrapper execs python)
         deadline = time.monotonic() + 30

@@ -30,7 +30,22 @@ def main() -> None:
     mock = MockBackend(args.host, args.port, api_key=os.environ.get("VLLM_API_KEY"))
     mock.models = [args.served_model_name]
     mock.default = Reply(content=f"{args.model} says hi")
-    web.run_app(mock.build_app(), host=args.host, port=args.port, access_log=None, print=None)
+    app = mock.build_app()
+    name = args.served_model_name
+
+    async def metrics(request: web.Request) -> web.Response:  # unauthenticated, as vLLM's is
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{name}"}} {mock.in_flight}.0\n'
+            "# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.\n"
+            "# TYPE vllm:gpu_cache_usage_perc gauge\n"
+            f'vllm:gpu_cache_usage_perc{{model_name="{name}"}} 0.25\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    app.router.add_get("/metrics", metrics)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,19 @@ never shows in `ps`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
+
+import aiohttp
+import structlog
 
 from strata.config import VllmModelConfig
 from strata.serving.deployment import Guards
 from strata.serving.launched import LOOPBACK, Launch, LaunchedDeployment, base_child_env
+
+log = structlog.get_logger("strata.vllm")
+METRICS_INTERVAL_S = 5.0
 
 
 class VllmDeployment(LaunchedDeployment):
@@ -20,6 +28,35 @@ class VllmDeployment(LaunchedDeployment):
     def __init__(self, config: VllmModelConfig, data_dir: Path, guards: Guards) -> None:
         self.config = config
         super().__init__(config, data_dir=data_dir, guards=guards)  # served as --served-model-name
+        #: vLLM's own Prometheus text, scraped in the background and re-exported under Strata's /metrics.
+        self.upstream_metrics: str | None = None
+        self._scraper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._scraper = asyncio.create_task(self._scrape_metrics(), name=f"vllm-metrics:{self.model}")
+
+    async def stop(self, grace_s: float) -> None:
+        if self._scraper is not None:
+            self._scraper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scraper
+        await super().stop(grace_s)
+
+    async def _scrape_metrics(self) -> None:
+        """Read vLLM's /metrics (at the server's root, next to /v1) while it is up."""
+        timeout = aiohttp.ClientTimeout(total=2)
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S if self.upstream_metrics is not None else 0.5)
+            if not self.healthy:
+                continue
+            url = self.client.base_url.removesuffix("/v1") + "/metrics"
+            try:
+                async with self.client.session.get(url, timeout=timeout) as response:
+                    if response.status == 200:
+                        self.upstream_metrics = await response.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.debug("vLLM metrics unavailable", model=self.model, error=str(exc))
 
     def launch(self, port: int, token: str) -> Launch:
         c = self.config
