@@ -274,7 +274,7 @@ class RouteConfig(_Strict):
 
 
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-BUILTIN_TOOLS = ("current_time", "calculator", "http_fetch", "python")
+BUILTIN_TOOLS = ("current_time", "calculator", "http_fetch", "python", "read_document")
 
 
 class HttpFetchConfig(_Strict):
@@ -299,6 +299,17 @@ class PythonToolConfig(_Strict):
     memory_mb: int = Field(default=256, ge=16, le=65536)
     max_processes: int = Field(default=16, ge=1, le=4096)
     max_output_bytes: int = Field(default=64_000, ge=1, le=10_000_000)
+
+
+class ReadDocumentConfig(_Strict):
+    """`read_document`: text out of plain text, Markdown, HTML and PDF, parsed in the CPU pool."""
+
+    enabled: bool = True
+    allowed_dirs: list[Path] = Field(
+        default_factory=list, description="Files the tool may read by path (inline content is always allowed)."
+    )
+    max_chars: int = Field(default=200_000, ge=1, le=50_000_000)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class FunctionToolConfig(_Strict):
@@ -337,6 +348,7 @@ class McpServerConfig(_Strict):
 class ToolsConfig(_Strict):
     http_fetch: HttpFetchConfig = HttpFetchConfig()
     python: PythonToolConfig = PythonToolConfig()
+    read_document: ReadDocumentConfig = ReadDocumentConfig()
     functions: list[FunctionToolConfig] = Field(default_factory=list)
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
 
@@ -402,6 +414,14 @@ class RunsConfig(_Strict):
     sync_wait_s: float = Field(default=300.0, gt=0, le=3600, description="Longest wait of a mode=sync request.")
 
 
+class ComputeConfig(_Strict):
+    """CPU work kept off the event loop (document parsing, large token counts) and GPU monitoring."""
+
+    cpu_workers: int | None = Field(default=None, ge=1, le=256, description="Process pool size; default: CPUs.")
+    max_queued_jobs: int = Field(default=256, ge=1, le=100_000)
+    gpu_poll_interval_s: float = Field(default=10.0, gt=0, le=3600, description="How often NVML is read.")
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -425,6 +445,7 @@ class StrataConfig(_Strict):
     tools: ToolsConfig = ToolsConfig()
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig.model_validate(demo_agent("smollm2-135m"))])
     runs: RunsConfig = RunsConfig()
+    compute: ComputeConfig = ComputeConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")

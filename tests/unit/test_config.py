@@ -129,7 +129,7 @@ BAD_CONFIGS = [
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
-            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, logging)",
+            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, compute, logging)",
         ],
     ),
 ]
@@ -198,6 +198,7 @@ def test_the_documented_example_config_is_valid() -> None:
     assert config.models[0] == defaults.models[0]
     assert config.tools == defaults.tools
     assert config.runs == defaults.runs
+    assert config.compute == defaults.compute
     assert config.agents == defaults.agents
 
 
