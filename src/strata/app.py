@@ -31,6 +31,7 @@ from strata.api.reload import reload_config
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.config import StrataConfig
+from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
 from strata.observability.serving_metrics import ServingCollector
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
@@ -45,13 +46,15 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
     redis = Redis.from_url(config.redis_url) if config.redis_url else None
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None)
+    gpus = GpuMonitor()
     state = AppState(
         config=config,
         router=router,
         chat=ChatService(router),
         started_at=time.time(),
         deployer=ModelDeployer(router, drain_grace_s=config.server.shutdown_grace_s),
-        metrics=_metrics_registry(router),
+        metrics=_metrics_registry(router, gpus),
+        gpus=gpus,
         lifecycle=lifecycle or Lifecycle(),
         config_path=config_path,
     )
@@ -59,6 +62,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
             state.runtime = await AgentRuntime.start(config, state.chat)
         except Exception as exc:
@@ -88,6 +92,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
+            await gpus.stop()
             if redis is not None:
                 await redis.aclose()
             log.info("strata stopped")
@@ -103,9 +108,10 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     return app
 
 
-def _metrics_registry(router: Router) -> CollectorRegistry:
+def _metrics_registry(router: Router, gpus: GpuMonitor) -> CollectorRegistry:
     """One registry per app (never the process-global one), so several apps in a process stay apart."""
     registry = CollectorRegistry()
     registry.register(ServingCollector(router))
     registry.register(UpstreamCollector(router))
+    registry.register(GpuCollector(lambda: gpus.latest))
     return registry

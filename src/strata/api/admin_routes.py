@@ -14,6 +14,7 @@ from starlette.responses import Response
 from strata.api.errors import ApiError, invalid_body
 from strata.api.reload import reload_config
 from strata.api.state import AppState
+from strata.compute.inventory import read_inventory_async
 from strata.config import ModelConfig
 from strata.config_loader import ConfigError
 from strata.serving.hotswap import DeployFailed
@@ -117,3 +118,9 @@ async def reload(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: AppState = request.app.state.strata
     return Response(generate_latest(state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/admin/gpus", summary="GPUs (NVML): memory, utilisation, temperature, power, topology")
+async def list_gpus(request: Request) -> Response:
+    inventory = await read_inventory_async()  # NVML is blocking: it runs in a thread
+    return Response(orjson.dumps(inventory.to_dict()), media_type="application/json")

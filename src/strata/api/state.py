@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from strata.agents.runtime import AgentRuntime
 from strata.agents.service import AgentService
 from strata.config import StrataConfig
+from strata.observability.gpu_metrics import GpuMonitor
 from strata.serving.chat import ChatService
 from strata.serving.errors import BackendNotReadyError
 from strata.serving.hotswap import ModelDeployer
@@ -31,6 +32,7 @@ class AppState:
     started_at: float
     deployer: ModelDeployer
     metrics: CollectorRegistry
+    gpus: GpuMonitor
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     config_path: Path | None = None  # what `POST /admin/reload` and SIGHUP re-read
     runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected
