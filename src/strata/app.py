@@ -30,6 +30,8 @@ from strata.api.errors import install_error_handlers
 from strata.api.reload import reload_config
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
+from strata.compute.offload import CpuPool
+from strata.compute.tokens import PooledTokenCounter
 from strata.config import StrataConfig
 from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
 from strata.observability.serving_metrics import ServingCollector
@@ -40,12 +42,16 @@ from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
 
 log = structlog.get_logger("strata.app")
+POOLED_COUNT_BYTES = 1 << 20
 
 
 def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_path: Path | None = None) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
     redis = Redis.from_url(config.redis_url) if config.redis_url else None
-    router = build_router(config, RedisBreakerStore(redis) if redis is not None else None)
+    cpu = CpuPool(max_workers=config.compute.cpu_workers, max_queued=config.compute.max_queued_jobs)
+    # Counting tokens of huge texts goes to the CPU pool; below the threshold a process hop costs more.
+    counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
+    router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
     state = AppState(
         config=config,
@@ -61,13 +67,16 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await cpu.start()
         await router.start()
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
-            state.runtime = await AgentRuntime.start(config, state.chat)
+            state.runtime = await AgentRuntime.start(config, state.chat, cpu)
         except Exception as exc:
             log.error("cannot start the agent runtime", error=str(exc))
             await router.stop(grace_s=5.0)
+            await gpus.stop()
+            await cpu.shutdown()
             raise
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[Any]] = set()  # referenced until done, so none is collected midway
@@ -93,6 +102,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
             await gpus.stop()
+            await cpu.shutdown()
             if redis is not None:
                 await redis.aclose()
             log.info("strata stopped")

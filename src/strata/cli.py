@@ -12,6 +12,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from strata.compute.planner import GpuSlot, GpuTopology
 from strata.config import EmbeddedModelConfig, StrataConfig, VllmModelConfig
 from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
 
@@ -133,6 +134,19 @@ def chat_agent(
     chat_loop(url, agent, out)
 
 
+@app.command("gpus")
+def gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """The GPUs NVML sees: memory, utilisation, temperature, power, and the NVLink/PCIe topology."""
+    from strata.compute.gpu_render import render_inventory
+    from strata.compute.inventory import read_inventory
+
+    inventory = read_inventory()
+    if as_json:
+        sys.stdout.write(orjson.dumps(inventory.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.print(render_inventory(inventory))
+
+
 @models_app.command("list")
 def models_list(url: UrlOption = "http://127.0.0.1:8000") -> None:
     """Each model's version in service and its deployments."""
@@ -164,6 +178,82 @@ def models_deploy(
     with err.status(f"deploying {name}: starting and health-checking the new version..."):
         result = _admin(url, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
     out.print(f"[green]{name} v{result['version']} is serving[/] on {', '.join(result['deployments'])}")
+
+
+@app.command("plan")
+def plan_model(
+    model: Annotated[str, typer.Argument(help="A catalog name, a downloaded Hugging Face id, or a config.json.")],
+    dtype: Annotated[str, typer.Option(help="bf16, fp16, or fp8 (FP8 weights).")] = "bf16",
+    quant: Annotated[
+        str | None, typer.Option(help="awq, gptq, bitsandbytes, gguf-q4_k_m, gguf-q5_k_m, gguf-q6_k, gguf-q8_0.")
+    ] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option(help="auto (the dtype) or fp8.")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Tokens per sequence; default: the model's window.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Sequences of max-context tokens held at once.")] = 1,
+    gpus: Annotated[str | None, typer.Option(help="Only these GPU indices, e.g. 0,1,2,3.")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of each GPU's memory vLLM may use.")] = 0.9,
+    gpu_count: Annotated[int | None, typer.Option(help="Plan for this many hypothetical GPUs instead.")] = None,
+    gpu_memory_gib: Annotated[float | None, typer.Option(help="Memory of each hypothetical GPU, in GiB.")] = None,
+    gpu_name: Annotated[str, typer.Option(help="Name of the hypothetical GPUs.")] = "GPU",
+    nvlink: Annotated[bool, typer.Option(help="Whether the hypothetical GPUs are all NVLink-joined.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Plan a vLLM deployment: tensor-parallel size, GPUs and KV cache; exit 1 when it does not fit."""
+    from strata.compute.catalog import ModelNotFound, find_model
+    from strata.compute.plan_render import plan_json, render_plan
+    from strata.compute.planner import PlanError, hypothetical_gpus, plan
+
+    try:
+        shape = find_model(model)
+        if gpu_count is not None:
+            if gpu_memory_gib is None:
+                raise PlanError("--gpu-count needs --gpu-memory-gib, the memory of each GPU")
+            slots, topology = hypothetical_gpus(gpu_count, gpu_memory_gib, gpu_name, nvlink)
+        elif gpu_memory_gib is not None:
+            raise PlanError("--gpu-memory-gib describes hypothetical GPUs: give --gpu-count too")
+        else:
+            slots, topology = _machine_gpus()
+            if not slots:
+                sys.stderr.write(
+                    "no GPUs found on this machine; pass --gpu-count and --gpu-memory-gib to plan for hypothetical "
+                    "hardware (e.g. --gpu-count 8 --gpu-memory-gib 80)\n"
+                )
+                raise typer.Exit(2)
+        if gpus is not None:
+            wanted = {int(i) for i in gpus.split(",") if i.strip()}
+            if missing := wanted - {s.index for s in slots}:
+                raise PlanError(f"no GPU {', '.join(map(str, sorted(missing)))}; GPUs: {[s.index for s in slots]}")
+            slots = [s for s in slots if s.index in wanted]
+        result = plan(
+            shape,
+            dtype=dtype,
+            quant=quant,
+            kv_cache_dtype=kv_cache_dtype,
+            max_context=max_context,
+            concurrency=concurrency,
+            gpus=slots,
+            nvlink=topology,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+    except (ModelNotFound, ValueError) as exc:  # PlanError, unreadable configs and bad --gpus are ValueErrors
+        sys.stderr.write(f"cannot plan: {exc}\n")
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(plan_json(result) + "\n")
+    else:
+        render_plan(result, out)
+    raise typer.Exit(0 if result.fits else 1)
+
+
+def _machine_gpus() -> tuple[list[GpuSlot], GpuTopology]:
+    """This machine's GPUs (whole memory: vLLM's utilisation is a share of it) and NVLink pairs, via NVML."""
+    from strata.compute.inventory import read_inventory
+
+    inventory = read_inventory()
+    if not inventory.available:
+        return [], GpuTopology()
+    slots = [GpuSlot(g.index, g.name, g.memory_total_bytes) for g in inventory.gpus]
+    return slots, GpuTopology(frozenset(inventory.nvlink_pairs()))
 
 
 def _admin(url: str, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]

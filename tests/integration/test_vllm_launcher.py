@@ -76,7 +76,7 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         exported = httpx.get(f"{strata.url}/metrics").text
         assert 'vllm:gpu_cache_usage_perc{deployment="llama-8b/vllm",model_name="llama-8b"} 0.25' in exported
 
-        [child] = strata.children()
+        [child] = strata.children("fake_vllm")
         os.killpg(os.getpgid(child), signal.SIGKILL)  # the server crashes (the sh wrapper execs python)
         deadline = time.monotonic() + 30
         while len(record.read_text().splitlines()) < 2 and time.monotonic() < deadline:
@@ -90,7 +90,7 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         assert again.status_code == 200
         second = json.loads(record.read_text().splitlines()[1])
         assert second["env"]["VLLM_API_KEY"] != token, "every launch gets a fresh token"
-        [new_child] = strata.children()
+        [new_child] = strata.children("fake_vllm")
     finally:
         assert strata.stop() == 0
     assert not Path(f"/proc/{new_child}").exists(), "stopping Strata stopped vLLM"

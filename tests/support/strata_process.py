@@ -90,16 +90,18 @@ class StrataProcess:
             self.process.kill()
             return self.process.wait()
 
-    def children(self) -> list[int]:
-        """Pids of the processes Strata launched (the embedded model server)."""
+    def children(self, command_contains: str) -> list[int]:
+        """Pids of Strata's child processes whose command line contains `command_contains`
+        (Strata also runs helpers, such as its CPU pool's fork server)."""
         assert self.process is not None
         out = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
                     stat = (entry / "stat").read_text()
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid and command_contains in cmdline:
                     out.append(int(entry.name))
         return out

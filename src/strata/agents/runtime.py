@@ -11,6 +11,7 @@ from strata.agents.model_call import ModelCaller
 from strata.agents.service import AgentService
 from strata.agents.tools.registry import ToolRegistry
 from strata.agents.worker import RunWorker
+from strata.compute.offload import CpuPool
 from strata.config import StrataConfig
 from strata.serving.chat import ChatService
 from strata.store.agents import AgentVersionStore
@@ -30,14 +31,14 @@ class AgentRuntime:
     service: AgentService
 
     @classmethod
-    async def start(cls, config: StrataConfig, chat: ChatService) -> AgentRuntime:
+    async def start(cls, config: StrataConfig, chat: ChatService, cpu: CpuPool) -> AgentRuntime:
         db = Database(config.effective_database_url)
         await db.upgrade()
         bus = EventBus()
         store = RunStore(db, bus.publish_stored)
         catalog = AgentCatalog(AgentVersionStore(db))
         await catalog.sync(config.agents)
-        tools = await ToolRegistry.from_config(config.tools)
+        tools = await ToolRegistry.from_config(config.tools, cpu)
         prices = {m.name: Price(m.input_usd_per_mtok, m.output_usd_per_mtok) for m in config.models}
         runs = config.runs
         engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, prices, runs.lease_s)

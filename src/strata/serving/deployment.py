@@ -10,7 +10,7 @@ from strata.config import EndpointConfig, OpenAIModelConfig
 from strata.resilience.admission import AdmissionController
 from strata.resilience.breaker import CircuitBreaker
 from strata.serving.client import OpenAIClient
-from strata.serving.usage import ApproximateTokenCounter, TokenCounter
+from strata.serving.usage import TokenCounter
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ class RemoteDeployment(Deployment):
 
     kind = "openai"
 
-    def __init__(self, config: OpenAIModelConfig, endpoint: EndpointConfig, name: str, guards: Guards) -> None:
+    def __init__(
+        self, config: OpenAIModelConfig, endpoint: EndpointConfig, name: str, guards: Guards, counter: TokenCounter
+    ) -> None:
         client = OpenAIClient(
             name,
             endpoint.base_url,
@@ -113,7 +115,7 @@ class RemoteDeployment(Deployment):
             max_connections=config.max_connections,
         )
         upstream = endpoint.upstream_model or config.target_model
-        super().__init__(config.name, upstream, client, ApproximateTokenCounter(), guards, endpoint.weight)
+        super().__init__(config.name, upstream, client, counter, guards, endpoint.weight)
 
     async def start(self) -> None:
         await self.client.start()

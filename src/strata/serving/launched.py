@@ -19,7 +19,7 @@ from strata.serving.client import OpenAIClient
 from strata.serving.deployment import Deployment, Guards
 from strata.serving.errors import BackendNotReadyError
 from strata.serving.supervisor import ChildState, LaunchSpec, ProcessSupervisor, free_port
-from strata.serving.usage import ApproximateTokenCounter, TokenCounter
+from strata.serving.usage import TokenCounter
 
 LOOPBACK = "127.0.0.1"
 # Passed through to a child; nothing else of Strata's environment (no secrets, no stray settings).
@@ -55,7 +55,7 @@ class LaunchedDeployment(Deployment):
         *,
         data_dir: Path,
         guards: Guards,
-        counter: Callable[[OpenAIClient], TokenCounter] = lambda _client: ApproximateTokenCounter(),
+        counter: Callable[[OpenAIClient], TokenCounter],
     ) -> None:
         model = config.name  # served under its Strata name
         self.run_dir = data_dir / "run"

@@ -20,6 +20,7 @@ from strata.serving.deployment import Deployment, DeploymentInfo, Guards, Remote
 from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
 from strata.serving.pool import ModelPool
+from strata.serving.usage import ApproximateTokenCounter, TokenCounter
 from strata.serving.vllm import VllmDeployment
 
 log = structlog.get_logger("strata.router")
@@ -34,7 +35,9 @@ class RoutingHints:
     prompt_tokens: int = 0
 
 
-def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> ModelPool:
+def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, counter: TokenCounter) -> ModelPool:
+    """`counter` estimates tokens where a backend reports no usage (the embedded model counts its own)."""
+
     def guards(name: str) -> Guards:
         return Guards(AdmissionController.from_config(config.admission), CircuitBreaker(name, config.breaker, breakers))
 
@@ -42,7 +45,7 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> M
     if isinstance(config, EmbeddedModelConfig):
         deployments = [EmbeddedDeployment(config, data_dir, guards(f"{config.name}/embedded"))]
     elif isinstance(config, VllmModelConfig):
-        deployments = [VllmDeployment(config, data_dir, guards(f"{config.name}/vllm"))]
+        deployments = [VllmDeployment(config, data_dir, guards(f"{config.name}/vllm"), counter)]
     else:
         endpoints = config.endpoints()
         hosts = Counter(urlsplit(e.base_url).netloc for e in endpoints)
@@ -50,7 +53,7 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> M
         for index, endpoint in enumerate(endpoints):
             host = urlsplit(endpoint.base_url).netloc
             name = f"{config.name}/{host}" if hosts[host] == 1 else f"{config.name}/{host}#{index}"
-            deployments.append(RemoteDeployment(config, endpoint, name, guards(name)))
+            deployments.append(RemoteDeployment(config, endpoint, name, guards(name), counter))
     budget = RetryBudget.from_config(config.retry)
     return ModelPool(
         config.name,
@@ -63,12 +66,15 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore) -> M
     )
 
 
-def build_router(config: StrataConfig, breakers: BreakerStore | None = None) -> Router:
+def build_router(
+    config: StrataConfig, breakers: BreakerStore | None = None, counter: TokenCounter | None = None
+) -> Router:
     store = breakers or MemoryBreakerStore()
+    tokens = counter or ApproximateTokenCounter()
     data_dir = Path(config.data_dir)
-    pools = [build_pool(model, data_dir, store) for model in config.models]
+    pools = [build_pool(model, data_dir, store, tokens) for model in config.models]
     router = Router(pools, config.routes, health_interval_s=config.server.health_interval_s)
-    router.factory = lambda model: build_pool(model, data_dir, store)
+    router.factory = lambda model: build_pool(model, data_dir, store, tokens)
     return router
 
 

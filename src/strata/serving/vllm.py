@@ -16,6 +16,7 @@ import structlog
 from strata.config import VllmModelConfig
 from strata.serving.deployment import Guards
 from strata.serving.launched import LOOPBACK, Launch, LaunchedDeployment, base_child_env
+from strata.serving.usage import TokenCounter
 
 log = structlog.get_logger("strata.vllm")
 METRICS_INTERVAL_S = 5.0
@@ -25,9 +26,10 @@ class VllmDeployment(LaunchedDeployment):
     kind = "vllm"
     label = "vLLM"
 
-    def __init__(self, config: VllmModelConfig, data_dir: Path, guards: Guards) -> None:
+    def __init__(self, config: VllmModelConfig, data_dir: Path, guards: Guards, counter: TokenCounter) -> None:
         self.config = config
-        super().__init__(config, data_dir=data_dir, guards=guards)  # served as --served-model-name
+        # Served as --served-model-name; vLLM reports usage in streams, so `counter` is rarely needed.
+        super().__init__(config, data_dir=data_dir, guards=guards, counter=lambda _client: counter)
         #: vLLM's own Prometheus text, scraped in the background and re-exported under Strata's /metrics.
         self.upstream_metrics: str | None = None
         self._scraper: asyncio.Task[None] | None = None
@@ -75,5 +77,7 @@ class VllmDeployment(LaunchedDeployment):
         argv += c.extra_args
         env = {**base_child_env(), **c.env, "VLLM_API_KEY": token}
         if c.gpus is not None:
+            # NVML (Strata's inventory and plans) numbers GPUs by PCI bus; CUDA's default order differs.
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in c.gpus)
         return Launch(argv, env)

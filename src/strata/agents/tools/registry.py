@@ -10,6 +10,8 @@ from strata.agents.tools.functions import FunctionTool, load_function
 from strata.agents.tools.http_fetch import HttpFetchTool
 from strata.agents.tools.mcp_tools import McpConnectError, McpServerConnection
 from strata.agents.tools.python_sandbox import PythonSandboxTool
+from strata.agents.tools.read_document import ReadDocumentTool
+from strata.compute.offload import CpuPool
 from strata.config import AgentConfig, ToolsConfig
 
 log = structlog.get_logger("strata.tools")
@@ -25,8 +27,10 @@ class ToolRegistry:
         self._mcp = mcp or []
 
     @classmethod
-    async def from_config(cls, config: ToolsConfig) -> ToolRegistry:
+    async def from_config(cls, config: ToolsConfig, cpu: CpuPool) -> ToolRegistry:
         tools: list[Tool] = list(builtin_tools())
+        if config.read_document.enabled:
+            tools.append(ReadDocumentTool.from_config(config.read_document, cpu))
         if config.http_fetch.enabled:
             tools.append(HttpFetchTool(config.http_fetch))
         if config.python.enabled:
