@@ -23,6 +23,8 @@ from strata.config import StrataConfig
 
 ENV_PREFIX = "STRATA_"
 CONFIG_PATH_ENV = "STRATA_CONFIG"
+# STRATA_* variables that are not config values: where the config is, and the CLI's server address.
+NOT_CONFIG = frozenset({CONFIG_PATH_ENV, "STRATA_URL"})
 DEFAULT_CONFIG_FILE = Path("strata.yaml")
 KeyPath = tuple[str | int, ...]
 
@@ -149,7 +151,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
     defaults = StrataConfig().model_dump(mode="json")
     issues: list[ConfigIssue] = []
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG:
             continue
         parts: list[str | int] = [int(p) if p.isdigit() else p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         path = tuple(parts)

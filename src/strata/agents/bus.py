@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +39,35 @@ class EventBus:
     def publish_stored(self, event: StoredEvent) -> None:
         self.publish(LiveEvent(event.run_id, event.type, event.data, event.seq))
 
-    @contextmanager
-    def subscribe(self, run_id: str) -> Iterator[asyncio.Queue[LiveEvent]]:
-        queue: asyncio.Queue[LiveEvent] = asyncio.Queue(QUEUE_SIZE)
+    def subscribe(self, run_id: str) -> Subscription:
+        """Registered at once (not on `with`), so a caller can subscribe before a run starts."""
+        return Subscription(self, run_id)
+
+    def _add(self, run_id: str, queue: asyncio.Queue[LiveEvent]) -> None:
         self._subscribers[run_id].add(queue)
-        try:
-            yield queue
-        finally:
-            subscribers = self._subscribers.get(run_id)
-            if subscribers is not None:
-                subscribers.discard(queue)
-                if not subscribers:
-                    del self._subscribers[run_id]
+
+    def _remove(self, run_id: str, queue: asyncio.Queue[LiveEvent]) -> None:
+        subscribers = self._subscribers.get(run_id)
+        if subscribers is not None:
+            subscribers.discard(queue)
+            if not subscribers:
+                del self._subscribers[run_id]
+
+
+class Subscription:
+    """A run's live events; use as a context manager (or call `close()`) to stop receiving them."""
+
+    def __init__(self, bus: EventBus, run_id: str) -> None:
+        self._bus = bus
+        self.run_id = run_id
+        self.queue: asyncio.Queue[LiveEvent] = asyncio.Queue(QUEUE_SIZE)
+        bus._add(run_id, self.queue)
+
+    def close(self) -> None:
+        self._bus._remove(self.run_id, self.queue)
+
+    def __enter__(self) -> asyncio.Queue[LiveEvent]:
+        return self.queue
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -9,6 +9,7 @@ again (it has no side effects); a tool call whose result was committed is never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,10 @@ class RunEngine:
             await job.end("failed", f"model error: {exc}")
         except LeaseLost:
             log.warning("lost the lease of a run; another worker has it", run_id=run.id)
+        except Exception as exc:  # a bug or a malformed backend reply: end the run, do not retry it forever
+            log.exception("run failed unexpectedly", run_id=run.id)
+            with contextlib.suppress(LeaseLost):
+                await job.end("failed", f"internal error: {type(exc).__name__}: {exc}")
 
     async def end(self, run: Run, owner: str, status: str, reason: str | None, output: str | None = None) -> None:
         """Move a run this worker holds to a terminal state (fenced on the lease)."""
@@ -138,6 +143,9 @@ class _Job:
     async def _begin(self) -> None:
         async with self.unit() as unit:
             run = await self.fresh_run(unit)
+            if run.cancel_requested:
+                await finish(unit, run, "cancelled", "cancelled by request")
+                raise _Stop
             started = await unit.tx.scalar(select(Message.id).where(Message.run_id == run.id).limit(1))
             if started is None:  # first pick-up: the user's message joins the session now, in order
                 await unit.add_message(run.session_id, run.id, run.input)
@@ -176,7 +184,7 @@ class _Job:
             max_tokens=self.spec.max_tokens_per_step,
             deadline=self.deadline,
             call_id=f"{turn}",
-            on_delta=self._delta,
+            on_delta=lambda text: self._delta(text, turn),
             on_wait=self._waiting,
             on_fallback=self._fallback,
         )
@@ -207,8 +215,8 @@ class _Job:
             for call in outcome.tool_calls:
                 await unit.add_event(run.id, "tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
 
-    def _delta(self, text: str) -> None:
-        self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text}, None))
+    def _delta(self, text: str, turn: int) -> None:
+        self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text, "turn": turn}, None))
 
     async def _waiting(self, reason: str, delay_s: float) -> None:
         async with self.unit() as unit:
@@ -248,6 +256,9 @@ class _Job:
         ]
         async with self.unit() as unit:
             run = await self.fresh_run(unit)
+            if run.cancel_requested:  # asked while running: never leave it waiting for an approver
+                await finish(unit, run, "cancelled", "cancelled by request")
+                raise _Stop
             run.status = "awaiting_approval"
             run.pending_approval = requested
             run.lease_owner = None

@@ -15,6 +15,7 @@ import orjson
 from strata.serving.chat import ChatCall, ChatService
 from strata.serving.errors import (
     BackendNotReadyError,
+    CircuitOpenError,
     ModelNotFoundError,
     ServingError,
     UpstreamStatusError,
@@ -139,7 +140,8 @@ class ModelCaller:
         while True:
             try:
                 return await self._stream_once(agent, model, payload, call_id, on_delta)
-            except ModelNotFoundError as exc:
+            except (ModelNotFoundError, CircuitOpenError) as exc:
+                # Nothing to wait for when every breaker is open: the fallback model, if any, takes over.
                 raise ModelStepError(exc.message) from None
             except ServingError as exc:
                 if _is_backpressure(exc):

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from strata.agents.bus import EventBus, LiveEvent
+from strata.agents.bus import EventBus, LiveEvent, Subscription
 from strata.agents.catalog import AgentCatalog, UnknownAgent
 from strata.agents.worker import RunWorker
 from strata.store.runs import TERMINAL, RunStore
@@ -75,7 +75,9 @@ class AgentService:
         session_id: str | None,
         idempotency_key: str | None,
         owner: str | None,
+        wake: bool = True,
     ) -> tuple[Run, bool]:
+        """`wake=False`: the caller wakes the worker itself, once it has subscribed to the run."""
         version, spec = await self.agent(agent)
         if idempotency_key:
             existing = await self.store.by_idempotency_key(agent, idempotency_key)
@@ -107,7 +109,7 @@ class AgentService:
             idempotency_key=idempotency_key,
             timeout_s=spec.limits.timeout_s,
         )
-        if created:
+        if created and wake:
             self.worker.wake()
         return run, created
 
@@ -129,17 +131,40 @@ class AgentService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_next_durable(queue), min(remaining, STORE_POLL_S))
 
-    async def follow(self, run_id: str, after_seq: int = 0, *, deltas: bool = True) -> AsyncIterator[LiveEvent]:
+    def subscribe(self, run_id: str) -> Subscription:
+        """Subscribe before the run can start (no await in between) to see its very first deltas."""
+        return self.bus.subscribe(run_id)
+
+    async def follow(
+        self,
+        run_id: str,
+        after_seq: int = 0,
+        *,
+        deltas: bool = True,
+        subscription: Subscription | None = None,
+    ) -> AsyncIterator[LiveEvent]:
         """Stored events after `after_seq`, then live ones, until the run ends (through approval pauses)."""
         await self.run(run_id)
         last = after_seq
-        with self.bus.subscribe(run_id) as queue:
+        with subscription or self.bus.subscribe(run_id) as queue:
             while True:
-                for stored in await self.store.events_after(run_id, last):
+                # Deltas are live only; stored events are read back. A batch read from the store may
+                # cover several turns, so each turn's deltas go out just before its message.completed.
+                stored_batch = await self.store.events_after(run_id, last)
+                pending = [e for e in _drain(queue) if e.seq is None and deltas]
+                for stored in stored_batch:
+                    if stored.type == "message.completed":
+                        turn = stored.data.get("turn", 0)
+                        yield_now = [d for d in pending if d.data.get("turn", 0) <= turn]
+                        pending = [d for d in pending if d.data.get("turn", 0) > turn]
+                        for delta in yield_now:
+                            yield delta
                     last = stored.seq
                     yield LiveEvent(run_id, stored.type, stored.data, stored.seq)
                     if stored.type in FINAL_EVENTS:
                         return
+                for delta in pending:
+                    yield delta
                 try:
                     event = await asyncio.wait_for(queue.get(), STORE_POLL_S)
                 except TimeoutError:
@@ -177,6 +202,13 @@ class AgentService:
         except UnknownAgent:
             names = ", ".join(await self.catalog.names())
             raise NotFound(f"no agent {name!r} (agents: {names})") from None
+
+
+def _drain(queue: asyncio.Queue[LiveEvent]) -> list[LiveEvent]:
+    events = []
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    return events
 
 
 async def _next_durable(queue: asyncio.Queue[LiveEvent]) -> LiveEvent:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
-from strata.agents.bus import LiveEvent
+from strata.agents.bus import LiveEvent, Subscription
 from strata.agents.service import AgentService, ApprovalDecision
 from strata.api.errors import ApiError
 from strata.api.state import AppState
@@ -45,6 +45,9 @@ def service(request: Request) -> AgentService:
 def user_message(value: str | ChatMessage) -> dict[str, Any]:
     if isinstance(value, str):
         return {"role": "user", "content": value}
+    if value.role != "user":
+        # Anything else would let a client act as the model (say, an assistant turn with tool calls).
+        raise ApiError(400, f"input: a run starts from a user message, not role {value.role!r}", param="input.role")
     return value.model_dump(exclude_none=True)
 
 
@@ -54,8 +57,13 @@ def sse(event: LiveEvent) -> bytes:
     return f"{head}event: {event.type}\n".encode() + b"data: " + data + b"\n\n"
 
 
-async def sse_stream(agents: AgentService, run_id: str, after: int) -> AsyncIterator[bytes]:
-    async for event in agents.follow(run_id, after):
+async def sse_stream(
+    agents: AgentService,
+    run_id: str,
+    after: int,
+    subscription: Subscription | None = None,
+) -> AsyncIterator[bytes]:
+    async for event in agents.follow(run_id, after, subscription=subscription):
         yield sse(event)
 
 
@@ -69,10 +77,18 @@ async def create_run(
     agents = service(request)
     state: AppState = request.app.state.strata
     run, _created = await agents.start_run(
-        agent, user_message(body.input), session_id=body.session_id, idempotency_key=idempotency_key, owner=None
+        agent,
+        user_message(body.input),
+        session_id=body.session_id,
+        idempotency_key=idempotency_key,
+        owner=None,
+        wake=body.mode != "stream",
     )
     if body.mode == "stream":
-        return StreamingResponse(sse_stream(agents, run.id, 0), media_type="text/event-stream", headers=_SSE_HEADERS)
+        subscription = agents.subscribe(run.id)  # before the worker can start it: no delta is missed
+        agents.worker.wake()
+        stream = sse_stream(agents, run.id, 0, subscription)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
     if body.mode == "background":
         return _json(run_view(run), 202, {"Location": f"/v1/runs/{run.id}"})
     run = await agents.wait(run.id, body.wait_s or state.config.runs.sync_wait_s)

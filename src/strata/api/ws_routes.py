@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from strata.agents.bus import Subscription
 from strata.agents.service import AgentService, InvalidRequest, NotFound, RunConflict
 from strata.api.state import AppState
 
@@ -27,7 +28,8 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
     agents = state.agent_service()
     await websocket.accept()
     session_id: str | None = None
-    current: dict[str, Any] = {"run": None, "task": None}
+    current: dict[str, Any] = {"run": None}
+    followers: set[asyncio.Task[None]] = set()
     try:
         while True:
             try:
@@ -50,26 +52,34 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                     session_id=message.get("session_id") or session_id,
                     idempotency_key=message.get("idempotency_key"),
                     owner=None,
+                    wake=False,
                 )
             except (NotFound, RunConflict, InvalidRequest) as exc:
                 await _send(websocket, {"type": "error", "message": str(exc)})
                 continue
             session_id = run.session_id
             current["run"] = run.id
-            current["task"] = asyncio.create_task(_forward(websocket, agents, run.id))
+            subscription = agents.subscribe(run.id)  # before the worker can start it: no delta is missed
+            agents.worker.wake()
+            follower = asyncio.create_task(_forward(websocket, agents, run.id, subscription))
+            followers.add(follower)
+            follower.add_done_callback(followers.discard)
     except WebSocketDisconnect:
         pass
     finally:
-        task = current["task"]
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for follower in list(followers):
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
 
 
-async def _forward(websocket: WebSocket, agents: AgentService, run_id: str) -> None:
+async def _forward(
+    websocket: WebSocket,
+    agents: AgentService,
+    run_id: str,
+    subscription: Subscription,
+) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        async for event in agents.follow(run_id):
+        async for event in agents.follow(run_id, subscription=subscription):
             await _send(websocket, {"type": event.type, "run_id": event.run_id, "seq": event.seq, **event.data})
 
 

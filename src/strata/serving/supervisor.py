@@ -109,7 +109,7 @@ class ProcessSupervisor:
         await self._terminate(grace_s)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         self.state = ChildState.STOPPED
@@ -117,19 +117,29 @@ class ProcessSupervisor:
     async def _supervise(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            spec = self._make_spec()
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.state = ChildState.STARTING
-            with spec.log_path.open("ab") as log_file:
-                self._process = await asyncio.create_subprocess_exec(
-                    *spec.argv,
-                    env=spec.env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches Strata, which stops it in order
-                )
+            try:
+                spec = self._make_spec()
+                spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with spec.log_path.open("ab") as log_file:
+                    self._process = await asyncio.create_subprocess_exec(
+                        *spec.argv,
+                        env=spec.env,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=asyncio.subprocess.STDOUT,
+                        preexec_fn=_die_with_parent,
+                        start_new_session=True,  # a terminal's Ctrl-C reaches Strata, which stops it in order
+                    )
+            except Exception as exc:  # e.g. the executable is missing: a failed launch, retried with backoff
+                failures += 1
+                delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+                self.state = ChildState.RESTARTING
+                log.error("cannot launch child", child=self.name, error=f"{type(exc).__name__}: {exc}",
+                          retry_in_s=delay)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                continue
             self.pid = self._process.pid
             log.info("child started", child=self.name, pid=self.pid, log_file=str(spec.log_path))
             if await self._wait_healthy(self._process):

@@ -32,6 +32,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -57,8 +58,16 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    # pysqlite defers BEGIN to the first write, so a read-modify-write (approvals, claims) is not
+    # isolated and SELECT ... FOR UPDATE does not exist. Taking the write lock at BEGIN serialises
+    # such transactions; WAL keeps plain readers going meanwhile. (SQLAlchemy's pysqlite recipe.)
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers work while the engine writes; busy_timeout waits out short write locks.
+    dbapi_connection.isolation_level = None  # the driver must not BEGIN on its own; see above
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -298,6 +298,9 @@ class RunStore:
             run = await unit.tx.get(Run, run_id, with_for_update=not self.db.is_sqlite)
             if run is None or run.status != "awaiting_approval":
                 return run
+            if run.cancel_requested:
+                await finish(unit, run, "cancelled", "cancelled by request")
+                return run
             run.approvals = {**(run.approvals or {}), **decisions}
             pending = [c for c in run.pending_approval or [] if c["id"] not in run.approvals]
             await unit.add_event(run.id, "approval.resolved", {"decisions": decisions})
