@@ -113,6 +113,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     app.include_router(openai_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes):
         app.include_router(routes.router)
+    app.include_router(admin_routes.metrics_router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     return app

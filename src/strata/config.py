@@ -40,6 +40,11 @@ class ServerConfig(_Strict):
     health_interval_s: float = Field(
         default=5.0, gt=0, le=300, description="How often each backend's health is probed."
     )
+    admin_from_anywhere: bool = Field(
+        default=False,
+        description="Serve /admin/* to other hosts too. Off: only loopback clients may deploy models, "
+        "reload the config or edit agents (there is no authentication yet).",
+    )
 
 
 class TimeoutsConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,16 +261,24 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+_SECRET_NAME = re.compile(r"(token|key|secret|password|passwd|credential)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+(?P<at>@)", re.IGNORECASE)
+
+
 def redacted(config: StrataConfig) -> dict[str, Any]:
     """The effective config as plain data, secrets masked, for `strata config check`."""
 
-    def mask(value: Any) -> Any:
+    def mask(value: Any, key: str = "") -> Any:
         if isinstance(value, SecretStr):
             return "********"
+        if isinstance(value, dict) and key == "env":  # environments handed to launched servers
+            return {k: "********" if _SECRET_NAME.search(str(k)) else mask(v) for k, v in value.items()}
         if isinstance(value, dict):
-            return {k: mask(v) for k, v in value.items()}
+            return {k: mask(v, str(k)) for k, v in value.items()}
         if isinstance(value, list):
-            return [mask(v) for v in value]
+            return [mask(v, key) for v in value]
+        if isinstance(value, str):
+            return _URL_PASSWORD.sub(r"\g<head>********\g<at>", value)
         return value
 
     dumped = mask(config.model_dump(mode="python"))

@@ -80,3 +80,42 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{config}:2: server.port: Input should be less than or equal to 65535 (got 99999)" in result.stderr
+
+
+def _outside_address() -> str | None:
+    """An address of this machine that is not loopback, to reach Strata as another host would."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.123", 9))  # no packet is sent; this only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_admin_routes_answer_loopback_clients_only(tmp_path: Path) -> None:
+    outside = _outside_address()
+    assert outside, "this test needs a non-loopback interface"
+    with MockBackend() as mock:
+        config = {
+            "models": [{"kind": "openai", "name": "m", "base_url": mock.url}],
+            "agents": [],
+            "server": {"host": "0.0.0.0", "health_interval_s": 0.2},
+        }
+        strata = StrataProcess(tmp_path, config).start()
+        try:
+            remote = f"http://{outside}:{strata.port}"
+            refused = httpx.get(f"{remote}/admin/deployments")
+            assert refused.status_code == 403
+            assert refused.json()["error"]["code"] == "admin_local_only"
+            deploy = httpx.post(
+                f"{remote}/admin/models/m/deploy", json={"kind": "vllm", "model": "x", "executable": "/bin/sh"}
+            )
+            assert deploy.status_code == 403
+            assert httpx.get(f"{strata.url}/admin/deployments").status_code == 200  # loopback still works
+            assert httpx.get(f"{remote}/metrics").status_code == 200  # Prometheus may scrape from elsewhere
+            assert httpx.get(f"{remote}/healthz").status_code == 200
+        finally:
+            strata.stop()

@@ -213,3 +213,23 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
         row[0] for row in sqlite3.connect(tmp_path / "data" / "strata.db").execute("select name from sqlite_master")
     }
     assert {"runs", "steps", "events", "sessions", "messages", "agent_versions", "alembic_version"} <= tables
+
+
+def test_config_check_masks_credentials(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "database_url: postgresql+asyncpg://strata:hunter2@db.internal/strata\n"
+        "redis_url: redis://:s3cret@cache:6379/0\n"
+        "models:\n  - kind: vllm\n    name: q\n    model: Qwen/Qwen2.5-7B-Instruct\n"
+        "    env: {HF_TOKEN: hf_abcdef, HF_HOME: /models/hf}\n",
+    )
+    result = run_cli("config", "check", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for secret in ("hunter2", "s3cret", "hf_abcdef"):
+        assert secret not in result.stdout
+    assert "postgresql+asyncpg://strata:********@db.internal/strata" in result.stdout
+    assert "HF_HOME: /models/hf" in result.stdout  # what is not secret stays readable
+
+
+def test_strata_url_is_for_the_cli_not_the_config(tmp_path: Path) -> None:
+    assert load_config(None, {"STRATA_URL": "http://10.0.0.5:8000", "STRATA_CONFIG": ""}).server.port == 8000

@@ -6,11 +6,12 @@ import os
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
+from strata.api.admin_access import local_admin_only
 from strata.api.errors import ApiError, invalid_body
 from strata.api.reload import reload_config
 from strata.api.state import AppState
@@ -19,7 +20,8 @@ from strata.config import ModelConfig
 from strata.config_loader import ConfigError
 from strata.serving.hotswap import DeployFailed
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], dependencies=[Depends(local_admin_only)])
+metrics_router = APIRouter(tags=["metrics"])
 _MODEL: TypeAdapter[ModelConfig] = TypeAdapter(ModelConfig)
 
 
@@ -114,7 +116,7 @@ async def reload(request: Request) -> Response:
     return Response(orjson.dumps(report.__dict__), media_type="application/json")
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+@metrics_router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     state: AppState = request.app.state.strata
     return Response(generate_latest(state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from strata.api.admin_access import local_admin_only
 from strata.api.errors import ApiError, invalid_body
 from strata.api.state import AppState
 from strata.config import AgentConfig
@@ -35,7 +36,11 @@ async def get_agent(name: str, request: Request) -> Response:
                     media_type="application/json")  # fmt: skip
 
 
-@router.put("/admin/agents/{name}", summary="Create an agent or publish a new version of it")
+@router.put(
+    "/admin/agents/{name}",
+    summary="Create an agent or publish a new version of it",
+    dependencies=[Depends(local_admin_only)],
+)
 async def put_agent(name: str, request: Request) -> Response:
     state = _state(request)
     try:
@@ -58,7 +63,9 @@ async def put_agent(name: str, request: Request) -> Response:
     return Response(orjson.dumps(view), status_code=200 if version > 1 else 201, media_type="application/json")
 
 
-@router.get("/admin/agents/{name}/versions", summary="Every version of an agent")
+@router.get(
+    "/admin/agents/{name}/versions", summary="Every version of an agent", dependencies=[Depends(local_admin_only)]
+)
 async def agent_versions(name: str, request: Request) -> Response:
     catalog = _state(request).agent_service().catalog
     await _state(request).agent_service().agent(name)

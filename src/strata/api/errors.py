@@ -61,11 +61,14 @@ def error_response(error: ApiError) -> Response:
         "request_id": current_request_id(),
     }
     body.update(error.extra)
+    headers = dict(error.headers)
+    if body["request_id"]:  # set here too: a 500 is answered outside the request-id middleware
+        headers.setdefault("X-Request-ID", body["request_id"])
     return Response(
         orjson.dumps({"error": body}),
         status_code=error.status,
         media_type="application/json",
-        headers=error.headers,
+        headers=headers,
     )
 
 

@@ -30,17 +30,19 @@ class RequestIdMiddleware:
             return
         raw = next((value for name, value in scope["headers"] if name == _HEADER), None)
         request_id = raw.decode() if raw and _ACCEPTABLE.match(raw) else uuid.uuid4().hex
-        token = _request_id.set(request_id)
+        _request_id.set(request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         header = (_HEADER, request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == _HEADER for name, _ in headers):  # error responses set it already
+                    headers.append(header)
+                message["headers"] = headers
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            structlog.contextvars.unbind_contextvars("request_id")
-            _request_id.reset(token)
+        # The id stays bound after the app returns or raises: the server-error handler (which runs
+        # outside this middleware) logs and answers an unexpected exception under the same id. Each
+        # request runs in its own task, so nothing leaks into the next one.
+        await self.app(scope, receive, send_with_id)

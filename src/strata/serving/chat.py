@@ -10,6 +10,7 @@ import orjson
 
 from strata.serving.deployment import Deployment
 from strata.serving.dispatch import Dispatcher
+from strata.serving.errors import UpstreamStatusError
 from strata.serving.router import Router, RoutingHints
 from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay, prompt_tokens_estimate
@@ -60,7 +61,12 @@ class ChatService:
     async def complete(self, call: ChatCall, headers: Mapping[str, str]) -> bytes:
         model = self._model(call)
         deployment, reply = await self._dispatcher.complete(model, self._body(call, stream=False), CHAT_PATH, headers)
-        body = orjson.loads(reply.body)
+        try:
+            body = orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            raise UpstreamStatusError(
+                "the backend answered with something that is not JSON", status=502, deployment=deployment.name
+            ) from None
         if isinstance(body, dict) and not _has_usage(body):
             body["usage"] = (await self._count(deployment, call, body)).as_dict()
             return orjson.dumps(body)

@@ -48,10 +48,10 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, coun
         deployments = [VllmDeployment(config, data_dir, guards(f"{config.name}/vllm"), counter)]
     else:
         endpoints = config.endpoints()
-        hosts = Counter(urlsplit(e.base_url).netloc for e in endpoints)
+        hosts = Counter(_host(e.base_url) for e in endpoints)
         deployments = []
         for index, endpoint in enumerate(endpoints):
-            host = urlsplit(endpoint.base_url).netloc
+            host = _host(endpoint.base_url)
             name = f"{config.name}/{host}" if hosts[host] == 1 else f"{config.name}/{host}#{index}"
             deployments.append(RemoteDeployment(config, endpoint, name, guards(name), counter))
     budget = RetryBudget.from_config(config.retry)
@@ -64,6 +64,12 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, coun
         total_timeout_s=config.timeouts.total_s,
         config=config,
     )
+
+
+def _host(url: str) -> str:
+    """host:port of a URL without any user:password@ (deployment names appear in errors and metrics)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
 def build_router(

@@ -95,9 +95,14 @@ class ChatStreamRelay:
         if stats.chunk_id is None:
             self._remember_ids(payload)
         if _USAGE_MARK in payload:
-            event = orjson.loads(payload)
+            try:
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                event = None  # not ours to judge: pass it on as the backend sent it
             usage = event.get("usage") if isinstance(event, dict) else None
-            if isinstance(usage, dict):
+            if isinstance(usage, dict) and all(
+                isinstance(usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")
+            ):
                 self._unparsed.clear()
                 stats.usage = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
                 if not event.get("choices"):
