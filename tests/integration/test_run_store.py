@@ -11,6 +11,7 @@ import pytest
 
 from strata.store.database import Database
 from strata.store.runs import LeaseLost, RunStore
+from strata.store.tables import Run
 from tests.support.databases import fresh_postgres, sqlite_url
 
 
@@ -130,3 +131,25 @@ async def test_event_numbers_stay_gapless_under_concurrent_writers(db: Database)
 
     await asyncio.gather(*(write(n) for n in range(20)))
     assert [e.seq for e in await store.events_after(run_id, 0)] == list(range(1, 22))
+
+
+async def test_concurrent_approvals_of_two_calls_both_count(db: Database) -> None:
+    store = RunStore(db)
+    for _ in range(5):
+        run_id = await new_run(store)
+        async with store.unit() as unit:
+            run = await unit.tx.get(Run, run_id)
+            assert run is not None
+            run.status = "awaiting_approval"
+            run.pending_approval = [
+                {"id": "a", "name": "t", "arguments": "{}"},
+                {"id": "b", "name": "t", "arguments": "{}"},
+            ]
+        await asyncio.gather(
+            store.set_approvals(run_id, {"a": {"decision": "approve"}}),
+            store.set_approvals(run_id, {"b": {"decision": "deny"}}),
+        )
+        final = await store.get_run(run_id)
+        assert final is not None
+        assert set(final.approvals) == {"a", "b"}, "one approval overwrote the other"
+        assert final.status == "queued"

@@ -32,13 +32,15 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
+        # Reads go through an engine view marked read-only, so on SQLite they do not take the write lock.
+        self.sessions = async_sessionmaker(self.engine.execution_options(strata_read=True), expire_on_commit=False)
+        self._writers = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: committed when the block ends, rolled back if it raises."""
-        async with self.sessions() as session, session.begin():
+        async with self._writers() as session, session.begin():
             yield session
 
     async def upgrade(self) -> None:
@@ -58,11 +60,13 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
-def _sqlite_begin_immediate(connection: Connection) -> None:
+def _sqlite_begin(connection: Connection) -> None:
     # pysqlite defers BEGIN to the first write, so a read-modify-write (approvals, claims) is not
-    # isolated and SELECT ... FOR UPDATE does not exist. Taking the write lock at BEGIN serialises
-    # such transactions; WAL keeps plain readers going meanwhile. (SQLAlchemy's pysqlite recipe.)
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # isolated and SELECT ... FOR UPDATE does not exist. Write transactions take the write lock at
+    # BEGIN, which serialises them; reads begin deferred and, with WAL, never wait for a writer.
+    # (SQLAlchemy's pysqlite recipe.)
+    read_only = connection.get_execution_options().get("strata_read", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
