@@ -211,10 +211,6 @@ class OpenAIModelConfig(_ModelBase):
         return self
 
     @property
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
 

@@ -23,11 +23,9 @@ _USAGE_MARK = b'"usage"'
 
 @dataclass
 class StreamStats:
-    """What the relay observed, for usage and metering once the stream ends."""
+    """What the relay observed: the usage to report, and what a usage event it adds must carry."""
 
     usage: Usage | None = None
-    completed: bool = False
-    error: ServingError | None = None
     chunk_id: str | None = None
     created: int | None = None
     model: str | None = None
@@ -82,10 +80,8 @@ class ChatStreamRelay:
             cut = UpstreamUnavailableError(
                 "the backend ended the stream before it was complete", deployment=self._stream.deployment
             )
-            self.stats.error = cut
             yield _error_event(cut)
         except ServingError as exc:
-            self.stats.error = exc
             yield _error_event(exc)
         finally:
             self._stream.close()
@@ -140,7 +136,6 @@ class ChatStreamRelay:
 
     async def _finish(self) -> AsyncIterator[bytes]:
         stats = self.stats
-        stats.completed = True
         if stats.usage is None:
             for payload in self._unparsed:
                 self._collect_text(payload)

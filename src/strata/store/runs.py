@@ -8,7 +8,7 @@ can never write over the worker that took the run over.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -387,7 +387,3 @@ async def complete_step(
             finished_at=utcnow(),
         )
     )
-
-
-def session_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    return [m.data for m in messages]
