@@ -72,6 +72,7 @@ class _Sources:
 
 
 def format_path(path: KeyPath) -> str:
+    """('models', 0, 'name') -> 'models[0].name': how users write a key path (config and API errors)."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from strata.agents.service import InvalidRequest, NotFound, RunConflict
 from strata.api.request_id import current_request_id
+from strata.config_loader import format_path
 from strata.serving.errors import (
     BackendNotReadyError,
     ModelNotFoundError,
@@ -203,17 +204,6 @@ def invalid_body(errors: Sequence[Any], *, skip: int = 0) -> ApiError:
     if not errors:
         return ApiError(400, "invalid request")
     first = errors[0]
-    param = format_loc(tuple(first["loc"])[skip:])
+    param = format_path(tuple(first["loc"])[skip:]) or None
     message = "required field is missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
     return ApiError(400, f"{param}: {message}" if param else message, param=param)
-
-
-def format_loc(loc: tuple[Any, ...]) -> str | None:
-    """pydantic's ('messages', 0, 'role') -> 'messages[0].role', the way users write it."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or None

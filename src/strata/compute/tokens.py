@@ -16,7 +16,7 @@ DEFAULT_THRESHOLD_BYTES = 32_768
 
 
 def count_tokens(text: str) -> int:
-    """ceil(UTF-8 bytes / 4), exactly as ApproximateTokenCounter counts."""
+    """About four bytes of UTF-8 per token (ceil): the estimate every Strata counter uses."""
     return math.ceil(len(text.encode("utf-8")) / 4)
 
 

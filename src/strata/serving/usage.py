@@ -5,12 +5,12 @@ Strata promises `usage` on every response, because budgets and rate limits are b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
 
+from strata.compute.tokens import count_tokens
 from strata.serving.client import OpenAIClient
 from strata.serving.errors import ServingError
 
@@ -45,7 +45,7 @@ class ApproximateTokenCounter:
     """About four bytes of UTF-8 per token: the common figure for BPE vocabularies on English text."""
 
     async def count(self, text: str) -> int:
-        return math.ceil(len(text.encode("utf-8")) / 4)
+        return count_tokens(text)
 
 
 class LlamaServerTokenCounter:
