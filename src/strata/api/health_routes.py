@@ -19,7 +19,10 @@ async def healthz() -> Response:
 @router.get("/readyz", summary="Ready: not shutting down, and at least one backend is healthy")
 async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    models = {info.model: info.state for info in state.router.infos()}
+    models: dict[str, str] = {}
+    for info in state.router.infos():  # a model with several replicas shows a healthy one's state if any
+        if info.healthy or info.model not in models:
+            models[info.model] = info.state
     if state.lifecycle.draining:
         status, code, reason = "draining", 503, "shutting down"
     elif not state.router.any_healthy():
