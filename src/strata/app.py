@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -20,13 +22,19 @@ from strata.agents.runtime import AgentRuntime
 from strata.api import (
     admin_routes,
     agents_routes,
+    audit_routes,
     health_routes,
+    keys_routes,
+    meta_routes,
     openai_routes,
     runs_routes,
     sessions_routes,
     ws_routes,
 )
+from strata.api.auth import AuthMiddleware, Guard, authorize
+from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.errors import install_error_handlers
+from strata.api.permissions import Policy, public_paths, route_policies
 from strata.api.reload import reload_config
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
@@ -37,9 +45,18 @@ from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
 from strata.observability.serving_metrics import ServingCollector
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
+from strata.security.admin_key import ensure_admin_key
+from strata.security.audit_log import AuditLog
+from strata.security.authenticator import Authenticator
+from strata.security.encryption import load_keyring
+from strata.security.jwt_auth import JwtVerifier
+from strata.security.rate_limit import RateLimiter
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
+from strata.store.audit import AuditStore
+from strata.store.database import Database
+from strata.store.keys import KeyStore
 
 log = structlog.get_logger("strata.app")
 POOLED_COUNT_BYTES = 1 << 20
@@ -53,6 +70,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
+    keyring = load_keyring(config, os.environ)  # before listening: a bad key must stop the start
     state = AppState(
         config=config,
         router=router,
@@ -71,13 +89,19 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
         await router.start()
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
-            state.runtime = await AgentRuntime.start(config, state.chat, cpu)
+            state.runtime = await AgentRuntime.start(config, state.chat, cpu, keyring=keyring.keyring)
         except Exception as exc:
             log.error("cannot start the agent runtime", error=str(exc))
             await router.stop(grace_s=5.0)
             await gpus.stop()
             await cpu.shutdown()
             raise
+        if keyring.created_file is not None:
+            log.warning("created an encryption key file: back it up, stored data cannot be read without it",
+                        path=str(keyring.created_file))  # fmt: skip
+        for warning in keyring.warnings:
+            log.warning(warning)
+        state.guard = await _start_guard(config, state.runtime.db, redis, policies)
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[Any]] = set()  # referenced until done, so none is collected midway
 
@@ -98,6 +122,9 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
         finally:
             state.lifecycle.draining = True
             loop.remove_signal_handler(signal.SIGHUP)
+            await state.guard.auth.stop()
+            await state.guard.limiter.aclose()
+            await state.guard.audit.stop()  # flushes: no audit event is lost on shutdown
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
@@ -107,16 +134,59 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
                 await redis.aclose()
             log.info("strata stopped")
 
-    app = FastAPI(title="Strata", version=__version__, lifespan=lifespan)
+    # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
+    app = FastAPI(
+        title="Strata",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(authorize)],
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.strata = state
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
-    for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes):
+    for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
     app.include_router(admin_routes.metrics_router)
+    app.include_router(meta_routes.router)
+    policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AuthMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or a 413 carries the request id
     return app
+
+
+async def _start_guard(config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy]) -> Guard:
+    audit = AuditLog(AuditStore(db))
+    await audit.start()
+    jwt = JwtVerifier(config.security.jwt) if config.security.jwt is not None else None
+    auth = Authenticator(KeyStore(db), ttl_s=config.security.key_cache_ttl_s, jwt=jwt, redis=redis)
+    await auth.start()
+    await ensure_admin_key(auth.keys, audit, os.environ, _announce_admin_key)
+    return Guard(
+        auth=auth,
+        limiter=RateLimiter(config.redis_url),
+        audit=audit,
+        public_paths=public_paths(config.security.public_metrics),
+        policies=policies,
+        default_rpm=config.limits.default_rpm,
+        default_tpm=config.limits.default_tpm,
+    )
+
+
+def _announce_admin_key(secret: str) -> None:
+    """Shown once, on the terminal (stderr), never through the logger."""
+    sys.stderr.write(
+        "\n" + "=" * 78 + "\n"
+        "  Strata created the first admin API key. It is shown this once; store it now:\n\n"
+        f"    {secret}\n\n"
+        "  Use it as the bearer token (OPENAI_API_KEY for the openai client). Lost it? Run\n"
+        "  `strata keys create --name me --role admin` on this machine for a new one.\n" + "=" * 78 + "\n\n"
+    )
+    sys.stderr.flush()
 
 
 def _metrics_registry(router: Router, gpus: GpuMonitor) -> CollectorRegistry:

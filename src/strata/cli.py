@@ -10,10 +10,13 @@ from typing import Annotated
 import orjson
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 
+from strata.cli_audit import audit_app
+from strata.cli_keys import keys_app
 from strata.compute.planner import GpuSlot, GpuTopology
-from strata.config import EmbeddedModelConfig, StrataConfig, VllmModelConfig
+from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, VllmModelConfig
 from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
@@ -23,6 +26,8 @@ db_app = typer.Typer(no_args_is_help=True, help="The state database.")
 app.add_typer(db_app, name="db")
 models_app = typer.Typer(no_args_is_help=True, help="Models on a running Strata: versions, hot swap.")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -64,6 +69,8 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="Override server.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Override server.port.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS (server.tls_cert_file).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (server.tls_key_file).")] = None,
 ) -> None:
     """Start the Strata server."""
     from strata.api.server import run_server
@@ -73,9 +80,20 @@ def serve(
     from strata.serving.embedded import EmbeddedModelUnavailable
 
     loaded = _load_or_exit(config)
-    if host is not None or port is not None:
-        server = loaded.server.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v})
+    overrides = {"host": host, "port": port, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
+    if any(v is not None for v in overrides.values()):
+        try:
+            server = ServerConfig.model_validate(
+                {**loaded.server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+            )
+        except ValidationError as exc:
+            err.print(f"[bold red]cannot start:[/] {exc.errors()[0]['msg']}", highlight=False)
+            raise typer.Exit(2) from None
         loaded = loaded.model_copy(update={"server": server})
+    for path in filter(None, (loaded.server.tls_cert_file, loaded.server.tls_key_file)):
+        if not path.is_file():
+            err.print(f"[bold red]cannot start:[/] TLS file {path} does not exist", highlight=False)
+            raise typer.Exit(2)
     configure_logging(loaded.logging)
     lifecycle = Lifecycle()
     try:
@@ -108,6 +126,9 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="STRATA_URL", help="The Strata server.")]
+KeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="STRATA_API_KEY", help="API key (default: $STRATA_API_KEY).")
+]
 
 
 @app.command("run")
@@ -115,23 +136,25 @@ def run_agent(
     agent: Annotated[str, typer.Argument(help="The agent's name.")],
     message: Annotated[str, typer.Argument(help="What to ask it.")],
     url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
     session: Annotated[str | None, typer.Option(help="Continue this session.")] = None,
 ) -> None:
     """Run an agent once, streaming its answer and tool calls to the terminal."""
-    from strata.terminal import stream_run
+    from strata.terminal import Remote, stream_run
 
-    raise typer.Exit(stream_run(url, agent, message, session, out))
+    raise typer.Exit(stream_run(Remote(url, api_key), agent, message, session, out))
 
 
 @app.command("chat")
 def chat_agent(
     agent: Annotated[str, typer.Argument(help="The agent's name.")],
     url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
 ) -> None:
     """An interactive session with an agent (empty line or Ctrl-D to leave)."""
-    from strata.terminal import chat_loop
+    from strata.terminal import Remote, chat_loop
 
-    chat_loop(url, agent, out)
+    chat_loop(Remote(url, api_key), agent, out)
 
 
 @app.command("gpus")
@@ -148,11 +171,11 @@ def gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
 
 
 @models_app.command("list")
-def models_list(url: UrlOption = "http://127.0.0.1:8000") -> None:
+def models_list(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None) -> None:
     """Each model's version in service and its deployments."""
     from rich.table import Table
 
-    data = _admin(url, "GET", "/admin/models")["data"]
+    data = _admin(url, api_key, "GET", "/admin/models")["data"]
     table = Table("model", "version", "state", "deployments", "earlier versions")
     for model in data:
         earlier = ", ".join(
@@ -167,6 +190,7 @@ def models_deploy(
     name: Annotated[str, typer.Argument(help="The model to replace (or add).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="YAML or JSON: the model's new config (as in models:).")],
     url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
     health_timeout_s: Annotated[float, typer.Option(help="How long the new version may take to get healthy.")] = 120,
 ) -> None:
     """Hot-swap a model to new deployments: start, health-check, switch traffic, drain the old ones."""
@@ -176,7 +200,7 @@ def models_deploy(
         err.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     with err.status(f"deploying {name}: starting and health-checking the new version..."):
-        result = _admin(url, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
+        result = _admin(url, api_key, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
     out.print(f"[green]{name} v{result['version']} is serving[/] on {', '.join(result['deployments'])}")
 
 
@@ -256,11 +280,12 @@ def _machine_gpus() -> tuple[list[GpuSlot], GpuTopology]:
     return slots, GpuTopology(frozenset(inventory.nvlink_pairs()))
 
 
-def _admin(url: str, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
+def _admin(url: str, api_key: str | None, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=None)
+        response = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=None)
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach Strata at {url}:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -272,7 +297,8 @@ def _admin(url: str, method: str, path: str, body: object = None) -> dict:  # ty
 
 
 def _banner(config: StrataConfig) -> None:
-    url = f"http://{config.server.host}:{config.server.port}"
+    scheme = "https" if config.server.tls_cert_file else "http"
+    url = f"{scheme}://{config.server.host}:{config.server.port}"
     err.print(f"[bold]Strata[/] listening on [cyan]{url}[/]  (OpenAI base URL: {url}/v1)", highlight=False)
     for model in config.models:
         if isinstance(model, EmbeddedModelConfig):

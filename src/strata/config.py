@@ -40,11 +40,14 @@ class ServerConfig(_Strict):
     health_interval_s: float = Field(
         default=5.0, gt=0, le=300, description="How often each backend's health is probed."
     )
-    admin_from_anywhere: bool = Field(
-        default=False,
-        description="Serve /admin/* to other hosts too. Off: only loopback clients may deploy models, "
-        "reload the config or edit agents (there is no authentication yet).",
-    )
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve HTTPS.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        return self
 
 
 class TimeoutsConfig(_Strict):
@@ -430,6 +433,76 @@ class LoggingConfig(_Strict):
     )
 
 
+RoleName = Literal["admin", "operator", "developer", "user", "auditor"]
+
+
+class JwtConfig(_Strict):
+    """Bearer JWTs from an identity provider, as an alternative to Strata's own API keys."""
+
+    issuer: str
+    audience: str
+    jwks_file: Path | None = Field(default=None, description="A JWKS JSON file with the signing keys.")
+    jwks_url: str | None = Field(
+        default=None, description="The provider's JWKS URL (cached, refreshed on unknown kid)."
+    )
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    user_claim: str = Field(default="sub", description="The claim that names the user.")
+    role_claim: str = Field(default="roles", description="A claim holding a role name or a list of them.")
+    role_map: dict[str, RoleName] = Field(
+        default_factory=dict, description="Claim value -> Strata role; unmapped values that are role names count."
+    )
+    default_role: RoleName | None = Field(default=None, description="Role of a valid token that maps to none.")
+    leeway_s: float = Field(default=30.0, ge=0, le=600)
+    jwks_cache_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> JwtConfig:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwks_file and jwks_url")
+        return self
+
+
+class EncryptionConfig(_Strict):
+    key_file: Path | None = Field(
+        default=None,
+        description="Keyring file (created 0600 if missing; default: <data_dir>/encryption.keys). "
+        "STRATA_ENCRYPTION_KEY, when set, takes precedence.",
+    )
+
+
+class SecurityConfig(_Strict):
+    public_metrics: bool = Field(default=False, description="Serve /metrics without credentials.")
+    key_cache_ttl_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest time a replica trusts a cached key without re-reading it."
+    )
+    jwt: JwtConfig | None = None
+    encryption: EncryptionConfig = EncryptionConfig()
+    redact_patterns: list[str] = Field(
+        default_factory=list, description="Extra regular expressions masked in logs and error bodies."
+    )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact pattern {pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+class LimitsConfig(_Strict):
+    """Bounds on what one request may ask for, and the rate limits of keys that set none."""
+
+    max_body_bytes: int = Field(default=8 << 20, ge=1024, le=1 << 30, description="Larger bodies get 413.")
+    max_messages: int = Field(default=1024, ge=1, le=100_000)
+    max_tokens: int = Field(default=131_072, ge=1, description="Upper bound on a request's max_tokens.")
+    max_tools: int = Field(default=128, ge=0, le=10_000)
+    default_rpm: int | None = Field(default=None, ge=1, description="Requests per minute of a key without its own.")
+    default_tpm: int | None = Field(default=None, ge=1, description="Tokens per minute of a key without its own.")
+
+
 class StrataConfig(_Strict):
     server: ServerConfig = ServerConfig()
     models: list[ModelConfig] = Field(default_factory=lambda: [EmbeddedModelConfig()])
@@ -448,6 +521,8 @@ class StrataConfig(_Strict):
     runs: RunsConfig = RunsConfig()
     compute: ComputeConfig = ComputeConfig()
     logging: LoggingConfig = LoggingConfig()
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="before")
     @classmethod

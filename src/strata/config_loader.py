@@ -24,8 +24,18 @@ from strata.config import StrataConfig
 
 ENV_PREFIX = "STRATA_"
 CONFIG_PATH_ENV = "STRATA_CONFIG"
-# STRATA_* variables that are not config values: where the config is, and the CLI's server address.
-NOT_CONFIG = frozenset({CONFIG_PATH_ENV, "STRATA_URL"})
+# STRATA_* variables that are not config values: where the config is, the CLI's server address and key,
+# and secrets that must never land in the config tree (it is printed by `strata config check`).
+NOT_CONFIG = frozenset(
+    {
+        CONFIG_PATH_ENV,
+        "STRATA_URL",
+        "STRATA_API_KEY",
+        "STRATA_ADMIN_KEY",
+        "STRATA_ENCRYPTION_KEY",
+        "STRATA_ENCRYPTION_OLD_KEYS",
+    }
+)
 DEFAULT_CONFIG_FILE = Path("strata.yaml")
 KeyPath = tuple[str | int, ...]
 

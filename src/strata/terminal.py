@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import httpx
 from httpx_sse import connect_sse
@@ -12,19 +13,31 @@ from rich.prompt import Prompt
 FINAL = ("run.completed", "run.failed", "run.cancelled")
 
 
-def stream_run(url: str, agent: str, message: str, session: str | None, console: Console) -> int:
+@dataclass(frozen=True)
+class Remote:
+    """A Strata server and the API key to call it with."""
+
+    url: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def stream_run(remote: Remote, agent: str, message: str, session: str | None, console: Console) -> int:
     """Returns the exit code: 0 completed, 1 failed or cancelled, 2 could not start."""
-    outcome, _ = _stream(url, agent, message, session, console)
+    outcome, _ = _stream(remote, agent, message, session, console)
     return outcome
 
 
-def _stream(url: str, agent: str, message: str, session: str | None, console: Console) -> tuple[int, str | None]:
+def _stream(remote: Remote, agent: str, message: str, session: str | None, console: Console) -> tuple[int, str | None]:
     body = {"input": message, "mode": "stream", "session_id": session}
     session_id = session
     try:
         with (
-            httpx.Client(timeout=httpx.Timeout(10, read=None)) as client,
-            connect_sse(client, "POST", f"{url.rstrip('/')}/v1/agents/{agent}/runs", json=body) as source,
+            httpx.Client(timeout=httpx.Timeout(10, read=None), headers=remote.headers) as client,
+            connect_sse(client, "POST", f"{remote.url.rstrip('/')}/v1/agents/{agent}/runs", json=body) as source,
         ):
             if source.response.status_code != 200:
                 source.response.read()
@@ -53,14 +66,14 @@ def _stream(url: str, agent: str, message: str, session: str | None, console: Co
                         console.print(f"[red]{kind}: {data.get('reason')}[/]", highlight=False)
                     return (0 if kind == "run.completed" else 1), session_id
     except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach Strata at {url}: {exc}[/]", highlight=False)
+        console.print(f"[red]cannot reach Strata at {remote.url}: {exc}[/]", highlight=False)
         return 2, session
     return 1, session_id
 
 
-def chat_loop(url: str, agent: str, console: Console) -> None:
+def chat_loop(remote: Remote, agent: str, console: Console) -> None:
     session: str | None = None
-    console.print(f"chatting with [bold]{agent}[/] at {url} (empty line to leave)")
+    console.print(f"chatting with [bold]{agent}[/] at {remote.url} (empty line to leave)")
     while True:
         try:
             message = Prompt.ask("[bold]you[/]", console=console, default="", show_default=False)
@@ -68,4 +81,4 @@ def chat_loop(url: str, agent: str, console: Console) -> None:
             return
         if not message.strip():
             return
-        _, session = _stream(url, agent, message, session, console)
+        _, session = _stream(remote, agent, message, session, console)

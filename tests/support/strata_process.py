@@ -16,6 +16,8 @@ import yaml
 from strata.serving.supervisor import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The admin key every test server starts with (STRATA_ADMIN_KEY); tests make narrower keys from it.
+ADMIN_KEY = "test-admin-key-not-for-production"
 
 
 class StrataProcess:
@@ -26,8 +28,26 @@ class StrataProcess:
         self.config.setdefault("logging", {"format": "json", "level": "info"})
         self.config_path = workdir / "strata.yaml"
         self.log_path = workdir / "strata.log"
-        self.env = env or {}
+        self.env = {"STRATA_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+        self.api_key = self.env["STRATA_ADMIN_KEY"]
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Admin credentials for the test's requests."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def client(self, api_key: str | None = None, **kwargs: Any) -> httpx.Client:
+        """An HTTP client for this server, authenticated with `api_key` (default: the admin key)."""
+        key = api_key or self.api_key
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, **kwargs)
+
+    def create_key(self, role: str = "user", **fields: Any) -> str:
+        """A new API key made through the admin API; returns its secret."""
+        body = {"name": fields.pop("name", f"test-{role}"), "role": role, **fields}
+        response = httpx.post(self.url + "/admin/keys", json=body, headers=self.headers, timeout=10)
+        response.raise_for_status()
+        return str(response.json()["key"])
 
     @property
     def url(self) -> str:

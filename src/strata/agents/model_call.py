@@ -192,7 +192,7 @@ class ModelCaller:
         """For backends that cannot stream while choosing tools: one answer, one delta."""
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         request = ChatCompletionRequest.model_validate(body)
-        reply = orjson.loads(await self._chat.complete(ChatCall(request, body, agent=agent), {}))
+        reply = orjson.loads((await self._chat.complete(ChatCall(request, body, agent=agent), {})).body)
         choice = (reply.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": ""})
         message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}

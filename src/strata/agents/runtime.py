@@ -13,6 +13,7 @@ from strata.agents.tools.registry import ToolRegistry
 from strata.agents.worker import RunWorker
 from strata.compute.offload import CpuPool
 from strata.config import StrataConfig
+from strata.security.encryption import Keyring
 from strata.serving.chat import ChatService
 from strata.store.agents import AgentVersionStore
 from strata.store.database import Database
@@ -31,8 +32,10 @@ class AgentRuntime:
     service: AgentService
 
     @classmethod
-    async def start(cls, config: StrataConfig, chat: ChatService, cpu: CpuPool) -> AgentRuntime:
-        db = Database(config.effective_database_url)
+    async def start(
+        cls, config: StrataConfig, chat: ChatService, cpu: CpuPool, *, keyring: Keyring | None = None
+    ) -> AgentRuntime:
+        db = Database(config.effective_database_url, keyring=keyring)
         await db.upgrade()
         bus = EventBus()
         store = RunStore(db, bus.publish_stored)

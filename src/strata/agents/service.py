@@ -81,12 +81,16 @@ class AgentService:
         version, spec = await self.agent(agent)
         if idempotency_key:
             existing = await self.store.by_idempotency_key(agent, idempotency_key)
-            if existing is not None:
+            if existing is not None and existing.owner == owner:
                 return existing, False
+            if existing is not None:  # another user's run: neither reveal it nor run this one twice
+                raise InvalidRequest("this Idempotency-Key is already taken; choose another", "Idempotency-Key")
         if session_id is None:
             session = await self.store.create_session(agent, owner, None)
         else:
             session = await self.session(session_id)
+            if session.owner != owner:  # someone else's conversation: as if it did not exist
+                raise NotFound(f"no session {session_id!r}")
             if session.agent != agent:
                 raise InvalidRequest(
                     f"session {session_id!r} belongs to agent {session.agent!r}, not {agent!r}", "session_id"

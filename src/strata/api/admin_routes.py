@@ -6,12 +6,12 @@ import os
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
-from strata.api.admin_access import local_admin_only
+from strata.api.auth import audit
 from strata.api.errors import ApiError, invalid_body
 from strata.api.reload import reload_config
 from strata.api.state import AppState
@@ -20,7 +20,7 @@ from strata.config import ModelConfig
 from strata.config_loader import ConfigError
 from strata.serving.hotswap import DeployFailed
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(local_admin_only)])
+router = APIRouter(tags=["admin"])
 metrics_router = APIRouter(tags=["metrics"])
 _MODEL: TypeAdapter[ModelConfig] = TypeAdapter(ModelConfig)
 
@@ -101,7 +101,9 @@ async def deploy_model(
     try:
         record = await state.deployer.deploy(config, health_timeout_s=health_timeout_s)
     except DeployFailed as exc:
+        audit(request, "model.deployed", f"model {name}", {"error": str(exc)}, outcome="failure")
         raise ApiError(502, str(exc), type_="server_error", code="deploy_failed") from None
+    audit(request, "model.deployed", f"model {name}", {"version": record.version, "kind": config.kind})
     view = {"model": record.model, "version": record.version, "state": record.state, "deployments": record.deployments}
     return Response(orjson.dumps(view), media_type="application/json")
 
@@ -112,7 +114,9 @@ async def reload(request: Request) -> Response:
     try:
         report = await reload_config(state)
     except ConfigError as exc:
+        audit(request, "config.reloaded", "config", {"errors": [str(i) for i in exc.issues]}, outcome="failure")
         raise ApiError(400, "invalid configuration: " + "; ".join(str(i) for i in exc.issues)) from None
+    audit(request, "config.reloaded", "config", report.__dict__)
     return Response(orjson.dumps(report.__dict__), media_type="application/json")
 
 

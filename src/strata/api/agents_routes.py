@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from strata.api.admin_access import local_admin_only
+from strata.api.auth import audit
 from strata.api.errors import ApiError, invalid_body
 from strata.api.state import AppState
 from strata.config import AgentConfig
@@ -36,11 +36,7 @@ async def get_agent(name: str, request: Request) -> Response:
                     media_type="application/json")  # fmt: skip
 
 
-@router.put(
-    "/admin/agents/{name}",
-    summary="Create an agent or publish a new version of it",
-    dependencies=[Depends(local_admin_only)],
-)
+@router.put("/admin/agents/{name}", summary="Create an agent or publish a new version of it")
 async def put_agent(name: str, request: Request) -> Response:
     state = _state(request)
     try:
@@ -59,13 +55,12 @@ async def put_agent(name: str, request: Request) -> Response:
     if missing:
         raise ApiError(400, f"unknown tools: {', '.join(missing)} (available: {', '.join(tools.names)})", param="tools")
     version = await state.agent_service().catalog.put(spec)
+    audit(request, "agent.published", f"agent {name}", {"version": version, "model": spec.model, "tools": spec.tools})
     view = {"name": name, "version": version, **spec.model_dump(mode="json")}
     return Response(orjson.dumps(view), status_code=200 if version > 1 else 201, media_type="application/json")
 
 
-@router.get(
-    "/admin/agents/{name}/versions", summary="Every version of an agent", dependencies=[Depends(local_admin_only)]
-)
+@router.get("/admin/agents/{name}/versions", summary="Every version of an agent")
 async def agent_versions(name: str, request: Request) -> Response:
     catalog = _state(request).agent_service().catalog
     await _state(request).agent_service().agent(name)

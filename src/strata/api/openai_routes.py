@@ -6,23 +6,29 @@ response serialisation would cost more than the rest of the request path togethe
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
+from strata.api.auth import Guard, principal
 from strata.api.disconnect import cancel_on_disconnect
 from strata.api.errors import ApiError, invalid_body
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
+from strata.config import LimitsConfig
+from strata.security.principal import Principal
 from strata.serving.chat import ChatCall
 from strata.serving.schemas import ChatCompletionRequest
+from strata.serving.stream_relay import ChatStreamRelay
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def parse_chat(body: bytes, tag: str | None = None) -> ChatCall:
+def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None = None) -> ChatCall:
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON chat-completion request")
     try:
@@ -35,23 +41,61 @@ def parse_chat(body: bytes, tag: str | None = None) -> ChatCall:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
         raise invalid_body(exc.errors(include_url=False)) from None
+    if limits is not None:
+        check_bounds(request, limits)
     metadata = payload.get("metadata")
     if tag is None and isinstance(metadata, dict) and isinstance(metadata.get("tag"), str):
         tag = metadata["tag"]
     return ChatCall(request, payload, tag=tag)
 
 
+def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
+    """The deployment's own bounds (`limits:` in the config), tighter than the schema's."""
+    if len(request.messages) > limits.max_messages:
+        raise ApiError(
+            400, f"messages: {len(request.messages)} messages, more than the limit of {limits.max_messages}",
+            param="messages",
+        )  # fmt: skip
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, name)
+        if value is not None and value > limits.max_tokens:
+            raise ApiError(400, f"{name}: {value} is more than the limit of {limits.max_tokens}", param=name)
+    if request.tools and len(request.tools) > limits.max_tools:
+        raise ApiError(
+            400, f"tools: {len(request.tools)} tools, more than the limit of {limits.max_tools}", param="tools"
+        )
+
+
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    call = parse_chat(await request.body(), request.headers.get("x-strata-tag"))
+    call = parse_chat(await request.body(), request.headers.get("x-strata-tag"), state.config.limits)
+    who = principal(request)
+    if not who.may_use_model(call.request.model):
+        raise ApiError(
+            403,
+            f"this key may not use model {call.request.model!r}",
+            type_="permission_error",
+            code="model_not_allowed",
+        )
+    guard: Guard = state.guard  # type: ignore[assignment]  # set before the first request is served
     request_id = current_request_id()
     headers = {"X-Request-ID": request_id} if request_id else {}
     if call.request.stream:
         relay = await state.chat.open_stream(call, headers)
-        return StreamingResponse(relay, media_type="text/event-stream", headers=_SSE_HEADERS)
-    body = await cancel_on_disconnect(request, state.chat.complete(call, headers))
-    return Response(body, media_type="application/json")
+        return StreamingResponse(_metered(relay, guard, who), media_type="text/event-stream", headers=_SSE_HEADERS)
+    completion = await cancel_on_disconnect(request, state.chat.complete(call, headers))
+    guard.count_tokens(who, completion.usage.total_tokens)
+    return Response(completion.body, media_type="application/json")
+
+
+async def _metered(relay: ChatStreamRelay, guard: Guard, who: Principal) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in relay:
+            yield chunk
+    finally:
+        if relay.stats.usage is not None:  # also when the client went away: the backend did the work
+            guard.count_tokens(who, relay.stats.usage.total_tokens)
 
 
 @router.get("/models", summary="List the models this Strata serves")

@@ -12,7 +12,9 @@ from starlette.responses import Response, StreamingResponse
 
 from strata.agents.bus import LiveEvent, Subscription
 from strata.agents.service import AgentService, ApprovalDecision
+from strata.api.auth import audit, principal
 from strata.api.errors import ApiError
+from strata.api.ownership import readable_run, service, writable_run
 from strata.api.state import AppState
 from strata.api.views import run_view, step_view
 from strata.serving.schemas import ChatMessage
@@ -35,11 +37,6 @@ class ApprovalRequest(BaseModel):
     call_id: str | None = Field(default=None, description="One pending call; default: all of them.")
     arguments: dict[str, Any] | None = Field(default=None, description="Approve with these arguments instead.")
     comment: str | None = None
-
-
-def service(request: Request) -> AgentService:
-    state: AppState = request.app.state.strata
-    return state.agent_service()
 
 
 def user_message(value: str | ChatMessage) -> dict[str, Any]:
@@ -76,12 +73,15 @@ async def create_run(
 ) -> Response:
     agents = service(request)
     state: AppState = request.app.state.strata
+    who = principal(request)
+    if not who.may_use_agent(agent):
+        raise ApiError(403, f"this key may not run agent {agent!r}", type_="permission_error", code="agent_not_allowed")
     run, _created = await agents.start_run(
         agent,
         user_message(body.input),
         session_id=body.session_id,
         idempotency_key=idempotency_key,
-        owner=None,
+        owner=who.user,
         wake=body.mode != "stream",
     )
     if body.mode == "stream":
@@ -99,9 +99,8 @@ async def create_run(
 
 @router.get("/v1/runs/{run_id}", summary="A run: status, steps, usage and cost")
 async def get_run(run_id: str, request: Request) -> Response:
-    agents = service(request)
-    run = await agents.run(run_id)
-    return _json(run_view(run, await agents.store.steps(run_id)))
+    run = await readable_run(request, run_id)
+    return _json(run_view(run, await service(request).store.steps(run_id)))
 
 
 @router.get("/v1/runs/{run_id}/events", summary="The run's events as SSE; resumable with Last-Event-ID")
@@ -112,26 +111,31 @@ async def run_events(
     after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
 ) -> Response:
     agents = service(request)
-    await agents.run(run_id)
+    await readable_run(request, run_id)
     start = after if after is not None else _seq(last_event_id)
     return StreamingResponse(sse_stream(agents, run_id, start), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.post("/v1/runs/{run_id}/cancel", summary="Cancel a run")
 async def cancel_run(run_id: str, request: Request) -> Response:
+    await writable_run(request, run_id)
     return _json(run_view(await service(request).cancel(run_id)))
 
 
 @router.post("/v1/runs/{run_id}/approval", summary="Approve or deny the tool calls a run is waiting on")
 async def approve_run(run_id: str, body: ApprovalRequest, request: Request) -> Response:
+    run = await writable_run(request, run_id)
     decision = ApprovalDecision(body.decision, body.call_id, body.arguments, body.comment)
-    return _json(run_view(await service(request).approve(run_id, decision)))
+    approved = await service(request).approve(run_id, decision)
+    details = {"decision": body.decision, "call_id": body.call_id, "owner": run.owner, "edited": bool(body.arguments)}
+    audit(request, "run.approval", f"run {run_id}", details)
+    return _json(run_view(approved))
 
 
 @router.get("/v1/runs/{run_id}/steps", summary="The run's steps")
 async def run_steps(run_id: str, request: Request) -> Response:
     agents = service(request)
-    await agents.run(run_id)
+    await readable_run(request, run_id)
     return _json({"object": "list", "data": [step_view(s) for s in await agents.store.steps(run_id)]})
 
 

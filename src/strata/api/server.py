@@ -63,5 +63,7 @@ def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None
         timeout_graceful_shutdown=server.shutdown_grace_s,  # type: ignore[arg-type]
         timeout_keep_alive=30,
         backlog=4096,
+        ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
+        ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
     DrainingServer(config, lifecycle, server.drain_delay_s).run()

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from strata.agents.runtime import AgentRuntime
 from strata.agents.service import AgentService
+from strata.api.auth import Guard
 from strata.config import StrataConfig
 from strata.observability.gpu_metrics import GpuMonitor
 from strata.serving.chat import ChatService
@@ -36,6 +37,7 @@ class AppState:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     config_path: Path | None = None  # what `POST /admin/reload` and SIGHUP re-read
     runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected
+    guard: Guard | None = None  # authentication, limits and audit; set in the lifespan, before serving
 
     def agent_runtime(self) -> AgentRuntime:
         if self.runtime is None:

@@ -13,10 +13,11 @@ import contextlib
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect, WebSocketException, status
 
 from strata.agents.bus import Subscription
 from strata.agents.service import AgentService, InvalidRequest, NotFound, RunConflict
+from strata.api.auth import principal
 from strata.api.state import AppState
 
 router = APIRouter(tags=["runs"])
@@ -26,6 +27,9 @@ router = APIRouter(tags=["runs"])
 async def agent_socket(websocket: WebSocket, agent: str) -> None:
     state: AppState = websocket.app.state.strata
     agents = state.agent_service()
+    who = principal(websocket)
+    if not who.may_use_agent(agent):
+        raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION, reason=f"this key may not run agent {agent!r}")
     await websocket.accept()
     session_id: str | None = None
     current: dict[str, Any] = {"run": None}
@@ -51,7 +55,7 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                     {"role": "user", "content": message["input"]},
                     session_id=message.get("session_id") or session_id,
                     idempotency_key=message.get("idempotency_key"),
-                    owner=None,
+                    owner=who.user,
                     wake=False,
                 )
             except (NotFound, RunConflict, InvalidRequest) as exc:

@@ -31,6 +31,14 @@ class ChatCall:
     tag: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The client's answer as bytes, plus its usage for rate limits and metering."""
+
+    body: bytes
+    usage: Usage
+
+
 class ChatService:
     def __init__(self, router: Router) -> None:
         self._router = router
@@ -58,7 +66,7 @@ class ChatService:
 
         return for_deployment
 
-    async def complete(self, call: ChatCall, headers: Mapping[str, str]) -> bytes:
+    async def complete(self, call: ChatCall, headers: Mapping[str, str]) -> Completion:
         model = self._model(call)
         deployment, reply = await self._dispatcher.complete(model, self._body(call, stream=False), CHAT_PATH, headers)
         try:
@@ -67,10 +75,16 @@ class ChatService:
             raise UpstreamStatusError(
                 "the backend answered with something that is not JSON", status=502, deployment=deployment.name
             ) from None
-        if isinstance(body, dict) and not _has_usage(body):
-            body["usage"] = (await self._count(deployment, call, body)).as_dict()
-            return orjson.dumps(body)
-        return reply.body
+        if not isinstance(body, dict):
+            raise UpstreamStatusError(
+                "the backend answered with JSON that is not an object", status=502, deployment=deployment.name
+            )
+        if not _has_usage(body):
+            usage = await self._count(deployment, call, body)
+            body["usage"] = usage.as_dict()
+            return Completion(orjson.dumps(body), usage)
+        reported = body["usage"]
+        return Completion(reply.body, Usage(int(reported["prompt_tokens"]), int(reported["completion_tokens"])))
 
     async def open_stream(self, call: ChatCall, headers: Mapping[str, str]) -> ChatStreamRelay:
         """Errors before the first byte raise here, so the client still gets a proper status code."""
@@ -106,4 +120,8 @@ class ChatService:
 
 def _has_usage(body: dict[str, Any]) -> bool:
     usage = body.get("usage")
-    return isinstance(usage, dict) and "prompt_tokens" in usage and "completion_tokens" in usage
+    return (
+        isinstance(usage, dict)
+        and isinstance(usage.get("prompt_tokens"), int)
+        and isinstance(usage.get("completion_tokens"), int)
+    )

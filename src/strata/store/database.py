@@ -13,13 +13,17 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from strata.security.encryption import Keyring
+from strata.store.encrypted import attach_keyring
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant will do: it serialises concurrent upgrades of replicas starting together on PostgreSQL.
 _MIGRATION_LOCK_ID = 0x5354524154
 
 
 class Database:
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, keyring: Keyring | None = None) -> None:
+        """`keyring` encrypts conversation data at rest; without one it is written (and read) as plaintext."""
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo}
@@ -30,6 +34,8 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        self.keyring = keyring
+        attach_keyring(self.engine, keyring)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)

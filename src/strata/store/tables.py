@@ -1,4 +1,8 @@
-"""The schema. Changing it means a new Alembic migration under `store/migrations/versions/`."""
+"""The schema. Changing it means a new Alembic migration under `store/migrations/versions/`.
+
+Conversation data (messages, run and step inputs and outputs, events, agent specs) is encrypted at rest
+by the Encrypted* column types; they are plain JSON / Text to the database, so encrypting needs no migration.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from strata.store.encrypted import EncryptedJSON, EncryptedText
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
@@ -23,7 +29,7 @@ class AgentVersion(Base):
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    spec: Mapped[dict[str, Any]]
+    spec: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("agent_versions.spec"))  # holds the system prompt
     source: Mapped[str] = mapped_column(String(16))  # "config" or "api"
     created_at: Mapped[datetime]
 
@@ -51,7 +57,7 @@ class Message(Base):
     seq: Mapped[int] = mapped_column(Integer)
     run_id: Mapped[str | None] = mapped_column(String(40), index=True)
     role: Mapped[str] = mapped_column(String(16))
-    data: Mapped[dict[str, Any]]
+    data: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("messages.data"))
     created_at: Mapped[datetime]
 
 
@@ -66,19 +72,19 @@ class Run(Base):
     session_id: Mapped[str] = mapped_column(String(40), index=True)
     agent: Mapped[str] = mapped_column(String(64))
     agent_version: Mapped[int] = mapped_column(Integer)
-    owner: Mapped[str | None] = mapped_column(String(128))
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(24))
     status_reason: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
-    input: Mapped[dict[str, Any]]
-    output: Mapped[str | None] = mapped_column(Text)
+    input: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("runs.input"))
+    output: Mapped[str | None] = mapped_column(EncryptedText("runs.output"))
     steps_taken: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
     next_event_seq: Mapped[int] = mapped_column(Integer, default=0)
-    pending_approval: Mapped[list[Any] | None] = mapped_column(JSON)
-    approvals: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    pending_approval: Mapped[list[Any] | None] = mapped_column(EncryptedJSON("runs.pending_approval"))
+    approvals: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("runs.approvals"), default=dict)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
@@ -103,9 +109,9 @@ class Step(Base):
     name: Mapped[str] = mapped_column(String(160))
     status: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
-    input: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
+    input: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON("steps.input"))
+    output: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON("steps.output"))
+    error: Mapped[str | None] = mapped_column(EncryptedText("steps.error"))  # tool errors can echo arguments
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -123,5 +129,47 @@ class Event(Base):
     run_id: Mapped[str] = mapped_column(String(40), index=True)
     seq: Mapped[int] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(40))
-    data: Mapped[dict[str, Any]]
+    data: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("events.data"))  # text deltas, tool results
     created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 hash is stored; `prefix` is what lists show to tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    user: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    models: Mapped[list[Any] | None] = mapped_column(JSON)
+    agents: Mapped[list[Any] | None] = mapped_column(JSON)
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(Integer)
+    budget_usd: Mapped[float | None] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(160))
+    rotated_from: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """One security-relevant event. Append-only; `hash` chains each row to the one before it."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(160))
+    actor_role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    resource: Mapped[str | None] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,34 @@
+"""The API's own description (`/openapi.json`, behind credentials) and `/v1/me` (who am I)."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from strata.api.auth import principal
+
+router = APIRouter(tags=["meta"])
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    return Response(orjson.dumps(request.app.openapi()), media_type="application/json")
+
+
+@router.get("/v1/me", summary="The caller's identity, role and limits")
+async def me(request: Request) -> Response:
+    who = principal(request)
+    view = {
+        "user": who.user,
+        "role": who.role,
+        "via": who.via,
+        "key_id": who.key_id,
+        "name": who.name,
+        "models": sorted(who.models) if who.models is not None else None,
+        "agents": sorted(who.agents) if who.agents is not None else None,
+        "rpm": who.rpm,
+        "tpm": who.tpm,
+        "budget_usd": who.budget_usd,
+    }
+    return Response(orjson.dumps(view), media_type="application/json")

@@ -1,0 +1,54 @@
+"""The first admin key: from `STRATA_ADMIN_KEY`, or generated on first start and shown once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from strata.security.api_keys import hash_key
+from strata.security.audit import AuditRecord
+from strata.security.audit_log import AuditLog
+from strata.store.keys import KeySpec, KeyStore
+
+log = structlog.get_logger("strata.auth")
+ENV = "STRATA_ADMIN_KEY"
+MIN_LENGTH = 16
+
+
+async def ensure_admin_key(
+    keys: KeyStore, audit: AuditLog, environ: Mapping[str, str], announce: Callable[[str], None]
+) -> None:
+    """`announce` receives a generated secret: the one time it is shown. It is never logged."""
+    secret = environ.get(ENV)
+    if secret:
+        if len(secret) < MIN_LENGTH:
+            raise ValueError(f"{ENV} must be at least {MIN_LENGTH} characters (better: `strata keys generate`)")
+        existing = await keys.by_hash(hash_key(secret))
+        if existing is None:
+            key, _ = await keys.create(KeySpec(name="admin", role="admin"), created_by=f"env:{ENV}", secret=secret)
+            _created(audit, key.id, f"env:{ENV}")
+        elif existing.revoked_at is not None:
+            log.warning(f"the key in {ENV} has been revoked; it stays revoked", key_id=existing.id)
+        return
+    if await keys.has_active_admin():
+        return
+    key, secret = await keys.create(KeySpec(name="admin", role="admin"), created_by="first-start")
+    _created(audit, key.id, "first-start")
+    log.info("created the first admin key; it is shown once on the terminal", key_id=key.id, prefix=key.prefix)
+    announce(secret)
+
+
+def _created(audit: AuditLog, key_id: str, actor: str) -> None:
+    audit.record(
+        AuditRecord(
+            action="key.created",
+            outcome="success",
+            actor=actor,
+            actor_role=None,
+            resource=f"key {key_id}",
+            source_ip=None,
+            request_id=None,
+            details={"name": "admin", "role": "admin"},
+        )
+    )
