@@ -51,6 +51,7 @@ from strata.security.authenticator import Authenticator
 from strata.security.encryption import load_keyring
 from strata.security.jwt_auth import JwtVerifier
 from strata.security.rate_limit import RateLimiter
+from strata.security.redaction import Redactor
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
@@ -62,7 +63,12 @@ log = structlog.get_logger("strata.app")
 POOLED_COUNT_BYTES = 1 << 20
 
 
-def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_path: Path | None = None) -> FastAPI:
+def build_app(
+    config: StrataConfig,
+    lifecycle: Lifecycle | None = None,
+    config_path: Path | None = None,
+    redactor: Redactor | None = None,
+) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
     redis = Redis.from_url(config.redis_url) if config.redis_url else None
     cpu = CpuPool(max_workers=config.compute.cpu_workers, max_queued=config.compute.max_queued_jobs)
@@ -124,12 +130,13 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
             loop.remove_signal_handler(signal.SIGHUP)
             await state.guard.auth.stop()
             await state.guard.limiter.aclose()
-            await state.guard.audit.stop()  # flushes: no audit event is lost on shutdown
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
             await gpus.stop()
             await cpu.shutdown()
+            await state.guard.audit.stop()  # after everything that may record; flushes: nothing is lost
+            await state.runtime.close()
             if redis is not None:
                 await redis.aclose()
             log.info("strata stopped")
@@ -152,7 +159,7 @@ def build_app(config: StrataConfig, lifecycle: Lifecycle | None = None, config_p
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
-    install_error_handlers(app)
+    install_error_handlers(app, redactor or Redactor(config.security.redact_patterns))
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or a 413 carries the request id

@@ -77,6 +77,7 @@ def serve(
     from strata.api.state import Lifecycle
     from strata.app import build_app
     from strata.observability.logging import configure_logging
+    from strata.security.redaction import Redactor, upstream_key_envs
     from strata.serving.embedded import EmbeddedModelUnavailable
 
     loaded = _load_or_exit(config)
@@ -94,10 +95,11 @@ def serve(
         if not path.is_file():
             err.print(f"[bold red]cannot start:[/] TLS file {path} does not exist", highlight=False)
             raise typer.Exit(2)
-    configure_logging(loaded.logging)
+    redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, upstream_key_envs(loaded.models))
+    configure_logging(loaded.logging, redactor)
     lifecycle = Lifecycle()
     try:
-        application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ))
+        application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ), redactor)
     except EmbeddedModelUnavailable as exc:
         err.print(f"[bold red]cannot start:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

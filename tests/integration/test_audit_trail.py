@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import structlog
 import structlog.testing
 import yaml
 from sqlalchemy import text

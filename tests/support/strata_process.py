@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -21,8 +23,20 @@ ADMIN_KEY = "test-admin-key-not-for-production"
 
 
 class StrataProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        *,
+        args: Sequence[str] = (),
+        ca_file: Path | None = None,
+    ) -> None:
+        """`args`: extra `strata serve` options (e.g. --tls-cert/--tls-key). `ca_file`: the server speaks HTTPS
+        with a certificate this PEM file vouches for; `url` becomes https:// and the helpers here trust it."""
         self.workdir = workdir
+        self.args = list(args)
+        self.ca_file = ca_file
         self.port = free_port()
         self.config = {**config, "server": {**config.get("server", {}), "port": self.port}}
         self.config.setdefault("logging", {"format": "json", "level": "info"})
@@ -40,18 +54,25 @@ class StrataProcess:
     def client(self, api_key: str | None = None, **kwargs: Any) -> httpx.Client:
         """An HTTP client for this server, authenticated with `api_key` (default: the admin key)."""
         key = api_key or self.api_key
+        kwargs.setdefault("verify", self.verify)
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, **kwargs)
 
     def create_key(self, role: str = "user", **fields: Any) -> str:
         """A new API key made through the admin API; returns its secret."""
         body = {"name": fields.pop("name", f"test-{role}"), "role": role, **fields}
-        response = httpx.post(self.url + "/admin/keys", json=body, headers=self.headers, timeout=10)
+        response = httpx.post(self.url + "/admin/keys", json=body, headers=self.headers, timeout=10, verify=self.verify)
         response.raise_for_status()
         return str(response.json()["key"])
 
     @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx's `verify` needs to trust this server: its CA with HTTPS, the default otherwise."""
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file is not None else True
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -65,7 +86,7 @@ class StrataProcess:
         env.update(self.env)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "strata", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "strata", "serve", "--config", str(self.config_path), *self.args],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,
@@ -76,12 +97,13 @@ class StrataProcess:
 
     def wait_for(self, path: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        verify = self.verify
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"strata exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
+                if httpx.get(self.url + path, timeout=1.0, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,11 +134,11 @@ async def test_token_without_kid_uses_the_only_key(verifier: JwtVerifier) -> Non
 
 def test_bad_jwks_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
-    with pytest.raises(ValueError, match=str(missing)):
+    with pytest.raises(ValueError, match=re.escape(str(missing))):
         JwtVerifier(JwtConfig(issuer=ISSUER, audience=AUDIENCE, jwks_file=missing))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
-    with pytest.raises(ValueError, match="garbage.json"):
+    with pytest.raises(ValueError, match=re.escape(str(garbage))):
         JwtVerifier(JwtConfig(issuer=ISSUER, audience=AUDIENCE, jwks_file=garbage))
     empty = tmp_path / "empty.json"
     empty.write_text('{"keys": []}')

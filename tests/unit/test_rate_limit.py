@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from limits.aio.storage import MemoryStorage
 
 from strata.security.rate_limit import LimitDecision, RateLimiter, format_reset, ratelimit_headers
 
@@ -97,3 +99,21 @@ async def test_storage_down_lets_requests_through() -> None:
         await limiter.add_tokens("k", 1, 10)
     finally:
         await limiter.aclose()
+
+
+def test_memory_sweep_hook_still_exists() -> None:
+    """_MemoryStorage throttles limits' private sweep; a limits upgrade that renames it must fail here."""
+    from limits.aio.storage import MemoryStorage
+
+    assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
+
+
+async def test_expired_counters_are_swept(limiter: RateLimiter, clock: list[float]) -> None:
+    storage = limiter._storage
+    assert isinstance(storage, MemoryStorage)
+    await limiter.hit_request("k", 5)
+    storage.expirations = {key: 0.0 for key in storage.expirations}  # as if their windows ended long ago
+    storage._next_sweep = 0.0
+    await limiter.hit_request("other", 5)
+    await asyncio.sleep(0.01)
+    assert list(storage.storage) == [key for key in storage.storage if ":other:" in key]

@@ -50,6 +50,9 @@ class AgentRuntime:
         return cls(db, store, bus, catalog, tools, engine, worker, AgentService(store, catalog, worker, bus))
 
     async def stop(self) -> None:
+        """Stops running work; the database stays open (others may still write) until `close()`."""
         await self.worker.stop()
         await self.tools.close()
+
+    async def close(self) -> None:
         await self.db.dispose()

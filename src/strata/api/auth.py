@@ -22,8 +22,8 @@ from strata.api.errors import ApiError, error_response
 from strata.api.permissions import PUBLIC, Policy
 from strata.api.request_id import current_request_id
 from strata.security.audit import AuditRecord
-from strata.security.audit_log import AuditLog
-from strata.security.authenticator import Authenticator, AuthError
+from strata.security.audit_log import AuditBacklogFull, AuditLog
+from strata.security.authenticator import Authenticator, AuthError, AuthUnavailable
 from strata.security.principal import Principal
 from strata.security.rate_limit import LimitDecision, RateLimiter, ratelimit_headers
 from strata.security.rbac import Permission
@@ -57,6 +57,23 @@ class Guard:
         task = asyncio.create_task(self.limiter.add_tokens(who.key_id or f"user:{who.user}", tpm, tokens))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+
+def _record_failure(guard: Guard, scope: Scope, exc: AuthError) -> None:
+    record = AuditRecord(
+        action="auth.failed",
+        outcome="failure",
+        actor="anonymous",
+        actor_role=None,
+        resource=f"{scope.get('method', 'WS')} {scope['path']}",
+        source_ip=source_ip(scope),
+        request_id=current_request_id(),
+        details={"reason": exc.code},
+    )
+    try:
+        guard.audit.record(record)
+    except AuditBacklogFull:
+        log.error("audit backlog full: an authentication failure is logged here only", reason=exc.code)
 
 
 def principal(connection: HTTPConnection) -> Principal:
@@ -97,19 +114,13 @@ class AuthMiddleware:
             return
         try:
             who = await guard.auth.authenticate(credential(scope))
+        except AuthUnavailable as exc:
+            error = ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
+                             code="auth_unavailable", headers={"Retry-After": "10"})  # fmt: skip
+            await _refuse(scope, receive, send, error)
+            return
         except AuthError as exc:
-            guard.audit.record(
-                AuditRecord(
-                    action="auth.failed",
-                    outcome="failure",
-                    actor="anonymous",
-                    actor_role=None,
-                    resource=f"{scope.get('method', 'WS')} {scope['path']}",
-                    source_ip=source_ip(scope),
-                    request_id=current_request_id(),
-                    details={"reason": exc.code},
-                )
-            )
+            _record_failure(guard, scope, exc)
             error = ApiError(
                 401,
                 str(exc),

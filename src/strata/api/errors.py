@@ -19,6 +19,8 @@ from starlette.responses import Response
 from strata.agents.service import InvalidRequest, NotFound, RunConflict
 from strata.api.request_id import current_request_id
 from strata.config_loader import format_path
+from strata.security.audit_log import AuditBacklogFull
+from strata.security.redaction import Redactor
 from strata.serving.errors import (
     BackendNotReadyError,
     ModelNotFoundError,
@@ -29,6 +31,7 @@ from strata.serving.errors import (
 )
 
 log = structlog.get_logger("strata.api")
+SHAPES = Redactor()  # credentials recognisable by their shape; the app adds the configured secrets
 
 
 class ApiError(Exception):
@@ -53,11 +56,11 @@ class ApiError(Exception):
         self.extra = extra or {}
 
 
-def error_response(error: ApiError) -> Response:
+def error_response(error: ApiError, redactor: Redactor = SHAPES) -> Response:
     body: dict[str, Any] = {
         "type": error.type,
         "code": error.code,
-        "message": error.message,
+        "message": redactor.text(error.message),  # upstream messages may echo credentials
         "param": error.param,
         "request_id": current_request_id(),
     }
@@ -138,7 +141,13 @@ def _from_upstream_status(exc: UpstreamStatusError, extra: dict[str, Any]) -> Ap
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+_respond = error_response
+
+
+def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
+    def error_response(error: ApiError) -> Response:
+        return _respond(error, redactor)
+
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         if exc.status >= 500:
@@ -174,6 +183,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, InvalidRequest)
         return error_response(ApiError(400, str(exc), param=exc.param))
 
+    async def on_audit_backlog(request: Request, exc: Exception) -> Response:
+        log.error("audit trail backlog full; refusing work until it drains", path=request.url.path)
+        return error_response(
+            ApiError(503, "the audit trail cannot keep up; try again shortly", type_="server_error",
+                     code="audit_backlog", headers={"Retry-After": "5"})
+        )  # fmt: skip
+
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         log.info("client disconnected; request abandoned", path=request.url.path)
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -196,6 +212,7 @@ def install_error_handlers(app: FastAPI) -> None:
     for agent_error in (NotFound, RunConflict, InvalidRequest):
         app.add_exception_handler(agent_error, on_agent_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
+    app.add_exception_handler(AuditBacklogFull, on_audit_backlog)
     app.add_exception_handler(Exception, on_unexpected)
 
 

@@ -12,9 +12,10 @@ import sys
 import structlog
 
 from strata.config import LoggingConfig
+from strata.security.redaction import Redactor
 
 
-def configure_logging(config: LoggingConfig) -> None:
+def configure_logging(config: LoggingConfig, redactor: Redactor | None = None) -> None:
     level = getattr(logging, config.level.upper())
     use_console = config.format == "console" or (config.format == "auto" and sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
@@ -26,6 +27,7 @@ def configure_logging(config: LoggingConfig) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([redactor.processor] if redactor is not None else []),  # after the traceback is text
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -66,6 +66,7 @@ class AuditLog:
         self._done = 0  # events written (or, if the database rejected them, logged), ever
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
+        self._draining = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = False
@@ -145,6 +146,10 @@ class AuditLog:
 
     async def _drain(self) -> None:
         """Write the queue front to back; a batch leaves the queue only once it is written."""
+        async with self._draining:  # one drain at a time, or two would write the same front batch
+            await self._drain_locked()
+
+    async def _drain_locked(self) -> None:
         size, delay, failures = self.batch, self.retry_initial_s, 0
         while self._pending:
             chunk = [self._pending[i] for i in range(min(size, len(self._pending)))]
@@ -154,7 +159,7 @@ class AuditLog:
                 failures += 1
                 if isinstance(exc, _CONTENT_ERRORS) and failures >= _CONTENT_RETRIES:
                     if len(chunk) == 1:
-                        self._discard(1, exc)
+                        self._discard(exc)
                     size, failures = max(1, len(chunk) // 2), 0
                     continue
                 log.warning("audit write failed; retrying", error=repr(exc), pending=self.pending, retry_s=delay)
@@ -175,10 +180,10 @@ class AuditLog:
             self._overloaded = False
             log.info("audit backpressure over", pending=self.pending)
 
-    def _discard(self, count: int, exc: BaseException) -> None:
-        for record in list(self._pending)[:count]:
-            log.error("audit event rejected by the database", error=repr(exc), record=canonical_json(record).decode())
-        self._advance(count)
+    def _discard(self, exc: BaseException) -> None:
+        record = canonical_json(self._pending[0]).decode()
+        log.error("audit event rejected by the database", error=repr(exc), record=record)
+        self._advance(1)
 
     def _until_deadline(self) -> float:
         return math.inf if self._deadline is None else max(0.0, self._deadline - asyncio.get_running_loop().time())

@@ -22,7 +22,7 @@ from redis.asyncio.client import PubSub
 
 from strata.config import RoleName
 from strata.security.api_keys import KEY_PREFIX, hash_key, is_strata_key
-from strata.security.jwt_auth import JwtError, JwtVerifier, looks_like_jwt
+from strata.security.jwt_auth import JwksUnavailableError, JwtError, JwtVerifier, looks_like_jwt
 from strata.security.principal import Principal
 from strata.store.keys import KeyRecord, KeyStore
 
@@ -30,6 +30,10 @@ log = structlog.get_logger("strata.auth")
 REVOKED_CHANNEL = "strata:keys:revoked"
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
+
+
+class AuthUnavailable(Exception):
+    """503: credentials cannot be checked right now (the identity provider's keys are unreachable)."""
 
 
 class AuthError(Exception):
@@ -105,6 +109,8 @@ class Authenticator:
         if self._jwt is not None and looks_like_jwt(credential):
             try:
                 return await self._jwt.verify(credential)
+            except JwksUnavailableError as exc:
+                raise AuthUnavailable(str(exc)) from None
             except JwtError as exc:
                 raise AuthError(f"the bearer token was refused: {exc}", code="invalid_token") from None
         return await self._by_key(credential)  # STRATA_ADMIN_KEY may be any string the operator chose

@@ -231,7 +231,9 @@ class JwtVerifier:
             except (httpx.HTTPError, ValueError) as exc:
                 # Keep serving the keys we have; try again in _REFETCH_MIN_S rather than on every request.
                 self._fetched_at = max(self._fetched_at, self._tried_at - self.config.jwks_cache_s + _REFETCH_MIN_S)
-                log.warning("jwks fetch failed", url=self.config.jwks_url, error=str(exc), keeping=self._ring is not None)
+                log.warning(
+                    "jwks fetch failed", url=self.config.jwks_url, error=str(exc), keeping=self._ring is not None
+                )
 
     async def _fetch(self) -> _KeyRing:
         assert self._client is not None and self.config.jwks_url is not None

@@ -86,6 +86,24 @@ def ratelimit_headers(requests: LimitDecision | None, tokens: LimitDecision | No
     return headers
 
 
+class _MemoryStorage(MemoryStorage):
+    """limits' in-memory storage, sweeping expired counters at most once a second.
+
+    Upstream starts a sweep over every counter after each `incr`: O(counters) CPU per request (about
+    80 us at 1,000 live counters, 800 us at 10,000). Our counters are per-window keys that `get` and
+    `incr` already drop when expired, so the sweep is only garbage collection; once a second is plenty.
+    The hook is limits' private `__schedule_expiry`; tests/unit/test_rate_limit.py checks it still exists.
+    """
+
+    _next_sweep = 0.0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            await super()._MemoryStorage__schedule_expiry()
+
+
 class RateLimiter:
     """Counts requests and tokens per key per minute; in memory, or in Redis shared by every replica."""
 
@@ -100,7 +118,7 @@ class RateLimiter:
         self._pool: ConnectionPool | None = None
         self._storage: Storage
         if redis_url is None:
-            self._storage = MemoryStorage(wrap_exceptions=True)
+            self._storage = _MemoryStorage(wrap_exceptions=True)
         else:
             # redis-py's asyncio client (already a dependency) through a pool we own, so aclose can close it.
             self._pool = ConnectionPool.from_url(
