@@ -161,14 +161,16 @@ def list_keys(
         return await keys.list(include_revoked=include_revoked)
 
     now = datetime.now(UTC)
-    table = Table("id", "name", "user", "role", "prefix", "limits", "expires", "state")
+    table = Table("name", "user", "role", "limits", "expires", "state")
+    table.add_column("id", no_wrap=True)  # ids are copied into other commands: never break them
+    table.add_column("prefix", no_wrap=True)
     for key in _with_store(loaded, work):
         limits = ", ".join(
             f"{label} {value}" for label, value in (("rpm", key.rpm), ("tpm", key.tpm), ("$", key.budget_usd)) if value
         )
         state = "revoked" if key.revoked_at else ("active" if key.active(now) else "expired")
         expires = key.expires_at.strftime("%Y-%m-%d %H:%M") if key.expires_at else "-"
-        table.add_row(key.id, key.name, key.user, key.role, key.prefix + "…", limits or "-", expires, state)
+        table.add_row(key.name, key.user, key.role, limits or "-", expires, state, key.id, key.prefix + "…")
     out.print(table)
 
 
