@@ -12,7 +12,6 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,8 +35,9 @@ def replicas(
     mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[StrataProcess, StrataProcess]]:
     """Replicas A and B: one PostgreSQL database, one encryption key, one Redis."""
+    loop = asyncio.new_event_loop()  # one loop for the database's whole life: asyncio.run would drop it at once
     database = fresh_postgres()
-    database_url = asyncio.run(database.__aenter__())
+    database_url = loop.run_until_complete(database.__aenter__())
     config = {
         "models": [mock_model(mock_backend)],
         "database_url": database_url,
@@ -62,7 +62,8 @@ def replicas(
     finally:
         for server in servers:
             server.stop()
-        asyncio.run(database.__aexit__(None, None, None))
+        loop.run_until_complete(database.__aexit__(None, None, None))
+        loop.close()
 
 
 def new_key(server: StrataProcess, **fields: Any) -> tuple[str, str]:
@@ -196,19 +197,20 @@ def assert_body_too_large(response: httpx.Response) -> None:
     assert str(MAX_BODY) in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/agents/mock-agent/runs", "/admin/keys"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/agents/demo/runs", "/admin/keys"])
 def test_a_body_over_the_limit_gets_413(
     replicas: tuple[StrataProcess, StrataProcess], mock_backend: MockBackend, path: str
 ) -> None:
     a, _ = replicas
     body = big_chat()
+    before = len(mock_backend.chat_requests())
     with a.client(timeout=10) as client:
         declared = client.post(path, content=body, headers={"Content-Type": "application/json"})
         assert_body_too_large(declared)
         chunked = client.build_request("POST", path, content=chunks(body), headers={"Content-Type": "application/json"})
         assert "content-length" not in chunked.headers and chunked.headers["transfer-encoding"] == "chunked"
         assert_body_too_large(client.send(chunked))
-    assert not any(len(r.body or {}) and "x" * 1000 in str(r.body) for r in mock_backend.chat_requests())
+    assert len(mock_backend.chat_requests()) == before, "nothing of a refused body reaches the model"
 
     # The server keeps serving, chunked bodies under the limit included.
     with a.client(timeout=10) as client:
@@ -282,7 +284,7 @@ def test_many_revocations_in_a_row_each_take_effect_at_once(replicas: tuple[Stra
             assert remote.get("/v1/me").status_code == 401, f"revocation {i} was not seen at once"
 
 
-def test_the_replicas_share_keys_and_state(replicas: tuple[StrataProcess, StrataProcess], tmp_path: Path) -> None:
+def test_the_replicas_share_keys(replicas: tuple[StrataProcess, StrataProcess]) -> None:
     """Sanity for the tests above: a key made on A works on B, so both really use one database."""
     a, b = replicas
     key_id, key = new_key(a, rpm=1000)
