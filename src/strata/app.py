@@ -35,7 +35,7 @@ from strata.api.auth import AuthMiddleware, Guard, authorize
 from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.errors import install_error_handlers
 from strata.api.permissions import Policy, public_paths, route_policies
-from strata.api.reload import reload_config
+from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
 from strata.compute.offload import CpuPool
@@ -107,12 +107,21 @@ def build_app(
                         path=str(keyring.created_file))  # fmt: skip
         for warning in keyring.warnings:
             log.warning(warning)
-        state.guard = await _start_guard(config, state.runtime.db, redis, policies)
+        try:
+            state.guard = await _start_guard(config, state.runtime.db, redis, policies)
+        except Exception as exc:
+            log.error("cannot start the security layer", error=str(exc))
+            await state.runtime.stop()
+            await state.runtime.close()
+            await router.stop(grace_s=5.0)
+            await gpus.stop()
+            await cpu.shutdown()
+            raise
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[Any]] = set()  # referenced until done, so none is collected midway
 
         def on_sighup() -> None:
-            task = asyncio.create_task(reload_config(state))
+            task = asyncio.create_task(reload_on_signal(state))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import structlog
 
 from strata.api.state import AppState
 from strata.config_loader import ConfigError, load_config
+from strata.security.audit import AuditRecord
 from strata.serving.hotswap import DeployFailed
 
 log = structlog.get_logger("strata.reload")
@@ -49,3 +51,17 @@ async def reload_config(state: AppState) -> ReloadReport:
     state.config = config
     log.info("configuration reloaded", **report.__dict__)
     return report
+
+
+async def reload_on_signal(state: AppState) -> None:
+    """SIGHUP: reload, and put it in the audit trail with the signal as the actor."""
+    outcome: Literal["success", "failure"] = "success"
+    details: dict[str, Any]
+    try:
+        details = (await reload_config(state)).__dict__
+    except ConfigError as exc:
+        outcome, details = "failure", {"errors": [str(i) for i in exc.issues]}
+    if state.guard is not None:
+        record = AuditRecord(action="config.reloaded", outcome=outcome, actor="signal:SIGHUP", resource="config",
+                             details=details)  # fmt: skip
+        state.guard.audit.record(record)
