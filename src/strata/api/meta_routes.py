@@ -7,13 +7,27 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from strata.api.auth import principal
+from strata.api.permissions import public_paths
 
 router = APIRouter(tags=["meta"])
+PUBLIC_ROUTES = public_paths(public_metrics=False)
 
 
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request) -> Response:
-    return Response(orjson.dumps(request.app.openapi()), media_type="application/json")
+    schema = dict(request.app.openapi())  # FastAPI caches it: add to a copy
+    components = dict(schema.get("components") or {})
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "An sk-strata- API key or a JWT"}
+    }
+    schema["components"] = components
+    schema["security"] = [{"bearer": []}]
+    paths = dict(schema.get("paths") or {})
+    for path in PUBLIC_ROUTES:
+        if path in paths:
+            paths[path] = {method: {**op, "security": []} for method, op in paths[path].items()}
+    schema["paths"] = paths
+    return Response(orjson.dumps(schema), media_type="application/json")
 
 
 @router.get("/v1/me", summary="The caller's identity, role and limits")
