@@ -12,10 +12,11 @@ import yaml
 
 from tests.chaos.test_resilience import BODY, fire, serve
 from tests.support.mock_backend import MockBackend, Reply
+from tests.support.strata_process import StrataProcess
 
 
-def models_view(url: str) -> dict[str, dict]:
-    return {m["model"]: m for m in httpx.get(f"{url}/admin/models").json()["data"]}
+def models_view(strata: StrataProcess) -> dict[str, dict]:
+    return {m["model"]: m for m in httpx.get(f"{strata.url}/admin/models", headers=strata.headers).json()["data"]}
 
 
 async def test_hot_swap_under_50_streams_fails_nothing(tmp_path: Path) -> None:
@@ -24,7 +25,8 @@ async def test_hot_swap_under_50_streams_fails_nothing(tmp_path: Path) -> None:
         new.default = Reply(content="new version")
         strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": old.url}], shutdown_grace_s=20)
         try:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(timeout=60, limits=limits, headers=strata.headers) as client:
 
                 async def stream() -> bytes:
                     body = {**BODY, "stream": True}
@@ -46,9 +48,9 @@ async def test_hot_swap_under_50_streams_fails_nothing(tmp_path: Path) -> None:
             assert [r.json()["choices"][0]["message"]["content"] for r in after] == ["new version"] * 10
             assert old.chat_attempts == 50 and new.chat_attempts == 10
             deadline = time.monotonic() + 10
-            while models_view(strata.url)["llm"]["versions"][0]["state"] != "stopped" and time.monotonic() < deadline:
+            while models_view(strata)["llm"]["versions"][0]["state"] != "stopped" and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            view = models_view(strata.url)["llm"]
+            view = models_view(strata)["llm"]
             assert (view["version"], view["state"]) == (2, "serving")
             assert [v["state"] for v in view["versions"]] == ["stopped", "serving"]
         finally:
@@ -63,6 +65,7 @@ async def test_a_version_that_never_gets_healthy_is_rolled_back(tmp_path: Path) 
             response = httpx.post(
                 f"{strata.url}/admin/models/llm/deploy?health_timeout_s=1",
                 json={"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},
+                headers=strata.headers,
                 timeout=30,
             )
             assert response.status_code == 502
@@ -71,10 +74,14 @@ async def test_a_version_that_never_gets_healthy_is_rolled_back(tmp_path: Path) 
             assert [r.json()["choices"][0]["message"]["content"] for r in await fire(strata, 5, 5)] == [
                 "still here"
             ] * 5
-            view = models_view(strata.url)["llm"]
+            view = models_view(strata)["llm"]
             assert view["version"] == 1
             assert [v["state"] for v in view["versions"]] == ["serving", "failed"]
-            bad = httpx.post(f"{strata.url}/admin/models/llm/deploy", json={"kind": "openai", "base_url": "ftp://x"})
+            bad = httpx.post(
+                f"{strata.url}/admin/models/llm/deploy",
+                json={"kind": "openai", "base_url": "ftp://x"},
+                headers=strata.headers,
+            )
             assert (bad.status_code, bad.json()["error"]["param"]) == (400, "base_url")
         finally:
             strata.stop()
@@ -93,19 +100,20 @@ async def test_sighup_reloads_changed_models_by_hot_swap(tmp_path: Path) -> None
             strata.config_path.write_text(yaml.safe_dump(config))
             strata.signal(signal.SIGHUP)
             deadline = time.monotonic() + 15
-            while models_view(strata.url).get("llm", {}).get("version") != 2 and time.monotonic() < deadline:
+            while models_view(strata).get("llm", {}).get("version") != 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            assert models_view(strata.url)["llm"]["version"] == 2
+            assert models_view(strata)["llm"]["version"] == 2
             assert [r.json()["choices"][0]["message"]["content"] for r in await fire(strata, 3, 3)] == ["second"] * 3
             extra = await fire(strata, 1, 1, {**BODY, "model": "extra"})
             assert extra[0].json()["choices"][0]["message"]["content"] == "first"
-            reloaded = httpx.post(f"{strata.url}/admin/reload", timeout=30).json()
+            reloaded = httpx.post(f"{strata.url}/admin/reload", headers=strata.headers, timeout=30).json()
             assert reloaded["unchanged"] == ["llm", "extra"] and reloaded["deployed"] == []
         finally:
             strata.stop()
 
 
 def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
@@ -113,6 +121,8 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
         second.default = Reply(content="via the CLI")
         strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": first.url}])
         try:
+            # An operator's key: deploying and listing models is an operator's job.
+            env = {**os.environ, "STRATA_API_KEY": strata.create_key("operator")}
             spec = tmp_path / "llm-v2.yaml"
             spec.write_text(f"kind: openai\nbase_url: {second.url}\n")
             deploy = subprocess.run(
@@ -120,6 +130,7 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env=env,
             )
             assert deploy.returncode == 0, deploy.stderr
             assert "llm v2 is serving" in deploy.stdout
@@ -128,6 +139,7 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env=env,
             )
             assert listing.returncode == 0 and "serving" in listing.stdout
             assert second.url.split("//")[1].split("/")[0] in listing.stdout
@@ -137,6 +149,7 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env=env,
             )
             assert refused.returncode == 1
             assert "error 400" in refused.stderr and "base_url" in refused.stderr

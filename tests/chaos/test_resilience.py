@@ -48,7 +48,8 @@ async def fire(
     strata: StrataProcess, count: int, concurrency: int, body: dict[str, Any] | None = None
 ) -> list[httpx.Response]:
     limiter = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency + 10)) as client:
+    limits = httpx.Limits(max_connections=concurrency + 10)
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers=strata.headers) as client:
 
         async def one() -> httpx.Response:
             async with limiter:
@@ -59,14 +60,14 @@ async def fire(
 
 def metric(strata: StrataProcess, line_start: str) -> float:
     """The value of the first /metrics sample whose line starts with `line_start`."""
-    for line in httpx.get(f"{strata.url}/metrics").text.splitlines():
+    for line in httpx.get(f"{strata.url}/metrics", headers=strata.headers).text.splitlines():
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no metric line starting with {line_start!r}")
 
 
 def breaker_states(strata: StrataProcess) -> dict[str, str]:
-    data = httpx.get(f"{strata.url}/admin/deployments").json()["data"]
+    data = httpx.get(f"{strata.url}/admin/deployments", headers=strata.headers).json()["data"]
     return {d["target"]: d["breaker"]["state"] for d in data}
 
 
@@ -173,7 +174,8 @@ async def test_overload_is_refused_at_once_while_admitted_requests_finish(
     try:
         finished: list[tuple[int, float]] = []
 
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=30, limits=limits, headers=strata.headers) as client:
 
             async def one() -> httpx.Response:
                 response = await client.post(f"{strata.base_url}/chat/completions", json=BODY)
@@ -215,7 +217,7 @@ async def test_sigterm_under_load_lets_in_flight_streams_finish(tmp_path: Path, 
     backend.default = Reply(content=" ".join(["w"] * 20), chunk_delay_s=0.05)
     strata = serve(tmp_path, [replicas(backend)], drain_delay_s=0.5, shutdown_grace_s=20)
     body = {**BODY, "stream": True}
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, headers=strata.headers) as client:
 
         async def stream() -> bytes:
             async with client.stream("POST", f"{strata.base_url}/chat/completions", json=body) as response:

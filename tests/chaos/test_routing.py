@@ -82,7 +82,7 @@ async def test_route_rules_pick_a_model_by_agent_tag_and_prompt_size(tmp_path: P
         try:
 
             def ask(text: str, **extra: object) -> str:
-                headers = extra.pop("headers", {})
+                headers = {**strata.headers, **extra.pop("headers", {})}
                 body = {"model": "auto", "messages": [{"role": "user", "content": text}], **extra}
                 reply = httpx.post(f"{strata.base_url}/chat/completions", json=body, headers=headers, timeout=10)
                 assert reply.status_code == 200, reply.text
@@ -93,14 +93,21 @@ async def test_route_rules_pick_a_model_by_agent_tag_and_prompt_size(tmp_path: P
             assert ask(long_text) == "gpu"  # a long one to the GPU model
             assert ask(long_text, headers={"X-Strata-Tag": "classify"}) == "cpu"  # tagged by header
             assert ask(long_text, metadata={"tag": "classify"}) == "cpu"  # or in the body
-            run = httpx.post(f"{strata.url}/v1/agents/router-agent/runs", json={"input": long_text}, timeout=30).json()
+            run = httpx.post(
+                f"{strata.url}/v1/agents/router-agent/runs",
+                json={"input": long_text},
+                headers=strata.headers,
+                timeout=30,
+            ).json()
             assert run["output"] == "cpu"  # the agent's rule wins over the prompt size
-            models_listed = [m["id"] for m in httpx.get(f"{strata.base_url}/models").json()["data"]]
+            models_listed = [
+                m["id"] for m in httpx.get(f"{strata.base_url}/models", headers=strata.headers).json()["data"]
+            ]
             assert models_listed == ["small", "big", "auto"]
         finally:
             strata.stop()
 
 
 def _healthy(strata: StrataProcess) -> dict[str, bool]:
-    data = httpx.get(f"{strata.url}/admin/deployments").json()["data"]
+    data = httpx.get(f"{strata.url}/admin/deployments", headers=strata.headers).json()["data"]
     return {d["target"]: d["healthy"] for d in data}

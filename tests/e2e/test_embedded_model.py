@@ -43,7 +43,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess
 
 @pytest.fixture
 def client(embedded: StrataProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=embedded.base_url, api_key=embedded.api_key, max_retries=0, timeout=120)
 
 
 def test_short_completion_has_text_and_usage(client: openai.OpenAI) -> None:
@@ -164,8 +164,10 @@ def test_an_agent_run_on_the_embedded_model_calls_a_tool(embedded: StrataProcess
         "max_tokens_per_step": 64,
         "limits": {"max_steps": 2, "timeout_s": 120},
     }
-    assert httpx.put(f"{embedded.url}/admin/agents/calc", json=spec).status_code in (200, 201)
-    run = httpx.post(f"{embedded.url}/v1/agents/calc/runs", json={"input": "What is 12*7?"}, timeout=180).json()
+    assert httpx.put(f"{embedded.url}/admin/agents/calc", json=spec, headers=embedded.headers).status_code in (200, 201)
+    run = httpx.post(
+        f"{embedded.url}/v1/agents/calc/runs", json={"input": "What is 12*7?"}, headers=embedded.headers, timeout=180
+    ).json()
     assert run["status"] in ("completed", "failed"), run
     tool_steps = [s for s in run["steps"] if s["kind"] == "tool"]
     assert tool_steps, f"the model called no tool: {run}"

@@ -63,7 +63,9 @@ def test_an_agent_calls_tools_of_stdio_and_http_mcp_servers(tmp_path: Path) -> N
             }
             strata = StrataProcess(tmp_path, config, env={"MOCK_API_KEY": "mock-secret"}).start()
             try:
-                run = httpx.post(f"{strata.url}/v1/agents/mcp-user/runs", json={"input": "go"}, timeout=30).json()
+                run = httpx.post(
+                    f"{strata.url}/v1/agents/mcp-user/runs", json={"input": "go"}, headers=strata.headers, timeout=30
+                ).json()
                 assert (run["status"], run["output"]) == ("completed", "42 and 3"), run
                 results = {s["call_id"]: s["output"]["content"] for s in run["steps"] if s["kind"] == "tool"}
                 assert results == {"c1": "42", "c2": "3"}

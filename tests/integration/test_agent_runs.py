@@ -4,6 +4,7 @@ modes, guards, approval, cancellation, backpressure, fallback, SSE resume and We
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,7 +68,7 @@ def strata(
 
 
 def start(strata: StrataProcess, agent_name: str, text: str, **body: Any) -> httpx.Response:
-    headers = body.pop("headers", {})
+    headers = {**strata.headers, **body.pop("headers", {})}
     return httpx.post(
         f"{strata.url}/v1/agents/{agent_name}/runs", json={"input": text, **body}, headers=headers, timeout=30
     )
@@ -76,11 +77,16 @@ def start(strata: StrataProcess, agent_name: str, text: str, **body: Any) -> htt
 def wait_status(strata: StrataProcess, run_id: str, statuses: tuple[str, ...], timeout_s: float = 15) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        run = httpx.get(f"{strata.url}/v1/runs/{run_id}").json()
+        run = httpx.get(f"{strata.url}/v1/runs/{run_id}", headers=strata.headers).json()
         if run["status"] in statuses:
             return run
         time.sleep(0.05)
     raise AssertionError(f"run {run_id} never reached {statuses}: {run}")
+
+
+def cli_env(strata: StrataProcess) -> dict[str, str]:
+    """The environment of a `strata` CLI command that talks to this server with its admin key."""
+    return {**os.environ, "STRATA_API_KEY": strata.api_key}
 
 
 def calc(expression: str) -> Reply:
@@ -114,7 +120,7 @@ def test_sync_run_calls_a_tool_and_answers(strata: StrataProcess, mock_backend: 
 def test_stream_mode_emits_the_documented_events(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(calc("1+1"), Reply(content="two words"))
     with (
-        httpx.Client(timeout=30) as client,
+        strata.client(timeout=30) as client,
         connect_sse(
             client, "POST", f"{strata.url}/v1/agents/helper/runs", json={"input": "1+1?", "mode": "stream"}
         ) as source,
@@ -155,16 +161,23 @@ def test_sessions_keep_history_across_runs(strata: StrataProcess, mock_backend: 
     assert second["session_id"] == first["session_id"]
     contents = [m.get("content") for m in mock_backend.chat_requests()[-1].body["messages"]]
     assert contents == ["You are a test agent.", "My name is Ada.", "Nice to meet you, Ada.", "What is my name?"]
-    messages = httpx.get(f"{strata.url}/v1/sessions/{first['session_id']}/messages").json()["data"]
+    messages = httpx.get(f"{strata.url}/v1/sessions/{first['session_id']}/messages", headers=strata.headers).json()[
+        "data"
+    ]
     assert [(m["role"], m["content"]) for m in messages][-1] == ("assistant", "Your name is Ada.")
     assert [m["run_id"] for m in messages] == [first["id"]] * 2 + [second["id"]] * 2
 
 
 def test_session_created_explicitly_and_unknown_ones_are_404(strata: StrataProcess) -> None:
-    created = httpx.post(f"{strata.url}/v1/sessions", json={"agent": "helper", "metadata": {"team": "x"}})
+    created = httpx.post(
+        f"{strata.url}/v1/sessions", json={"agent": "helper", "metadata": {"team": "x"}}, headers=strata.headers
+    )
     assert created.status_code == 201 and created.json()["metadata"] == {"team": "x"}
-    assert httpx.get(f"{strata.url}/v1/sessions/{created.json()['id']}").json()["active_runs"] == []
-    assert httpx.get(f"{strata.url}/v1/sessions/sess_nope").status_code == 404
+    assert (
+        httpx.get(f"{strata.url}/v1/sessions/{created.json()['id']}", headers=strata.headers).json()["active_runs"]
+        == []
+    )
+    assert httpx.get(f"{strata.url}/v1/sessions/sess_nope", headers=strata.headers).status_code == 404
     assert start(strata, "helper", "x", session_id="sess_nope").status_code == 404
     assert start(strata, "nobody", "x").status_code == 404
 
@@ -251,7 +264,7 @@ def test_cancel_a_running_run(strata: StrataProcess, mock_backend: MockBackend) 
     mock_backend.script(Reply(content="never", latency_s=10))
     run = start(strata, "helper", "long", mode="background").json()
     wait_status(strata, run["id"], ("running",))
-    cancelled = httpx.post(f"{strata.url}/v1/runs/{run['id']}/cancel")
+    cancelled = httpx.post(f"{strata.url}/v1/runs/{run['id']}/cancel", headers=strata.headers)
     assert cancelled.status_code == 200
     final = wait_status(strata, run["id"], ("cancelled",), timeout_s=5)
     assert final["status_reason"] == "cancelled by request"
@@ -270,6 +283,7 @@ def test_approval_pauses_then_runs_the_edited_call(
     approved = httpx.post(
         f"{strata.url}/v1/runs/{run['id']}/approval",
         json={"decision": "approve", "call_id": "call_pay", "arguments": {"label": "transfer $10"}},
+        headers=strata.headers,
     )
     assert approved.status_code == 200
     assert wait_status(strata, run["id"], ("completed",))["output"] == "paid"
@@ -281,13 +295,19 @@ def test_denied_call_is_reported_to_the_model(strata: StrataProcess, mock_backen
         Reply(tool_calls=[ToolCallSpec("record", {"label": "x"}, id="c1")]), Reply(content="ok, not done")
     )
     run = start(strata, "approver", "do x").json()
-    denied = httpx.post(f"{strata.url}/v1/runs/{run['id']}/approval", json={"decision": "deny", "comment": "no way"})
+    denied = httpx.post(
+        f"{strata.url}/v1/runs/{run['id']}/approval",
+        json={"decision": "deny", "comment": "no way"},
+        headers=strata.headers,
+    )
     assert denied.status_code == 200
     assert wait_status(strata, run["id"], ("completed",))["output"] == "ok, not done"
     assert mock_backend.chat_requests()[-1].body["messages"][-1]["content"] == (
         "Error: The call was denied by an approver. no way"
     )
-    again = httpx.post(f"{strata.url}/v1/runs/{run['id']}/approval", json={"decision": "approve"})
+    again = httpx.post(
+        f"{strata.url}/v1/runs/{run['id']}/approval", json={"decision": "approve"}, headers=strata.headers
+    )
     assert again.status_code == 409
 
 
@@ -300,7 +320,7 @@ def test_backpressure_waits_instead_of_failing(strata: StrataProcess, mock_backe
     )
     run = start(strata, "helper", "busy?").json()
     assert (run["status"], run["output"]) == ("completed", "made it")
-    events = httpx.get(f"{strata.url}/v1/runs/{run['id']}/events", timeout=10).text
+    events = httpx.get(f"{strata.url}/v1/runs/{run['id']}/events", headers=strata.headers, timeout=10).text
     assert events.count("event: run.waiting") == 2
     assert "queue full" in events
 
@@ -309,14 +329,14 @@ def test_fallback_model_takes_over(strata: StrataProcess, mock_backend: MockBack
     mock_backend.script(Reply(content="from the fallback"))
     run = start(strata, "resilient", "hello").json()
     assert (run["status"], run["output"]) == ("completed", "from the fallback")
-    events = httpx.get(f"{strata.url}/v1/runs/{run['id']}/events", timeout=10).text
+    events = httpx.get(f"{strata.url}/v1/runs/{run['id']}/events", headers=strata.headers, timeout=10).text
     assert '"from":"mock-down","to":"mock-model"' in events
 
 
 def test_events_resume_after_last_event_id(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(calc("2*2"), Reply(content="4"))
     run = start(strata, "helper", "2*2").json()
-    with httpx.Client(timeout=10) as client:
+    with strata.client(timeout=10) as client:
         with connect_sse(client, "GET", f"{strata.url}/v1/runs/{run['id']}/events") as source:
             everything = [(int(e.id), e.event) for e in source.iter_sse()]
         with connect_sse(
@@ -331,7 +351,7 @@ def test_websocket_chat_and_cancel(strata: StrataProcess, mock_backend: MockBack
     from websockets.sync.client import connect
 
     mock_backend.script(Reply(content="hello over ws"), Reply(content="never", latency_s=10))
-    with connect(f"ws://127.0.0.1:{strata.port}/v1/agents/helper/ws") as socket:
+    with connect(f"ws://127.0.0.1:{strata.port}/v1/agents/helper/ws", additional_headers=strata.headers) as socket:
         socket.send(json.dumps({"type": "message", "input": "hi"}))
         events = []
         while not events or events[-1]["type"] != "run.completed":
@@ -349,25 +369,37 @@ def test_websocket_chat_and_cancel(strata: StrataProcess, mock_backend: MockBack
 
 
 def test_invalid_run_requests_are_400(strata: StrataProcess) -> None:
-    bad = httpx.post(f"{strata.url}/v1/agents/helper/runs", json={"input": "x", "mode": "later"})
+    bad = httpx.post(
+        f"{strata.url}/v1/agents/helper/runs", json={"input": "x", "mode": "later"}, headers=strata.headers
+    )
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "mode"
-    missing = httpx.post(f"{strata.url}/v1/agents/helper/runs", json={})
+    missing = httpx.post(f"{strata.url}/v1/agents/helper/runs", json={}, headers=strata.headers)
     assert (missing.status_code, missing.json()["error"]["param"]) == (400, "input")
 
 
 def test_agents_are_listed_and_versioned_through_the_admin_api(strata: StrataProcess) -> None:
-    names = [a["name"] for a in httpx.get(f"{strata.url}/v1/agents").json()["data"]]
+    names = [a["name"] for a in httpx.get(f"{strata.url}/v1/agents", headers=strata.headers).json()["data"]]
     assert "helper" in names and "approver" in names
-    created = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "mock-model", "system_prompt": "Rhyme."})
+    created = httpx.put(
+        f"{strata.url}/admin/agents/poet",
+        json={"model": "mock-model", "system_prompt": "Rhyme."},
+        headers=strata.headers,
+    )
     assert (created.status_code, created.json()["version"]) == (201, 1)
-    updated = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "mock-model", "system_prompt": "Haiku."})
+    updated = httpx.put(
+        f"{strata.url}/admin/agents/poet",
+        json={"model": "mock-model", "system_prompt": "Haiku."},
+        headers=strata.headers,
+    )
     assert (updated.status_code, updated.json()["version"]) == (200, 2)
-    versions = httpx.get(f"{strata.url}/admin/agents/poet/versions").json()["data"]
+    versions = httpx.get(f"{strata.url}/admin/agents/poet/versions", headers=strata.headers).json()["data"]
     assert [(v["version"], v["spec"]["system_prompt"]) for v in versions] == [(1, "Rhyme."), (2, "Haiku.")]
-    bad_model = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "gpt-99"})
+    bad_model = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "gpt-99"}, headers=strata.headers)
     assert (bad_model.status_code, bad_model.json()["error"]["param"]) == (400, "model")
-    bad_tool = httpx.put(f"{strata.url}/admin/agents/poet", json={"model": "mock-model", "tools": ["nuke"]})
+    bad_tool = httpx.put(
+        f"{strata.url}/admin/agents/poet", json={"model": "mock-model", "tools": ["nuke"]}, headers=strata.headers
+    )
     assert (bad_tool.status_code, bad_tool.json()["error"]["param"]) == (400, "tools")
 
 
@@ -378,6 +410,7 @@ def test_strata_run_streams_to_the_terminal(strata: StrataProcess, mock_backend:
         capture_output=True,
         text=True,
         timeout=60,
+        env=cli_env(strata),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert '-> calculator({"expression":"3*3"})' in result.stdout
@@ -392,6 +425,7 @@ def test_strata_run_reports_a_failed_run(strata: StrataProcess, mock_backend: Mo
         capture_output=True,
         text=True,
         timeout=60,
+        env=cli_env(strata),
     )
     assert result.returncode == 1
     assert "run.failed: step limit" in result.stdout
@@ -405,6 +439,7 @@ def test_strata_chat_keeps_one_session(strata: StrataProcess, mock_backend: Mock
         capture_output=True,
         text=True,
         timeout=60,
+        env=cli_env(strata),
     )
     assert result.returncode == 0, result.stderr
     assert "Hi Ada." in result.stdout and "You are Ada." in result.stdout

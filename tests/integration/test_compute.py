@@ -51,12 +51,17 @@ def test_gpus_and_documents_in_a_running_server(tmp_path: Path) -> None:
         }
         strata = StrataProcess(tmp_path / "strata", config, env={"MOCK_API_KEY": "mock-secret"}).start()
         try:
-            gpus = httpx.get(f"{strata.url}/admin/gpus").json()
+            gpus = httpx.get(f"{strata.url}/admin/gpus", headers=strata.headers).json()
             assert set(gpus) >= {"available", "reason", "gpus", "links"}
             if not gpus["available"]:
-                assert "strata_gpu_memory_total_bytes{" not in httpx.get(f"{strata.url}/metrics").text
+                assert (
+                    "strata_gpu_memory_total_bytes{"
+                    not in httpx.get(f"{strata.url}/metrics", headers=strata.headers).text
+                )
 
-            run = httpx.post(f"{strata.url}/v1/agents/reader/runs", json={"input": "summarise"}, timeout=60).json()
+            run = httpx.post(
+                f"{strata.url}/v1/agents/reader/runs", json={"input": "summarise"}, headers=strata.headers, timeout=60
+            ).json()
             assert run["status"] == "completed", run
             read, refused = (s["output"] for s in run["steps"] if s["kind"] == "tool")
             assert "Quarterly notes" in read["content"] and "Revenue grew & costs fell." in read["content"]

@@ -35,7 +35,11 @@ def test_a_killed_server_resumes_the_run_without_repeating_tools(tmp_path: Path)
         }
         env = {"MOCK_API_KEY": "mock-secret", "TEST_SIDE_EFFECTS_LOG": str(effects)}
         first = StrataProcess(tmp_path, config, env=env).start()
-        run = httpx.post(f"{first.url}/v1/agents/clerk/runs", json={"input": "record three", "mode": "background"})
+        run = httpx.post(
+            f"{first.url}/v1/agents/clerk/runs",
+            json={"input": "record three", "mode": "background"},
+            headers=first.headers,
+        )
         assert run.status_code == 202
         run_id = run.json()["id"]
         deadline = time.monotonic() + 15
@@ -52,7 +56,7 @@ def test_a_killed_server_resumes_the_run_without_repeating_tools(tmp_path: Path)
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                final = httpx.get(f"{second.url}/v1/runs/{run_id}").json()
+                final = httpx.get(f"{second.url}/v1/runs/{run_id}", headers=second.headers).json()
                 if final["status"] in ("completed", "failed"):
                     break
                 time.sleep(0.1)
@@ -62,7 +66,7 @@ def test_a_killed_server_resumes_the_run_without_repeating_tools(tmp_path: Path)
             assert sorted(lines) == sorted([f"{run_id}:0:c1 first", f"{run_id}:1:c2 second", f"{run_id}:1:c3 third"]), (
                 "each tool call ran exactly once, across the crash"
             )
-            events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", timeout=10).text
+            events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", headers=second.headers, timeout=10).text
             assert "event: run.resumed" in events
             # The resumed model call saw every tool result from before the crash.
             last = mock.chat_requests()[-1].body

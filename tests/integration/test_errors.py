@@ -16,6 +16,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def post(strata: StrataProcess, body: Any, **kwargs: Any) -> httpx.Response:
+    kwargs = {"headers": strata.headers, **kwargs}
     if isinstance(body, bytes | str):
         return httpx.post(strata.base_url + "/chat/completions", content=body, timeout=15, **kwargs)
     return httpx.post(strata.base_url + "/chat/completions", json=body, timeout=15, **kwargs)
@@ -37,7 +38,7 @@ def test_unknown_model_is_404_naming_the_models(strata: StrataProcess) -> None:
 
 
 def test_openai_client_sees_unknown_model_as_not_found(strata: StrataProcess) -> None:
-    client = openai.OpenAI(base_url=strata.base_url, api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=USER)
 
@@ -115,7 +116,8 @@ def test_backend_rate_limit_is_429_with_retry_after(strata: StrataProcess, mock_
 
 def test_backend_400_is_passed_on_with_its_message_and_param(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(status=400, error_message="max_tokens exceeds context", error_param="max_tokens"))
-    response = post(strata, {"model": "mock-model", "messages": USER, "max_tokens": 999999})
+    # Within Strata's own max_tokens limit (limits.max_tokens), so the request reaches the backend, which refuses it.
+    response = post(strata, {"model": "mock-model", "messages": USER, "max_tokens": 100_000})
     assert response.status_code == 400
     error = error_of(response)
     assert (error["message"], error["param"]) == ("max_tokens exceeds context", "max_tokens")
@@ -147,7 +149,7 @@ def test_hanging_backend_is_504(strata: StrataProcess, mock_backend: MockBackend
 
 def test_stream_that_breaks_midway_ends_with_an_error_event(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content="one two three four five six", reset="mid_stream"))
-    client = openai.OpenAI(base_url=strata.base_url, api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
     received = []
     with pytest.raises(openai.APIError, match="stream"):
         for chunk in client.chat.completions.create(model="mock-model", messages=USER, stream=True):
@@ -158,7 +160,9 @@ def test_stream_that_breaks_midway_ends_with_an_error_event(strata: StrataProces
 def test_stream_cut_without_done_is_reported(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content="a b c d e f", stop_after_chunks=3))
     body = {"model": "mock-model", "messages": USER, "stream": True}
-    with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, timeout=10) as response:
+    with httpx.stream(
+        "POST", strata.base_url + "/chat/completions", json=body, headers=strata.headers, timeout=10
+    ) as response:
         raw = b"".join(response.iter_bytes())
     assert b"[DONE]" not in raw
     assert b'"code":"upstream_unavailable"' in raw
@@ -175,7 +179,9 @@ def test_stream_error_before_first_byte_keeps_its_status(strata: StrataProcess, 
 def test_client_disconnect_cancels_the_upstream_stream(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content=" ".join(["tok"] * 200), chunk_delay_s=0.05))
     body = {"model": "mock-model", "messages": USER, "stream": True}
-    with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, timeout=10) as response:
+    with httpx.stream(
+        "POST", strata.base_url + "/chat/completions", json=body, headers=strata.headers, timeout=10
+    ) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
     # The client went away after the first event; the backend must see its stream abandoned soon.
@@ -187,7 +193,7 @@ def test_client_disconnect_cancels_the_upstream_stream(strata: StrataProcess, mo
 
 
 def test_unknown_route_uses_the_error_shape(strata: StrataProcess) -> None:
-    response = httpx.get(strata.url + "/v1/nothing-here")
+    response = httpx.get(strata.url + "/v1/nothing-here", headers=strata.headers)
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
 
@@ -195,7 +201,12 @@ def test_unknown_route_uses_the_error_shape(strata: StrataProcess) -> None:
 def test_client_disconnect_cancels_a_plain_request_upstream(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(latency_s=1.5))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(strata.base_url + "/chat/completions", json={"model": "mock-model", "messages": USER}, timeout=0.3)
+        httpx.post(
+            strata.base_url + "/chat/completions",
+            json={"model": "mock-model", "messages": USER},
+            headers=strata.headers,
+            timeout=0.3,
+        )
     deadline = time.monotonic() + 5
     while mock_backend.disconnects == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -50,7 +50,8 @@ def test_sigterm_drains_then_finishes_in_flight_streams(tmp_path: Path) -> None:
 
         def consume() -> None:
             body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "stream": True}
-            with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, timeout=30) as response:
+            url = strata.base_url + "/chat/completions"
+            with httpx.stream("POST", url, json=body, headers=strata.headers, timeout=30) as response:
                 received.extend(response.iter_bytes())
 
         reader = threading.Thread(target=consume)
@@ -95,7 +96,7 @@ def _outside_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_admin_routes_answer_loopback_clients_only(tmp_path: Path) -> None:
+def test_admin_routes_answer_any_host_by_role(tmp_path: Path) -> None:
     outside = _outside_address()
     assert outside, "this test needs a non-loopback interface"
     with MockBackend() as mock:
@@ -107,15 +108,30 @@ def test_admin_routes_answer_loopback_clients_only(tmp_path: Path) -> None:
         strata = StrataProcess(tmp_path, config).start()
         try:
             remote = f"http://{outside}:{strata.port}"
-            refused = httpx.get(f"{remote}/admin/deployments")
+            user = {"Authorization": f"Bearer {strata.create_key('user')}"}
+            operator = {"Authorization": f"Bearer {strata.create_key('operator')}"}
+            anonymous = httpx.get(f"{remote}/admin/deployments")
+            assert anonymous.status_code == 401
+            assert anonymous.json()["error"]["type"] == "authentication_error"
+            refused = httpx.get(f"{remote}/admin/deployments", headers=user)
             assert refused.status_code == 403
-            assert refused.json()["error"]["code"] == "admin_local_only"
+            assert refused.json()["error"]["code"] == "forbidden"
             deploy = httpx.post(
-                f"{remote}/admin/models/m/deploy", json={"kind": "vllm", "model": "x", "executable": "/bin/sh"}
+                f"{remote}/admin/models/m/deploy",
+                json={"kind": "vllm", "model": "x", "executable": "/bin/sh"},
+                headers=user,
             )
             assert deploy.status_code == 403
-            assert httpx.get(f"{strata.url}/admin/deployments").status_code == 200  # loopback still works
-            assert httpx.get(f"{remote}/metrics").status_code == 200  # Prometheus may scrape from elsewhere
+            assert httpx.post(f"{remote}/admin/reload", headers=user).status_code == 403
+            # The role decides, not the address: an operator's key works from another host as from loopback.
+            deployments = httpx.get(f"{remote}/admin/deployments", headers=operator)
+            assert deployments.status_code == 200
+            assert [d["model"] for d in deployments.json()["data"]] == ["m"]
+            assert httpx.get(f"{strata.url}/admin/deployments", headers=operator).status_code == 200
+            reloaded = httpx.post(f"{remote}/admin/reload", headers=operator, timeout=30)
+            assert reloaded.status_code == 200, reloaded.text
+            assert httpx.get(f"{remote}/metrics", headers=operator).status_code == 200  # Prometheus, from elsewhere
+            assert httpx.get(f"{remote}/metrics").status_code == 401
             assert httpx.get(f"{remote}/healthz").status_code == 200
         finally:
             strata.stop()

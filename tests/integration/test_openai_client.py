@@ -23,12 +23,12 @@ WEATHER_TOOL = {
 
 @pytest.fixture
 def client(strata: StrataProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=strata.base_url, api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
 
 
 @pytest.fixture
 def async_client(strata: StrataProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=strata.base_url, api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
 
 
 def test_completion_returns_backend_answer_with_usage(client: openai.OpenAI, mock_backend: MockBackend) -> None:
@@ -155,7 +155,9 @@ async def test_async_client_plain_and_streaming(async_client: openai.AsyncOpenAI
 def test_sse_wire_format_is_openais(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content="x y", chunk_delay_s=0.01))
     body = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, timeout=10) as response:
+    with httpx.stream(
+        "POST", strata.base_url + "/chat/completions", json=body, headers=strata.headers, timeout=10
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(response.iter_bytes())
@@ -173,7 +175,9 @@ def test_models_lists_every_configured_model(client: openai.OpenAI) -> None:
 
 def test_request_id_is_returned_and_forwarded(strata: StrataProcess, mock_backend: MockBackend) -> None:
     body = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
-    response = httpx.post(strata.base_url + "/chat/completions", json=body, headers={"X-Request-ID": "req-abc.123"})
+    response = httpx.post(
+        strata.base_url + "/chat/completions", json=body, headers={**strata.headers, "X-Request-ID": "req-abc.123"}
+    )
     assert response.headers["x-request-id"] == "req-abc.123"
     assert mock_backend.chat_requests()[-1].headers["X-Request-ID"] == "req-abc.123"
     generated = httpx.get(strata.url + "/healthz").headers["x-request-id"]

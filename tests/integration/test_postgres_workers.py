@@ -4,6 +4,8 @@ none twice, and both processes do some of the work."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,11 +36,16 @@ async def test_two_servers_share_the_queue_without_double_execution(tmp_path: Pa
                 "agents": [{"name": "clerk", "model": "mock-model", "tools": ["record"]}],
                 "runs": {"lease_s": 3, "poll_s": 0.05, "workers": 4},
             }
-            env = {"MOCK_API_KEY": "mock-secret", "TEST_SIDE_EFFECTS_LOG": str(effects)}
+            env = {
+                "MOCK_API_KEY": "mock-secret",
+                "TEST_SIDE_EFFECTS_LOG": str(effects),
+                # Replicas sharing a database must share its encryption key (Strata will not make one up).
+                "STRATA_ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),
+            }
             servers = [StrataProcess(tmp_path / name, config, env=env) for name in ("a", "b")]
             await asyncio.gather(*(asyncio.to_thread(server.start) for server in servers))
             try:
-                async with httpx.AsyncClient(timeout=30) as client:
+                async with httpx.AsyncClient(timeout=30, headers=servers[0].headers) as client:
                     responses = await asyncio.gather(
                         *(
                             client.post(

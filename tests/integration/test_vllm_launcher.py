@@ -44,6 +44,7 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         reply = httpx.post(
             f"{strata.base_url}/chat/completions",
             json={"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]},
+            headers=strata.headers,
             timeout=10,
         )
         assert reply.status_code == 200, reply.text
@@ -70,10 +71,10 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # private to Strata
 
         deadline = time.monotonic() + 10  # vLLM's own metrics appear in Strata's, per deployment
-        while "vllm:gpu_cache_usage_perc" not in httpx.get(f"{strata.url}/metrics").text:
+        while "vllm:gpu_cache_usage_perc" not in httpx.get(f"{strata.url}/metrics", headers=strata.headers).text:
             assert time.monotonic() < deadline, "vLLM's metrics never reached Strata's /metrics"
             time.sleep(0.2)
-        exported = httpx.get(f"{strata.url}/metrics").text
+        exported = httpx.get(f"{strata.url}/metrics", headers=strata.headers).text
         assert 'vllm:gpu_cache_usage_perc{deployment="llama-8b/vllm",model_name="llama-8b"} 0.25' in exported
 
         [child] = strata.children("fake_vllm")
@@ -85,6 +86,7 @@ def test_vllm_is_launched_with_the_plan_and_supervised(tmp_path: Path) -> None:
         again = httpx.post(
             f"{strata.base_url}/chat/completions",
             json={"model": "llama-8b", "messages": [{"role": "user", "content": "still there?"}]},
+            headers=strata.headers,
             timeout=10,
         )
         assert again.status_code == 200

@@ -59,7 +59,7 @@ BAD_CONFIGS = [
         {},
         [
             "{file}:2: server.prot: unknown key 'prot'; did you mean 'port'? "
-            "(allowed: host, port, drain_delay_s, shutdown_grace_s, health_interval_s, admin_from_anywhere)"
+            "(allowed: host, port, drain_delay_s, shutdown_grace_s, health_interval_s, tls_cert_file, tls_key_file)"
         ],
     ),
     (
@@ -129,7 +129,8 @@ BAD_CONFIGS = [
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
-            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, compute, logging)",
+            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, compute, logging, "
+            "security, limits)",
         ],
     ),
 ]
