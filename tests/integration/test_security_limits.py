@@ -288,4 +288,5 @@ def test_the_replicas_share_keys(replicas: tuple[StrataProcess, StrataProcess]) 
     """Sanity for the tests above: a key made on A works on B, so both really use one database."""
     a, b = replicas
     key_id, key = new_key(a, rpm=1000)
-    assert httpx.get(b.url + "/v1/me", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["key_id"] == key_id
+    me = httpx.get(b.url + "/v1/me", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert me.status_code == 200 and me.json()["key_id"] == key_id

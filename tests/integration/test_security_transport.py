@@ -75,9 +75,7 @@ def self_signed(directory: Path, name: str = "strata-test") -> Certificate:
     paths = Certificate(directory / f"{name}.crt", directory / f"{name}.key")
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     paths.key.chmod(0o600)
     return paths
@@ -117,7 +115,10 @@ def chat_over_https(server: StrataProcess, certificate: Certificate, mock: MockB
     mock.script(Reply(content="Hello over TLS."))
     with httpx.Client(verify=trusting(certificate)) as http_client:
         client = openai.OpenAI(
-            base_url=f"https://127.0.0.1:{server.port}/v1", api_key=server.api_key, http_client=http_client, max_retries=0
+            base_url=f"https://127.0.0.1:{server.port}/v1",
+            api_key=server.api_key,
+            http_client=http_client,
+            max_retries=0,
         )
         result = client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "Hi"}])
     assert result.choices[0].message.content == "Hello over TLS."
@@ -174,9 +175,7 @@ def test_a_certificate_for_another_host_is_refused(https_server: StrataProcess, 
         httpx.get(https_server.url + "/healthz", verify=trusting(other), timeout=5)
 
 
-def test_tls_from_the_config_file(
-    mock_backend: MockBackend, certificate: Certificate, tmp_path: Path
-) -> None:
+def test_tls_from_the_config_file(mock_backend: MockBackend, certificate: Certificate, tmp_path: Path) -> None:
     """server.tls_cert_file/tls_key_file, with no command line flags, serve HTTPS too."""
     server_config = config(mock_backend)
     server_config["server"] = {

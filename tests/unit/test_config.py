@@ -201,6 +201,8 @@ def test_the_documented_example_config_is_valid() -> None:
     assert config.runs == defaults.runs
     assert config.compute == defaults.compute
     assert config.agents == defaults.agents
+    assert config.security == defaults.security
+    assert config.limits == defaults.limits
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
