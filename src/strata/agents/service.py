@@ -148,7 +148,8 @@ class AgentService:
         subscription: Subscription | None = None,
     ) -> AsyncIterator[LiveEvent]:
         """Stored events after `after_seq`, then live ones, until the run ends (through approval pauses)."""
-        await self.run(run_id)
+        if self._finished_before(await self.run(run_id), after_seq):
+            return  # a client resuming after the final event: nothing more will come
         last = after_seq
         with subscription or self.bus.subscribe(run_id) as queue:
             while True:
@@ -172,9 +173,15 @@ class AgentService:
                 try:
                     event = await asyncio.wait_for(queue.get(), STORE_POLL_S)
                 except TimeoutError:
+                    if self._finished_before(await self.run(run_id), last):
+                        return
                     continue
                 if event.seq is None and deltas:
                     yield event
+
+    @staticmethod
+    def _finished_before(run: Run, seq: int) -> bool:
+        return run.status in TERMINAL and seq >= run.next_event_seq
 
     async def cancel(self, run_id: str) -> Run:
         run = await self.store.request_cancel(run_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from strata.api.auth import Guard
+from strata.api.errors import ApiError
 
 router = APIRouter(tags=["audit"])
 FLUSH_WAIT_S = 2.0
@@ -21,12 +22,17 @@ FLUSH_WAIT_S = 2.0
 @router.get("/admin/audit", summary="Audit events, oldest first; page with after_id")
 async def list_audit(
     request: Request,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    actor: Annotated[str | None, Query(max_length=160)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=r"^[\w.:-]*$")] = None,
+    actor: Annotated[str | None, Query(max_length=160, pattern=r"^[^\x00]*$")] = None,
     since: datetime | None = None,
-    after_id: Annotated[int, Query(ge=0)] = 0,
+    after_id: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
+    if since is not None:
+        try:
+            since = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
+        except OverflowError:
+            raise ApiError(400, f"since: {since.isoformat()} is out of range", param="since") from None
     guard: Guard = request.app.state.strata.guard
     await _flush(guard)  # what this replica recorded a moment ago is part of the answer
     rows = await guard.audit.store.query(action=action, actor=actor, since=since, limit=limit, after_id=after_id)

@@ -12,6 +12,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -190,6 +191,15 @@ def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
                      code="audit_backlog", headers={"Retry-After": "5"})
         )  # fmt: skip
 
+    async def on_unstorable(request: Request, exc: Exception) -> Response:
+        # The database refused a value (a NUL character, a number or date beyond its range): the
+        # client's input, not our failure.
+        log.info("a value could not be stored", path=request.url.path, error=type(exc).__name__)
+        return error_response(
+            ApiError(400, "a value in the request is out of range or contains characters that cannot be stored",
+                     code="unstorable_value")
+        )  # fmt: skip
+
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         log.info("client disconnected; request abandoned", path=request.url.path)
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -213,6 +223,8 @@ def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
         app.add_exception_handler(agent_error, on_agent_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(AuditBacklogFull, on_audit_backlog)
+    app.add_exception_handler(DataError, on_unstorable)
+    app.add_exception_handler(OverflowError, on_unstorable)
     app.add_exception_handler(Exception, on_unexpected)
 
 

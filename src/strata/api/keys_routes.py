@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from strata.api.auth import Guard, audit, principal
@@ -17,6 +17,8 @@ from strata.config import MODEL_NAME_PATTERN, RoleName
 from strata.store.keys import KeyNotFound, KeyRecord, KeySpec, KeyStore
 
 router = APIRouter(tags=["keys"])
+MAX_COUNT = 2**31 - 1  # what every database stores as an integer
+MAX_LIFETIME_S = 100 * 365 * 86400
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@:-]{0,127}$"
 
 
@@ -27,11 +29,29 @@ class KeyRequest(BaseModel):
     user: str | None = Field(default=None, pattern=NAME, description="Owner of its runs and usage; default: name.")
     models: list[str] | None = Field(default=None, description="Models it may call; default: all.")
     agents: list[str] | None = Field(default=None, description="Agents it may run; default: all.")
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute, prompt + completion.")
-    budget_usd: float | None = Field(default=None, gt=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="Tokens per minute, prompt + completion.")
+    budget_usd: float | None = Field(default=None, gt=0, le=1e12)
     expires_at: datetime | None = None
-    expires_in_s: float | None = Field(default=None, gt=0, description="Alternative to expires_at.")
+    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S, description="Alternative to expires_at.")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _reasonable_expiry(cls, value: datetime | None) -> datetime | None:
+        return _within_lifetime(value)
+
+
+def _within_lifetime(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    try:
+        if value.astimezone(UTC) > now + timedelta(seconds=MAX_LIFETIME_S):
+            raise ValueError("must be within 100 years from now")
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
 
 
 class KeyUpdate(BaseModel):
@@ -39,9 +59,9 @@ class KeyUpdate(BaseModel):
     role: RoleName | None = None
     models: list[str] | None = None
     agents: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    budget_usd: float | None = Field(default=None, gt=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    budget_usd: float | None = Field(default=None, gt=0, le=1e12)
 
 
 class RotateRequest(BaseModel):

@@ -20,6 +20,7 @@ from strata.api.views import run_view, step_view
 from strata.serving.schemas import ChatMessage
 
 router = APIRouter(tags=["runs"])
+MAX_SEQ = 2**31 - 1  # event numbers are 32-bit in the database
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -108,7 +109,7 @@ async def run_events(
     run_id: str,
     request: Request,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Same as Last-Event-ID")] = None,
 ) -> Response:
     agents = service(request)
     await readable_run(request, run_id)
@@ -143,7 +144,7 @@ def _seq(last_event_id: str | None) -> int:
     if not last_event_id:
         return 0
     try:
-        return max(0, int(last_event_id))
+        return min(max(0, int(last_event_id)), MAX_SEQ)
     except ValueError:
         raise ApiError(
             400, f"Last-Event-ID must be an event number, got {last_event_id!r}", param="Last-Event-ID"

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from strata.api.auth import principal
@@ -19,8 +19,19 @@ router = APIRouter(tags=["sessions"])
 
 class SessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    agent: str
+    agent: str = Field(max_length=64)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError as exc:
+            raise ValueError(f"cannot be stored as JSON: {exc}") from None
+        if len(encoded) > 64_000:
+            raise ValueError("is larger than 64 kB")
+        return value
 
 
 @router.post("/v1/sessions", status_code=201, summary="Start a session with an agent")
