@@ -12,7 +12,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -223,9 +223,25 @@ def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
         app.add_exception_handler(agent_error, on_agent_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(AuditBacklogFull, on_audit_backlog)
-    app.add_exception_handler(DataError, on_unstorable)
+
+    async def on_database_error(request: Request, exc: Exception) -> Response:
+        if _is_data_exception(exc):
+            return await on_unstorable(request, exc)
+        return await on_unexpected(request, exc)
+
+    app.add_exception_handler(DBAPIError, on_database_error)
     app.add_exception_handler(OverflowError, on_unstorable)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _is_data_exception(exc: BaseException) -> bool:
+    """SQLSTATE class 22 (data exception: bad encoding, out of range) anywhere in the cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DataError) or str(getattr(seen, "sqlstate", "") or "").startswith("22"):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def invalid_body(errors: Sequence[Any], *, skip: int = 0) -> ApiError:
