@@ -127,6 +127,8 @@ def create(
 
     if role not in ROLES:
         raise typer.BadParameter(f"{role!r} is not a role ({', '.join(ROLES)})", param_hint="--role")
+    if budget_usd is not None and budget_usd <= 0:
+        raise typer.BadParameter("a budget must be above 0 (omit it for none)", param_hint="--budget-usd")
     loaded = _config(config)
     spec = KeySpec(
         name=name,
