@@ -29,20 +29,31 @@ from strata.api import (
     openai_routes,
     runs_routes,
     sessions_routes,
+    trace_routes,
+    usage_routes,
     ws_routes,
 )
 from strata.api.auth import AuthMiddleware, Guard, authorize
 from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.errors import install_error_handlers
+from strata.api.metrics_middleware import MetricsMiddleware
+from strata.api.openapi_docs import ERROR_RESPONSES
 from strata.api.permissions import Policy, public_paths, route_policies
 from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
+from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
 from strata.config import StrataConfig
+from strata.cost.budgets import BudgetAlert
+from strata.cost.gpu_time import GpuTimeShares
+from strata.cost.services import CostServices
+from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
+from strata.observability.request_metrics import RequestMetrics
 from strata.observability.serving_metrics import ServingCollector
+from strata.observability.tracing import Tracing
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.security.admin_key import ensure_admin_key
@@ -77,16 +88,35 @@ def build_app(
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
     keyring = load_keyring(config, os.environ)  # before listening: a bad key must stop the start
+    tracing = Tracing.from_config(config.tracing)  # the app's own provider; the chat service carries it
+    registry = _metrics_registry(router, gpus)
+    gpu_time = GpuTimeShares()  # each request's share of its deployment's time: the basis of GPU-hour prices
+    request_metrics = RequestMetrics(registry, is_known_model=lambda name: name in router.models)
+    alerter = Alerter(config.alerts, registry)
+
+    def budget_alert(alert: BudgetAlert) -> None:
+        alerter.fire_budget_alert(
+            alert.budget.scope,
+            alert.subject,
+            spent_usd=alert.spent_usd,
+            limit_usd=alert.budget.limit_usd,
+            period=alert.budget.period,
+            until=alert.resets_at.timestamp(),
+            kind=alert.kind,
+        )
+
     state = AppState(
         config=config,
         router=router,
-        chat=ChatService(router),
+        chat=ChatService(router, tracing, gpu_time),
         started_at=time.time(),
         deployer=ModelDeployer(router, drain_grace_s=config.server.shutdown_grace_s),
-        metrics=_metrics_registry(router, gpus),
+        metrics=registry,
         gpus=gpus,
         lifecycle=lifecycle or Lifecycle(),
         config_path=config_path,
+        request_metrics=request_metrics,
+        alerter=alerter,
     )
 
     @asynccontextmanager
@@ -102,13 +132,20 @@ def build_app(
             await gpus.stop()
             await cpu.shutdown()
             raise
+        await tracing.start(state.runtime.db)  # the local trace store's writer
         if keyring.created_file is not None:
             log.warning("created an encryption key file: back it up, stored data cannot be read without it",
                         path=str(keyring.created_file))  # fmt: skip
         for warning in keyring.warnings:
             log.warning(warning)
         try:
-            state.guard = await _start_guard(config, state.runtime.db, redis, policies)
+            state.guard = await _start_guard(config, state.runtime.db, redis, policies, request_metrics)
+            state.cost = await CostServices.start(
+                config, state.runtime.db, redis=redis, on_soft_limit=budget_alert, on_hard_limit=budget_alert,
+                gpu_time=gpu_time,
+            )  # fmt: skip
+            state.runtime.engine.accounting.bind(state.cost, request_metrics)
+            await alerter.start()
         except Exception as exc:
             log.error("cannot start the security layer", error=str(exc))
             await state.runtime.stop()
@@ -142,8 +179,11 @@ def build_app(
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
+            await tracing.shutdown()  # after everything that makes spans; flushes the exporters and the store
             await gpus.stop()
             await cpu.shutdown()
+            await alerter.stop()
+            await state.cost.stop()  # after everything that may spend; flushes the usage rows
             await state.guard.audit.stop()  # after everything that may record; flushes: nothing is lost
             await state.runtime.close()
             if redis is not None:
@@ -156,6 +196,7 @@ def build_app(
         version=__version__,
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
+        responses=ERROR_RESPONSES,
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -165,17 +206,24 @@ def build_app(
     app.include_router(openai_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
+    for routes in (usage_routes, trace_routes):
+        app.include_router(routes.router)
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
     install_error_handlers(app, redactor or Redactor(config.security.redact_patterns))
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=request_metrics)  # outside auth: 401, 413 and 429 count too
+    if tracing.enabled:  # the request's span wraps authentication: refusals are traced too
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or a 413 carries the request id
     return app
 
 
-async def _start_guard(config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy]) -> Guard:
+async def _start_guard(
+    config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy], metrics: RequestMetrics
+) -> Guard:
     audit = AuditLog(AuditStore(db))
     await audit.start()
     jwt = JwtVerifier(config.security.jwt) if config.security.jwt is not None else None
@@ -190,6 +238,7 @@ async def _start_guard(config: StrataConfig, db: Database, redis: Redis | None, 
         policies=policies,
         default_rpm=config.limits.default_rpm,
         default_tpm=config.limits.default_tpm,
+        metrics=metrics,
     )
 
 

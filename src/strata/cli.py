@@ -15,6 +15,7 @@ from rich.console import Console
 
 from strata.cli_audit import audit_app
 from strata.cli_keys import keys_app
+from strata.cli_usage import usage
 from strata.compute.planner import GpuSlot, GpuTopology
 from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, VllmModelConfig
 from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
@@ -28,6 +29,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Models on a running Strata:
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.command("usage")(usage)
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)

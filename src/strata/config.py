@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -100,6 +100,17 @@ class _ModelBase(_Strict):
     max_connections: int = Field(default=256, ge=1, le=100_000, description="Pooled connections.")
     input_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million prompt tokens.")
     output_usd_per_mtok: float = Field(default=0.0, ge=0, description="Price of a million completion tokens.")
+    cached_input_usd_per_mtok: float | None = Field(
+        default=None,
+        ge=0,
+        description="Price of a million prompt tokens served from the provider's prompt cache; null: the input price.",
+    )
+    gpu_usd_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        description="Self-hosted: what the GPUs of one deployment (replica) of this model cost per hour, charged to "
+        "requests by their share of the deployment's busy time (see strata.cost.prices). Added to token prices.",
+    )
     fallbacks: list[str] = Field(
         default_factory=list, description="Models tried in order when every deployment of this one fails."
     )
@@ -433,6 +444,29 @@ class LoggingConfig(_Strict):
     )
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry spans of requests, agent runs, model and tool calls (GenAI semantic conventions)."""
+
+    enabled: bool = Field(default=True, description="false: no spans, no trace ids in logs, near-zero cost.")
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="Share of new traces recorded; a caller's sampled flag is honoured."
+    )
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP (protobuf) traces URL, e.g. http://collector:4318/v1/traces."
+    )
+    otlp_headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Sent with every export (a collector's API key); masked in config check."
+    )
+    service_name: str = Field(default="strata", min_length=1, description="The `service.name` of every span.")
+    capture_content: bool = Field(
+        default=False, description="Record prompts, answers, tool arguments and results on spans."
+    )
+    local_store: bool = Field(
+        default=True, description="Keep spans in Strata's database for GET /v1/runs/{id}/trace and /v1/traces/{id}."
+    )
+    local_retention_hours: float = Field(default=24.0, gt=0, le=24 * 365, description="Stored spans older go.")
+
+
 RoleName = Literal["admin", "operator", "developer", "user", "auditor"]
 
 
@@ -503,6 +537,124 @@ class LimitsConfig(_Strict):
     default_tpm: int | None = Field(default=None, ge=1, description="Tokens per minute of a key without its own.")
 
 
+class BudgetConfig(_Strict):
+    """A spending limit: hard ones refuse work (429) once reached, soft ones raise an alert once per period."""
+
+    scope: Literal["key", "user", "agent"]
+    name: str = Field(
+        min_length=1, max_length=128, description='The key id, user name or agent name; "*": each one separately.'
+    )
+    period: Literal["day", "month"] = Field(default="month", description="Calendar day or month, in UTC.")
+    limit_usd: float = Field(gt=0)
+    kind: Literal["hard", "soft"] = "hard"
+
+
+class CostConfig(_Strict):
+    """Prices beyond the models' own, budgets, and the usage writer."""
+
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    embedded_usd_per_hour: float = Field(
+        default=0.18,
+        ge=0,
+        description="The embedded model runs on CPU: what the cores it keeps busy cost per hour (default: about 4 "
+        "on-demand cloud vCPUs at $0.045), charged like gpu_usd_per_hour. A model's own gpu_usd_per_hour wins.",
+    )
+    usage_flush_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="Usage rows are written at least this often (and on shutdown)."
+    )
+    usage_batch: int = Field(default=500, ge=1, le=100_000, description="Usage rows per database transaction.")
+    usage_max_queue: int = Field(
+        default=20_000,
+        ge=1,
+        le=10_000_000,
+        description="Usage rows waiting for the database before the writer reports overload; past 10x this, rows "
+        "go to the error log in full instead of memory.",
+    )
+
+    @field_validator("budgets")
+    @classmethod
+    def _unique_budgets(cls, budgets: list[BudgetConfig]) -> list[BudgetConfig]:
+        seen: set[tuple[str, str, str, str]] = set()
+        for budget in budgets:
+            identity = (budget.scope, budget.name, budget.period, budget.kind)
+            if identity in seen:
+                raise ValueError(f"{budget.kind} {budget.period} budget of {budget.scope} {budget.name!r} is set twice")
+            seen.add(identity)
+        return budgets
+
+
+class AlertWebhookConfig(_Strict):
+    """Where the built-in alerter posts (Alertmanager webhook JSON). Operator-configured, never user input."""
+
+    url: str = Field(description="http:// or https:// URL that receives a POST per alert notification.")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Header name -> name of the environment variable holding its value (e.g. Authorization).",
+    )
+    timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("headers_env")
+    @classmethod
+    def _env(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        for name in value.values():
+            _env_var_is_set(name, info)
+        return value
+
+
+class AlertRuleConfig(_Strict):
+    """One rule of the built-in alerter. `threshold` by kind: error_rate: share of 5xx answers (0..1);
+    p95_latency: seconds; breaker_open: open breakers per deployment (1); budget: spent / limit of a
+    soft budget the cost code reported (1.0: the budget is reached)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    kind: Literal["error_rate", "p95_latency", "breaker_open", "budget"]
+    threshold: float = Field(ge=0)
+    window_s: float = Field(default=300.0, gt=0, le=86_400, description="error_rate, p95_latency: look-back.")
+    for_s: float = Field(default=60.0, ge=0, le=86_400, description="The condition must hold this long to fire.")
+    min_requests: int = Field(default=20, ge=1, description="error_rate, p95_latency: fewer requests are no data.")
+    routes: list[str] = Field(
+        default_factory=list,
+        description="error_rate, p95_latency: only these route templates; empty: every route but /metrics, "
+        "/healthz, /readyz and the run-events stream.",
+    )
+    severity: Literal["critical", "warning", "info"] = "warning"
+
+
+def _default_alert_rules() -> list[AlertRuleConfig]:
+    return [
+        AlertRuleConfig(name="HighErrorRate", kind="error_rate", threshold=0.05, severity="critical"),
+        AlertRuleConfig(
+            name="HighLatencyP95", kind="p95_latency", threshold=30.0, for_s=300.0, routes=["/v1/chat/completions"]
+        ),
+        AlertRuleConfig(name="BreakerOpen", kind="breaker_open", threshold=1.0),
+        AlertRuleConfig(name="BudgetReached", kind="budget", threshold=1.0, for_s=0.0),
+    ]
+
+
+class AlertsConfig(_Strict):
+    """The built-in alerter, for setups without Prometheus; it runs when at least one webhook is set."""
+
+    webhooks: list[AlertWebhookConfig] = Field(default_factory=list)
+    interval_s: float = Field(default=15.0, gt=0, le=3600, description="How often the rules are evaluated.")
+    repeat_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="A firing alert is re-sent this often.")
+    max_attempts: int = Field(default=5, ge=1, le=20, description="Delivery attempts per notification (backoff).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Added to every alert (e.g. cluster: prod).")
+    rules: list[AlertRuleConfig] = Field(default_factory=_default_alert_rules)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rules(cls, rules: list[AlertRuleConfig]) -> list[AlertRuleConfig]:
+        names = [rule.name for rule in rules]
+        if len(names) != len(set(names)):
+            raise ValueError("alert rule names must be unique")
+        return rules
+
+
 class StrataConfig(_Strict):
     server: ServerConfig = ServerConfig()
     models: list[ModelConfig] = Field(default_factory=lambda: [EmbeddedModelConfig()])
@@ -521,8 +673,11 @@ class StrataConfig(_Strict):
     runs: RunsConfig = RunsConfig()
     compute: ComputeConfig = ComputeConfig()
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
+    cost: CostConfig = CostConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @model_validator(mode="before")
     @classmethod

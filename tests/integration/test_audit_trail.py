@@ -222,7 +222,7 @@ async def test_events_the_database_never_takes_go_to_the_error_log_at_shutdown(d
     with structlog.testing.capture_logs() as logs:
         await asyncio.wait_for(log.stop(timeout_s=0.3), 5)
         log.record(event(9, action="config.reloaded"))  # too late for the table: logged, not dropped
-    kept = [entry["record"] for entry in logs if entry["log_level"] == "error"]
+    kept = [entry["item"] for entry in logs if entry["log_level"] == "error"]
     assert len(kept) == 4 and all('"action":"key.rotated"' in line for line in kept[:3])
     assert '"action":"config.reloaded"' in kept[3]
     assert log.pending == 0

@@ -23,6 +23,7 @@ from strata.store.agents import AgentVersionStore
 from strata.store.database import Database
 from strata.store.reencrypt import reencrypt_all, rotate_encryption
 from strata.store.runs import RunStore, complete_step, finish, start_step
+from strata.store.spans import SpanRecord, SpanStore
 from strata.store.tables import Run
 from tests.support.databases import fresh_postgres, sqlite_url
 
@@ -32,6 +33,7 @@ ENCRYPTED = {
     "runs": ["input", "output", "pending_approval", "approvals"],
     "steps": ["input", "output", "error"],
     "events": ["data"],
+    "spans": ["sealed", "status_message"],  # content captured on spans (tracing.capture_content), events
 }
 
 
@@ -93,6 +95,12 @@ async def write_conversation(db: Database, canary: str, control: str) -> tuple[s
         row = await unit.tx.get(Run, run.id)
         assert row is not None
         await finish(unit, row, "completed", "done", output=f"answer {canary}")
+    span = SpanRecord(
+        uuid.uuid4().hex, uuid.uuid4().hex[:16], None, "chat m", "client", 1, 2, "error", f"failed: {canary}",
+        run_id=run.id, attributes={"gen_ai.input.messages": f"hello {canary}"},
+        events=[{"name": "strata.retry", "time_ns": 1, "attributes": {"error": canary}}],
+    )  # fmt: skip
+    await SpanStore(db).append([span])
     return session.id, run.id
 
 

@@ -22,7 +22,14 @@ from tests.conftest import mock_model
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
 
-PARAMS = {"agent": "demo", "name": "demo", "run_id": "run_x", "session_id": "ses_x", "key_id": "key_x"}
+PARAMS = {
+    "agent": "demo",
+    "name": "demo",
+    "run_id": "run_x",
+    "session_id": "ses_x",
+    "key_id": "key_x",
+    "trace_id": "0" * 32,
+}
 
 
 def _config(mock: MockBackend) -> dict[str, object]:

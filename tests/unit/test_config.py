@@ -130,7 +130,7 @@ BAD_CONFIGS = [
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
             "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, compute, logging, "
-            "security, limits)",
+            "tracing, security, limits, cost, alerts)",
         ],
     ),
 ]
@@ -196,6 +196,7 @@ def test_the_documented_example_config_is_valid() -> None:
     defaults = load_config(None, {"STRATA_CONFIG": ""})
     assert config.server == defaults.server
     assert config.logging == defaults.logging
+    assert config.tracing == defaults.tracing
     assert config.models[0] == defaults.models[0]
     assert config.tools == defaults.tools
     assert config.runs == defaults.runs
@@ -203,6 +204,8 @@ def test_the_documented_example_config_is_valid() -> None:
     assert config.agents == defaults.agents
     assert config.security == defaults.security
     assert config.limits == defaults.limits
+    assert config.cost == defaults.cost
+    assert config.alerts == defaults.alerts
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:

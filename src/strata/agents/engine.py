@@ -4,6 +4,10 @@ The session's messages are the run's durable state. Each step is recorded `start
 and its result (message, usage, events) is committed with it before the next begins, so a run
 picked up after a crash continues from its last completed step: a model call in flight is made
 again (it has no side effects); a tool call whose result was committed is never executed again.
+
+Tracing: each execution of a run is an `invoke_agent {agent}` span, a child of the request that created
+the run (its `traceparent` is stored with the run, so this holds on any replica and after a resume); its
+model calls are `chat {model}` spans and its tool calls `execute_tool {tool}` spans under it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -23,21 +26,16 @@ from strata.agents.catalog import AgentCatalog
 from strata.agents.guards import call_signature, detect_loop
 from strata.agents.model_call import DeadlineExceeded, ModelCaller, ModelStepError
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult
+from strata.agents.tools.mcp_tools import McpTool
 from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
 from strata.config import AgentConfig
+from strata.cost.run_accounting import RunAccounting
+from strata.observability import tracing_genai as genai
+from strata.observability.tracing import INVALID_SPAN, Span, Tracing, extract, fail
 from strata.store.runs import LeaseLost, RunStore, Unit, aware, complete_step, finish, start_step, utcnow
 from strata.store.tables import Message, Run
 
 log = structlog.get_logger("strata.engine")
-
-
-@dataclass(frozen=True)
-class Price:
-    input_usd_per_mtok: float = 0.0
-    output_usd_per_mtok: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
 
 
 class _Stop(Exception):
@@ -52,24 +50,38 @@ class RunEngine:
         tools: ToolRegistry,
         caller: ModelCaller,
         bus: EventBus,
-        prices: dict[str, Price],
+        accounting: RunAccounting,
         lease_s: float,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.tools = tools
         self.caller = caller
         self.bus = bus
-        self.prices = prices
+        self.accounting = accounting
         self.lease_s = lease_s
+        self.tracing = tracing or caller.tracing  # by default the app's, which the chat service carries
 
     async def execute(self, run: Run, owner: str) -> None:
         """Drive a claimed run until it ends, pauses for approval, or this worker loses it."""
+        with self.tracing.span(
+            f"{genai.INVOKE_AGENT} {run.agent}", attributes=_run_attributes(run), parent=extract(run.trace_parent)
+        ) as span:
+            log.info("run claimed", attempt=run.attempts)  # inside the span: the line carries the run's trace
+            await self._execute(run, owner, span)
+
+    async def _execute(self, run: Run, owner: str, span: Span) -> None:
         spec = await self.catalog.version(run.agent, run.agent_version)
+        if span.is_recording():
+            span.set_attribute(genai.REQUEST_MODEL, spec.model)
+            provider = self.caller.provider_name(spec.model)
+            if provider:
+                span.set_attribute(genai.PROVIDER, provider)
         try:
-            job = _Job(self, run, owner, spec)
+            job = _Job(self, run, owner, spec, span)
         except ToolUnavailable as exc:
-            await self.end(run, owner, "failed", str(exc))
+            _record_end(span, await self.end(run, owner, "failed", str(exc)), "failed", str(exc))
             return
         remaining = (aware(run.deadline_at) - utcnow()).total_seconds()
         try:
@@ -92,21 +104,24 @@ class RunEngine:
             with contextlib.suppress(LeaseLost):
                 await job.end("failed", f"internal error: {type(exc).__name__}: {exc}")
 
-    async def end(self, run: Run, owner: str, status: str, reason: str | None, output: str | None = None) -> None:
-        """Move a run this worker holds to a terminal state (fenced on the lease)."""
+    async def end(self, run: Run, owner: str, status: str, reason: str | None, output: str | None = None) -> Run:
+        """Move a run this worker holds to a terminal state (fenced on the lease); returns it as stored."""
         async with self.store.unit(run_id=run.id, owner=owner, lease_s=self.lease_s) as unit:
             fresh = await unit.tx.get(Run, run.id, populate_existing=True)
             assert fresh is not None
             await finish(unit, fresh, status, reason, output)
+        self.accounting.run_finished(fresh)
+        return fresh
 
 
 class _Job:
-    def __init__(self, engine: RunEngine, run: Run, owner: str, spec: AgentConfig) -> None:
+    def __init__(self, engine: RunEngine, run: Run, owner: str, spec: AgentConfig, span: Span = INVALID_SPAN) -> None:
         self.engine = engine
         self.store = engine.store
         self.run = run
         self.owner = owner
         self.spec = spec
+        self.span = span  # the run's invoke_agent span
         self.tools: dict[str, Tool] = {t.name: t for t in engine.tools.for_agent(spec)}
         self.deadline = time.monotonic() + (aware(run.deadline_at) - utcnow()).total_seconds()
 
@@ -120,7 +135,8 @@ class _Job:
         return run
 
     async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
-        await self.engine.end(self.run, self.owner, status, reason, output)
+        fresh = await self.engine.end(self.run, self.owner, status, reason, output)
+        _record_end(self.span, fresh, status, reason)
 
     async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
         await self.end(status, reason, output)
@@ -145,6 +161,7 @@ class _Job:
             run = await self.fresh_run(unit)
             if run.cancel_requested:
                 await finish(unit, run, "cancelled", "cancelled by request")
+                _record_end(self.span, run, "cancelled", "cancelled by request")
                 raise _Stop
             started = await unit.tx.scalar(select(Message.id).where(Message.run_id == run.id).limit(1))
             if started is None:  # first pick-up: the user's message joins the session now, in order
@@ -175,6 +192,7 @@ class _Job:
         models = [self.spec.model] + ([self.spec.fallback_model] if self.spec.fallback_model else [])
         rounds = sum(1 for m in history if m.run_id == run.id and m.role == "assistant" and m.data.get("tool_calls"))
         offered = limits.tool_rounds is None or rounds < limits.tool_rounds
+        step_started = time.monotonic()
         outcome = await self.engine.caller.call(
             agent=self.spec.name,
             models=models,
@@ -188,8 +206,8 @@ class _Job:
             on_wait=self._waiting,
             on_fallback=self._fallback,
         )
-        price = self.engine.prices.get(outcome.model, Price())
-        cost = price.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        accounting = self.engine.accounting
+        cost = accounting.step_cost(outcome.model, outcome.prompt_tokens, outcome.completion_tokens)
         async with self.unit() as unit:
             run = await self.fresh_run(unit)
             run.steps_taken += 1
@@ -214,6 +232,8 @@ class _Job:
             )
             for call in outcome.tool_calls:
                 await unit.add_event(run.id, "tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
+        latency = time.monotonic() - step_started
+        accounting.model_step(run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost)
 
     def _delta(self, text: str, turn: int) -> None:
         self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text, "turn": turn}, None))
@@ -258,12 +278,14 @@ class _Job:
             run = await self.fresh_run(unit)
             if run.cancel_requested:  # asked while running: never leave it waiting for an approver
                 await finish(unit, run, "cancelled", "cancelled by request")
+                _record_end(self.span, run, "cancelled", "cancelled by request")
                 raise _Stop
             run.status = "awaiting_approval"
             run.pending_approval = requested
             run.lease_owner = None
             run.lease_expires_at = None
             await unit.add_event(run.id, "approval.requested", {"calls": requested})
+        _record_end(self.span, run, "awaiting_approval", None)
         raise _Stop
 
     async def _tool_call(self, call: dict[str, Any], turn: int) -> None:
@@ -285,8 +307,10 @@ class _Job:
         if decision and decision.get("decision") == "deny":
             comment = decision.get("comment")
             result = ToolResult("The call was denied by an approver." + (f" {comment}" if comment else ""), True)
+            outcome = "denied"
         else:
-            result = await self._invoke(name, arguments_text, key)
+            result, outcome = await self._traced_invoke(name, call_id, arguments_text, key)
+        self.engine.accounting.tool_called(name, outcome)
         async with self.unit() as unit:
             await complete_step(
                 unit, run.id, turn=turn, kind="tool", call_id=call_id,
@@ -304,26 +328,78 @@ class _Job:
                 {"call_id": call_id, "tool": name, "content": result.content, "is_error": result.is_error},
             )
 
-    async def _invoke(self, name: str, arguments_text: str, key: str) -> ToolResult:
+    async def _traced_invoke(self, name: str, call_id: str, arguments_text: str, key: str) -> tuple[ToolResult, str]:
+        """The result and its outcome for metrics: ok, error or timeout."""
+        tracing = self.engine.tracing
+        if not tracing.enabled:
+            return await self._invoke(name, arguments_text, key)
+        attributes = {
+            genai.OPERATION: genai.EXECUTE_TOOL,
+            genai.TOOL_NAME: name,
+            genai.TOOL_CALL_ID: call_id,
+            genai.TOOL_TYPE: "extension" if isinstance(self.tools.get(name), McpTool) else "function",
+        }
+        if tracing.capture_content:
+            attributes[genai.TOOL_ARGUMENTS] = genai.clip(arguments_text)
+        with tracing.span(f"{genai.EXECUTE_TOOL} {name}", attributes=attributes) as span:
+            result = await self._invoke(name, arguments_text, key)
+            if tracing.capture_content and span.is_recording():
+                span.set_attribute(genai.TOOL_RESULT, genai.clip(result[0].content))
+            if result[0].is_error:
+                fail(span, error_type="tool_error", message=result[0].content)
+            return result
+
+    async def _invoke(self, name: str, arguments_text: str, key: str) -> tuple[ToolResult, str]:
         tool = self.tools.get(name)
         if tool is None:
-            return ToolResult(f"unknown tool {name!r}; available: {', '.join(sorted(self.tools))}", True)
+            return ToolResult(f"unknown tool {name!r}; available: {', '.join(sorted(self.tools))}", True), "error"
         try:
             arguments = orjson.loads(arguments_text or "{}")
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
-            return ToolResult(f"the arguments are not a JSON object: {exc}", True)
+            return ToolResult(f"the arguments are not a JSON object: {exc}", True), "error"
         timeout = tool.spec.timeout_s
         try:
-            return await asyncio.wait_for(tool.invoke(arguments, ToolContext(self.run.id, key, timeout)), timeout)
+            result = await asyncio.wait_for(tool.invoke(arguments, ToolContext(self.run.id, key, timeout)), timeout)
         except ToolError as exc:
-            return ToolResult(str(exc), True)
+            return ToolResult(str(exc), True), "error"
         except TimeoutError:
-            return ToolResult(f"the tool timed out after {timeout:g}s", True)
+            return ToolResult(f"the tool timed out after {timeout:g}s", True), "timeout"
         except Exception as exc:
             log.exception("tool crashed", tool=name, run_id=self.run.id)
-            return ToolResult(f"the tool failed: {type(exc).__name__}: {exc}", True)
+            return ToolResult(f"the tool failed: {type(exc).__name__}: {exc}", True), "error"
+        return result, "error" if result.is_error else "ok"
+
+
+def _run_attributes(run: Run) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        genai.OPERATION: genai.INVOKE_AGENT,
+        genai.AGENT_NAME: run.agent,
+        genai.AGENT_VERSION: str(run.agent_version),
+        genai.CONVERSATION_ID: run.session_id,
+        genai.RUN_ID: run.id,
+        genai.RUN_ATTEMPT: run.attempts,
+    }
+    if run.owner is not None:
+        attributes[genai.OWNER] = run.owner
+    return attributes
+
+
+def _record_end(span: Span, run: Run, status: str, reason: str | None) -> None:
+    """How the run ended, on its invoke_agent span: status, the run's tokens so far, the failure."""
+    if not span.is_recording():
+        return
+    span.set_attributes(
+        {
+            genai.RUN_STATUS: status,
+            genai.INPUT_TOKENS: run.prompt_tokens,
+            genai.OUTPUT_TOKENS: run.completion_tokens,
+        }
+    )
+    if status == "failed":
+        # The reason's head names the guard or failure: "timeout", "step limit", "model error", ...
+        fail(span, error_type=(reason or "failed").split(":", 1)[0].strip()[:64], message=reason or "")
 
 
 def _pending_calls(mine: list[Message]) -> tuple[list[dict[str, Any]], int]:

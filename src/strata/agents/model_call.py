@@ -1,5 +1,8 @@
 """One model step of a run, through `serving` like any client: streamed (token deltas go to live
-subscribers), waiting out backpressure, falling back to the agent's fallback model on failure."""
+subscribers), waiting out backpressure, falling back to the agent's fallback model on failure.
+
+Each attempt is a `chat {model}` span under the run's `invoke_agent` span; waits, retries and the
+fallback are events of the `invoke_agent` span."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from strata.observability import tracing_genai as genai
+from strata.observability.tracing import Span, Tracing, activate, add_event
 from strata.serving.chat import ChatCall, ChatService
 from strata.serving.errors import (
     BackendNotReadyError,
@@ -93,6 +98,13 @@ class ModelCaller:
     def __init__(self, chat: ChatService) -> None:
         self._chat = chat
 
+    @property
+    def tracing(self) -> Tracing:
+        return self._chat.tracing
+
+    def provider_name(self, model: str) -> str | None:
+        return self._chat.provider_name(model)
+
     async def call(
         self,
         *,
@@ -119,6 +131,7 @@ class ModelCaller:
         last_error: Exception | None = None
         for index, model in enumerate(models):
             if index > 0:
+                add_event(genai.EVENT_RUN_FALLBACK, {"from": models[index - 1], "to": model, "error": str(last_error)})
                 await on_fallback(models[index - 1], model, str(last_error))
             try:
                 return await self._with_retries(agent, model, payload, deadline, call_id, on_delta, on_wait)
@@ -150,6 +163,9 @@ class ModelCaller:
                     waits += 1
                     if time.monotonic() + delay >= deadline:
                         raise DeadlineExceeded(f"model {model!r} stayed overloaded until the run's deadline") from None
+                    add_event(
+                        genai.EVENT_RUN_WAITING, {"model": model, "delay_s": round(delay, 3), "error": exc.message}
+                    )
                     await on_wait(f"model {model!r} is busy: {exc.message}", delay)
                     await asyncio.sleep(delay)
                     continue
@@ -161,6 +177,10 @@ class ModelCaller:
                 delay = _backoff(failures)
                 if time.monotonic() + delay >= deadline:
                     raise ModelStepError(f"model {model!r} failed: {exc.message}") from None
+                add_event(
+                    genai.EVENT_RUN_RETRY,
+                    {"model": model, "attempt": failures, "delay_s": round(delay, 3), "error": exc.message},
+                )
                 await asyncio.sleep(delay)
 
     async def _stream_once(
@@ -170,21 +190,28 @@ class ModelCaller:
         if body.get("tools") and not self._chat.streams_tool_calls(model):
             return await self._complete_once(agent, body, model, call_id, on_delta)
         request = ChatCompletionRequest.model_validate(body)
-        relay = await self._chat.open_stream(ChatCall(request, body, agent=agent), {})
-        assembly = _Assembly()
-        buffer = b""
-        async for piece in relay:
-            buffer += piece
-            while (end := buffer.find(b"\n\n")) >= 0:
-                event, buffer = buffer[:end], buffer[end + 2 :]
-                data = event.removeprefix(b"data: ")
-                if data == b"[DONE]":
-                    return _outcome(assembly, model, call_id)
-                chunk = orjson.loads(data)
-                if "error" in chunk:
-                    raise _stream_error(chunk["error"])
-                assembly.add(chunk, on_delta)
-        raise _stream_error({"message": "the stream ended without [DONE]"})
+        with activate(self._chat.start_span(model, body)) as span:
+            relay = await self._chat.open_stream(ChatCall(request, body, agent=agent), {}, span=span)
+            assembly = _Assembly()
+            buffer = b""
+            pieces = relay.__aiter__()
+            try:
+                async for piece in pieces:
+                    buffer += piece
+                    while (end := buffer.find(b"\n\n")) >= 0:
+                        event, buffer = buffer[:end], buffer[end + 2 :]
+                        data = event.removeprefix(b"data: ")
+                        if data == b"[DONE]":
+                            outcome = _outcome(assembly, model, call_id)
+                            _record(span, outcome, relay.stats.model, self.tracing.capture_content)
+                            return outcome
+                        chunk = orjson.loads(data)
+                        if "error" in chunk:
+                            raise _stream_error(chunk["error"])
+                        assembly.add(chunk, on_delta)
+            finally:
+                await pieces.aclose()  # closes the upstream stream (and frees its admission slot) now
+            raise _stream_error({"message": "the stream ended without [DONE]"})
 
     async def _complete_once(
         self, agent: str, body: dict[str, Any], model: str, call_id: str, on_delta: DeltaHook
@@ -192,7 +219,9 @@ class ModelCaller:
         """For backends that cannot stream while choosing tools: one answer, one delta."""
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         request = ChatCompletionRequest.model_validate(body)
-        reply = orjson.loads((await self._chat.complete(ChatCall(request, body, agent=agent), {})).body)
+        with activate(self._chat.start_span(model, body)) as span:  # the chat service records the reply on it
+            completion = await self._chat.complete(ChatCall(request, body, agent=agent), {}, span=span)
+        reply = orjson.loads(completion.body)
         choice = (reply.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": ""})
         message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}
@@ -209,6 +238,22 @@ class ModelCaller:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=choice.get("finish_reason"),
         )
+
+
+def _record(span: Span, outcome: ModelOutcome, response_model: str | None, content: bool) -> None:
+    """What a streamed answer tells its `chat` span (the chat service added the backend's name)."""
+    if not span.is_recording():
+        return
+    attributes: dict[str, Any] = {
+        genai.INPUT_TOKENS: outcome.prompt_tokens,
+        genai.OUTPUT_TOKENS: outcome.completion_tokens,
+        genai.FINISH_REASONS: [outcome.finish_reason or ""],
+    }
+    if response_model:
+        attributes[genai.RESPONSE_MODEL] = response_model
+    if content:
+        attributes[genai.OUTPUT_MESSAGES] = genai.output_messages([outcome.message], [outcome.finish_reason])
+    span.set_attributes(attributes)
 
 
 def _outcome(assembly: _Assembly, model: str, call_id: str) -> ModelOutcome:

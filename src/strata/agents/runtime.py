@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from strata.agents.bus import EventBus
 from strata.agents.catalog import AgentCatalog
-from strata.agents.engine import Price, RunEngine
+from strata.agents.engine import RunEngine
 from strata.agents.model_call import ModelCaller
 from strata.agents.service import AgentService
 from strata.agents.tools.registry import ToolRegistry
 from strata.agents.worker import RunWorker
 from strata.compute.offload import CpuPool
 from strata.config import StrataConfig
+from strata.cost.prices import PriceCatalog
+from strata.cost.run_accounting import RunAccounting
 from strata.security.encryption import Keyring
 from strata.serving.chat import ChatService
 from strata.store.agents import AgentVersionStore
@@ -42,9 +44,9 @@ class AgentRuntime:
         catalog = AgentCatalog(AgentVersionStore(db))
         await catalog.sync(config.agents)
         tools = await ToolRegistry.from_config(config.tools, cpu)
-        prices = {m.name: Price(m.input_usd_per_mtok, m.output_usd_per_mtok) for m in config.models}
+        accounting = RunAccounting(PriceCatalog.from_config(config))
         runs = config.runs
-        engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, prices, runs.lease_s)
+        engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, accounting, runs.lease_s)
         worker = RunWorker(store, engine, concurrency=runs.workers, lease_s=runs.lease_s, poll_s=runs.poll_s)
         worker.start()
         return cls(db, store, bus, catalog, tools, engine, worker, AgentService(store, catalog, worker, bus))

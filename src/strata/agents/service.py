@@ -13,6 +13,7 @@ from typing import Any, Literal
 from strata.agents.bus import EventBus, LiveEvent, Subscription
 from strata.agents.catalog import AgentCatalog, UnknownAgent
 from strata.agents.worker import RunWorker
+from strata.observability.tracing import traceparent
 from strata.store.runs import TERMINAL, RunStore
 from strata.store.tables import Run, Session
 
@@ -112,6 +113,7 @@ class AgentService:
             input_message=message,
             idempotency_key=idempotency_key,
             timeout_s=spec.limits.timeout_s,
+            trace_parent=traceparent(),  # the request's span: the run's spans join its trace
         )
         if created and wake:
             self.worker.wake()

@@ -99,7 +99,9 @@ class RunWorker:
                 self.wake()
 
     async def _execute(self, run: Run) -> None:
-        log.info("run claimed", run_id=run.id, agent=run.agent, attempt=run.attempts)
+        # This task's own context: every line logged while the run executes names it (and its trace, from
+        # the run's invoke_agent span).
+        structlog.contextvars.bind_contextvars(run_id=run.id, agent=run.agent)
         execution = asyncio.current_task()
         assert execution is not None
         heartbeat = asyncio.create_task(self._heartbeat(run.id, execution))

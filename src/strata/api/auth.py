@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strata.api.errors import ApiError, error_response
 from strata.api.permissions import PUBLIC, Policy
 from strata.api.request_id import current_request_id
+from strata.observability.request_metrics import RequestMetrics
+from strata.observability.tracing import set_principal
 from strata.security.audit import AuditRecord
 from strata.security.audit_log import AuditBacklogFull, AuditLog
 from strata.security.authenticator import Authenticator, AuthError, AuthUnavailable
@@ -47,6 +49,7 @@ class Guard:
     policies: dict[Any, Policy]
     default_rpm: int | None = None
     default_tpm: int | None = None
+    metrics: RequestMetrics | None = None
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     def count_tokens(self, who: Principal, tokens: int) -> None:
@@ -131,9 +134,12 @@ class AuthMiddleware:
             await _refuse(scope, receive, send, error)
             return
         scope[PRINCIPAL] = who
+        set_principal(who.user, who.key_id, who.role)  # on the request's span, and key_id on its log lines
         decision = await guard.limiter.hit_request(who.key_id or f"user:{who.user}", who.rpm or guard.default_rpm)
         headers = ratelimit_headers(decision, None) if decision.limit else {}
         if not decision.allowed:
+            if guard.metrics is not None:
+                guard.metrics.rate_limited("requests")
             error = ApiError(
                 429,
                 f"rate limit reached: {decision.limit} requests per minute for this key; "
@@ -195,6 +201,8 @@ async def authorize(connection: HTTPConnection) -> None:
             headers = ratelimit_headers(None, decision)
             scope.setdefault(EXTRA_HEADERS, {}).update(headers)
             if not decision.allowed:
+                if guard.metrics is not None:
+                    guard.metrics.rate_limited("tokens")
                 _too_many_tokens(connection, decision, headers)
 
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import orjson
+import structlog
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from strata.api.auth import Guard, principal
+from strata.api.auth import principal
+from strata.api.chat_accounting import COST_HEADER, ChatAccount
 from strata.api.disconnect import cancel_on_disconnect
-from strata.api.errors import ApiError, invalid_body
+from strata.api.errors import ApiError, from_serving_error, invalid_body
+from strata.api.metrics_middleware import waiting_on_backend
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.config import LimitsConfig
-from strata.security.principal import Principal
 from strata.serving.chat import ChatCall
+from strata.serving.errors import ServingError
 from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay
 
@@ -70,32 +73,42 @@ def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.strata
     call = parse_chat(await request.body(), request.headers.get("x-strata-tag"), state.config.limits)
-    who = principal(request)
-    if not who.may_use_model(call.request.model):
-        raise ApiError(
-            403,
-            f"this key may not use model {call.request.model!r}",
-            type_="permission_error",
-            code="model_not_allowed",
-        )
-    guard: Guard = state.guard  # type: ignore[assignment]  # set before the first request is served
+    model = call.request.model
+    structlog.contextvars.bind_contextvars(model=model)
+    if not principal(request).may_use_model(model):
+        raise ApiError(403, f"this key may not use model {model!r}", type_="permission_error", code="model_not_allowed")
+    account = ChatAccount(request, model)
+    await account.admit()
     request_id = current_request_id()
     headers = {"X-Request-ID": request_id} if request_id else {}
+    try:
+        with waiting_on_backend(request.scope):
+            if call.request.stream:
+                relay = await state.chat.open_stream(call, headers)
+            else:
+                completion = await cancel_on_disconnect(request, state.chat.complete(call, headers))
+    except ServingError as exc:
+        account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
+        raise
     if call.request.stream:
-        relay = await state.chat.open_stream(call, headers)
-        return StreamingResponse(_metered(relay, guard, who), media_type="text/event-stream", headers=_SSE_HEADERS)
-    completion = await cancel_on_disconnect(request, state.chat.complete(call, headers))
-    guard.count_tokens(who, completion.usage.total_tokens)
-    return Response(completion.body, media_type="application/json")
+        return StreamingResponse(_metered(relay, account), media_type="text/event-stream", headers=_SSE_HEADERS)
+    usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
+    return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})
 
 
-async def _metered(relay: ChatStreamRelay, guard: Guard, who: Principal) -> AsyncIterator[bytes]:
+async def _metered(relay: ChatStreamRelay, account: ChatAccount) -> AsyncIterator[bytes]:
     try:
         async for chunk in relay:
             yield chunk
-    finally:
-        if relay.stats.usage is not None:  # also when the client went away: the backend did the work
-            guard.count_tokens(who, relay.stats.usage.total_tokens)
+    finally:  # also when the client went away: the backend did the work
+        stats = relay.stats
+        account.settle(
+            stats.usage,
+            ttft_s=stats.ttft_s(account.started),
+            tpot_s=stats.tpot_s(),
+            busy_s=relay.busy_s,
+            served_by=relay.model,
+        )
 
 
 @router.get("/models", summary="List the models this Strata serves")

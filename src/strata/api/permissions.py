@@ -45,6 +45,9 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("GET", "/v1/runs/{run_id}/steps"): P.RUNS_READ,
     ("POST", "/v1/runs/{run_id}/cancel"): P.AGENTS_INVOKE,
     ("POST", "/v1/runs/{run_id}/approval"): P.AGENTS_INVOKE,
+    ("GET", "/v1/runs/{run_id}/trace"): P.RUNS_READ,
+    ("GET", "/v1/traces/{trace_id}"): P.RUNS_READ,  # spans of one's own runs; runs:read_all sees all
+    ("GET", "/v1/usage"): P.RUNS_READ,  # one's own usage; usage:read_all sees everyone's
     # administration
     ("PUT", "/admin/agents/{name}"): P.AGENTS_WRITE,
     ("GET", "/admin/agents/{name}/versions"): P.AGENTS_READ,

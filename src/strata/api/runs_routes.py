@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from strata.agents.bus import LiveEvent, Subscription
 from strata.agents.service import AgentService, ApprovalDecision
 from strata.api.auth import audit, principal
+from strata.api.chat_accounting import admit_budget
 from strata.api.errors import ApiError
 from strata.api.ownership import readable_run, service, writable_run
 from strata.api.state import AppState
@@ -77,6 +78,7 @@ async def create_run(
     who = principal(request)
     if not who.may_use_agent(agent):
         raise ApiError(403, f"this key may not run agent {agent!r}", type_="permission_error", code="agent_not_allowed")
+    await admit_budget(state, who, agent)
     run, _created = await agents.start_run(
         agent,
         user_message(body.input),

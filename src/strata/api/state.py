@@ -11,7 +11,10 @@ from strata.agents.runtime import AgentRuntime
 from strata.agents.service import AgentService
 from strata.api.auth import Guard
 from strata.config import StrataConfig
+from strata.cost.services import CostServices
+from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuMonitor
+from strata.observability.request_metrics import RequestMetrics
 from strata.serving.chat import ChatService
 from strata.serving.errors import BackendNotReadyError
 from strata.serving.hotswap import ModelDeployer
@@ -38,6 +41,9 @@ class AppState:
     config_path: Path | None = None  # what `POST /admin/reload` and SIGHUP re-read
     runtime: AgentRuntime | None = None  # set once the store is migrated and tools are connected
     guard: Guard | None = None  # authentication, limits and audit; set in the lifespan, before serving
+    cost: CostServices | None = None  # prices, usage metering, budgets; set in the lifespan
+    request_metrics: RequestMetrics | None = None
+    alerter: Alerter | None = None
 
     def agent_runtime(self) -> AgentRuntime:
         if self.runtime is None:

@@ -16,24 +16,27 @@ import structlog
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from strata.api.permissions import app_routes
+from strata.api.permissions import UndeclaredRoute, app_routes
 from strata.api.request_id import current_request_id
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import SpanKind, Tracing, activate, extract, fail, trace_ids, traceparent
 
 _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
+# Probes and scrapes: every few seconds from every load balancer and Prometheus, and of no interest in a trace.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class TracingMiddleware:
-    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
+    def __init__(self, app: ASGIApp, tracing: Tracing, untraced: frozenset[str] = UNTRACED_PATHS) -> None:
         self.app = app
         self.tracing = tracing
+        self.untraced = untraced
         self._templates: list[tuple[re.Pattern[str], frozenset[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket"):
+        if kind not in ("http", "websocket") or scope["path"] in self.untraced:
             await self.app(scope, receive, send)
             return
         parent_value = state = None
@@ -43,12 +46,11 @@ class TracingMiddleware:
             elif name == _TRACESTATE:
                 state = value.decode("latin-1")
         parent = extract(parent_value, state) if parent_value else None
-        method = scope.get("method", "GET") if kind == "http" else "WS"
+        method = scope.get("method", "GET") if kind == "http" else "WS"  # a WebSocket's span: "WS /v1/agents/..."
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            "http.request.method": scope.get("method", "GET"),
             "url.path": scope["path"],
             "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1"),
         }
         client = scope.get("client")
         if client:
@@ -82,27 +84,33 @@ class TracingMiddleware:
             self._finish(span, scope, method, status[0] if status else None)
 
     def _finish(self, span: Any, scope: Scope, method: str, status: int | None) -> None:
-        if span.is_recording():
-            route = scope.get("route")
-            template = getattr(route, "path", None) or self._template(scope["path"], method)
-            if template:
-                span.set_attribute("http.route", template)
-                span.update_name(f"{method} {template}")
-            if status is not None:
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    fail(span, error_type=str(status), message=f"HTTP {status}")
-        span.end()
+        try:
+            if span.is_recording():
+                route = scope.get("route")
+                template = getattr(route, "path", None) or self._template(scope, method)
+                if template:
+                    span.set_attribute("http.route", template)
+                    span.update_name(f"{method} {template}")
+                if status is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        fail(span, error_type=str(status), message=f"HTTP {status}")
+        finally:
+            span.end()
 
-    def _template(self, path: str, method: str) -> str | None:
-        """The route template of a request answered before routing (a refusal by authentication)."""
+    def _template(self, scope: Scope, method: str) -> str | None:
+        """The route template of a request answered before routing (a refusal by authentication); None for
+        a path no route has (the span is then named by the method alone, as the conventions ask)."""
         if self._templates is None:
-            self._templates = []
-            app = getattr(self, "_app_for_routes", None)
-            if app is not None:
-                for route in app_routes(app):
-                    pattern, _, _ = compile_path(route.path)
-                    self._templates.append((pattern, route.methods, route.path))
+            app = scope.get("app")  # the FastAPI app, set by Starlette before any middleware runs
+            if app is None:
+                return None
+            try:
+                routes = app_routes(app)
+            except UndeclaredRoute:  # a route FastAPI did not make (never in Strata: the app would not start)
+                routes = []
+            self._templates = [(compile_path(route.path)[0], route.methods, route.path) for route in routes]
+        path = scope["path"]
         for pattern, methods, template in self._templates:
             if method in methods and pattern.match(path):
                 return template

@@ -18,6 +18,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect, WebSocketExceptio
 from strata.agents.bus import Subscription
 from strata.agents.service import AgentService, InvalidRequest, NotFound, RunConflict
 from strata.api.auth import principal
+from strata.api.chat_accounting import admit_budget
+from strata.api.errors import ApiError
 from strata.api.state import AppState
 
 router = APIRouter(tags=["runs"])
@@ -50,6 +52,7 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                 await _send(websocket, {"type": "error", "message": "expected {'type': 'message', 'input': str}"})
                 continue
             try:
+                await admit_budget(state, who, agent)
                 run, _ = await agents.start_run(
                     agent,
                     {"role": "user", "content": message["input"]},
@@ -60,6 +63,9 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                 )
             except (NotFound, RunConflict, InvalidRequest) as exc:
                 await _send(websocket, {"type": "error", "message": str(exc)})
+                continue
+            except ApiError as exc:  # a spent budget
+                await _send(websocket, {"type": "error", "code": exc.code, "message": exc.message})
                 continue
             session_id = run.session_id
             current["run"] = run.id

@@ -9,7 +9,7 @@ import structlog
 from strata.security.api_keys import hash_key
 from strata.security.audit import AuditRecord
 from strata.security.audit_log import AuditLog
-from strata.store.keys import KeySpec, KeyStore
+from strata.store.keys import DuplicateKey, KeySpec, KeyStore
 
 log = structlog.get_logger("strata.auth")
 ENV = "STRATA_ADMIN_KEY"
@@ -26,7 +26,10 @@ async def ensure_admin_key(
             raise ValueError(f"{ENV} must be at least {MIN_LENGTH} characters (better: `strata keys generate`)")
         existing = await keys.by_hash(hash_key(secret))
         if existing is None:
-            key, _ = await keys.create(KeySpec(name="admin", role="admin"), created_by=f"env:{ENV}", secret=secret)
+            try:
+                key, _ = await keys.create(KeySpec(name="admin", role="admin"), created_by=f"env:{ENV}", secret=secret)
+            except DuplicateKey:
+                return  # another replica starting at the same moment stored it first
             _created(audit, key.id, f"env:{ENV}")
         elif existing.revoked_at is not None:
             log.warning(f"the key in {ENV} has been revoked; it stays revoked", key_id=existing.id)

@@ -28,6 +28,7 @@ _JSON = "application/json"
 class UpstreamReply:
     status: int
     body: bytes
+    busy_s: float = 0.0  # this request's share of its deployment's busy time (GPU-hour pricing)
 
 
 class UpstreamStream:
@@ -37,6 +38,7 @@ class UpstreamStream:
         self._response = response
         self.deployment = deployment
         self.read_timeout_s = read_timeout_s
+        self.busy_s = 0.0  # its share of the deployment's busy time, known once it is closed
         self._first: bytes | None = None
         self._on_close: list[Callable[[], None]] = []
 

@@ -4,6 +4,9 @@ and within the retry budget and the request's deadline), then the model's fallba
 
 Retryable: connection failures, timeouts before the first byte, 429 and 5xx. Never after a stream
 has started: a stream is only handed to the relay once its first chunk has arrived.
+
+Retries, fallbacks, breaker refusals and trips, admission queue waits and refusals are events of the
+current span (the call's `chat {model}` span); on the happy path none of that costs anything.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import TypeVar
 
 import structlog
 
+from strata.cost.gpu_time import GpuTimeShares
+from strata.observability import tracing_genai as genai
+from strata.observability.tracing import add_event
 from strata.resilience.admission import Overloaded
+from strata.resilience.breaker import BreakerState
 from strata.resilience.retry import parse_retry_after
 from strata.serving.client import UpstreamReply, UpstreamStream
 from strata.serving.deployment import Deployment
@@ -33,6 +41,7 @@ from strata.serving.router import Router
 log = structlog.get_logger("strata.dispatch")
 T = TypeVar("T")
 Operation = Callable[[Deployment, float], Awaitable[T]]
+QUEUE_EVENT_MIN_S = 0.001  # an admission wait shorter than this is no queue wait worth an event
 
 
 def retryable(exc: ServingError) -> bool:
@@ -42,27 +51,44 @@ def retryable(exc: ServingError) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, gpu_time: GpuTimeShares | None = None) -> None:
         self._router = router
+        self._gpu_time = gpu_time or GpuTimeShares()
 
     async def complete(self, model: str, payload: Callable[[Deployment], bytes], path: str,
                        headers: Mapping[str, str]) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
-        async def call(deployment: Deployment, remaining: float) -> UpstreamReply:
-            async with deployment.admission.admit():
-                return await deployment.client.post_json(path, payload(deployment), headers, timeout_s=remaining)
+        busy = 0.0  # every attempt's share of its deployment's time, failed ones included
 
-        return await self._run(model, call)
+        async def call(deployment: Deployment, remaining: float) -> UpstreamReply:
+            nonlocal busy
+            await _admit(deployment)
+            share = self._gpu_time.start(deployment.name)
+            try:
+                return await deployment.client.post_json(path, payload(deployment), headers, timeout_s=remaining)
+            finally:
+                busy += share.finish()
+                deployment.admission.release()
+
+        deployment, reply = await self._run(model, call)
+        return deployment, replace(reply, busy_s=busy)
 
     async def open_stream(self, model: str, payload: Callable[[Deployment], bytes], path: str,
                           headers: Mapping[str, str]) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
         async def call(deployment: Deployment, remaining: float) -> UpstreamStream:
-            await deployment.admission.acquire()
+            await _admit(deployment)
+            share = self._gpu_time.start(deployment.name)
             try:
                 stream = await deployment.client.open_stream(path, payload(deployment), headers)
-                stream.on_close(deployment.admission.release)  # the slot is held until the stream ends
             except BaseException:
+                share.finish()
                 deployment.admission.release()
                 raise
+
+            def closed() -> None:
+                stream.busy_s = share.finish()
+                deployment.admission.release()  # the slot is held until the stream ends
+
+            stream.on_close(closed)
             try:
                 await asyncio.wait_for(stream.prefetch(), remaining)  # a failure before the first byte can retry
             except BaseException as exc:
@@ -85,6 +111,7 @@ class Dispatcher:
             if index:
                 self._router.pool(chain[index - 1]).stats.fallbacks += 1
                 log.warning("falling back", model=model, fallback=name, error=last.message if last else None)
+                add_event(genai.EVENT_FALLBACK, {"from": chain[index - 1], "to": name, "error": _error(last)})
             try:
                 return await self._try_model(name, call, deadline, attempts)
             except ServingError as exc:
@@ -126,6 +153,7 @@ class Dispatcher:
                 continue
             if not await deployment.breaker.allow():
                 attempts.append({"deployment": deployment.name, "error": "circuit open"})
+                add_event(genai.EVENT_BREAKER_OPEN, {"deployment": deployment.name})
                 continue
             attempt += 1
             try:
@@ -134,6 +162,7 @@ class Dispatcher:
                 await deployment.breaker.release_probe()
                 last = exc
                 attempts.append({"deployment": deployment.name, "error": f"overloaded ({exc.reason})"})
+                add_event(genai.EVENT_OVERLOADED, {"deployment": deployment.name, "reason": exc.reason})
                 continue  # another replica may have room; being full is no failure of the backend
             except ServingError as exc:
                 exc.deployment = exc.deployment or deployment.name
@@ -142,7 +171,7 @@ class Dispatcher:
                 if not retryable(exc):
                     await deployment.breaker.record_success()  # it answered; the request was at fault
                     raise
-                await deployment.breaker.record_failure()
+                await _record_failure(deployment)
                 retry_after = parse_retry_after(exc.retry_after) if isinstance(exc, UpstreamStatusError) else None
                 if not pool.retry.should_retry(attempt, retry_after):
                     raise
@@ -150,6 +179,16 @@ class Dispatcher:
                 delay = min(pool.retry.delay(attempt, retry_after), max(0.0, deadline - time.monotonic()))
                 log.info("retrying", model=model, deployment=deployment.name, attempt=attempt,
                          delay_s=round(delay, 3), error=exc.message)  # fmt: skip
+                add_event(
+                    genai.EVENT_RETRY,
+                    {
+                        "attempt": attempt,
+                        "deployment": deployment.name,
+                        "delay_s": round(delay, 3),
+                        "error": exc.message[:512],
+                        genai.ERROR_TYPE: genai.error_type(exc),
+                    },
+                )
                 if len(tried) >= len(pool.deployments):
                     tried.clear()  # every replica had its turn; the next attempt may reuse one
                 await asyncio.sleep(delay)
@@ -159,6 +198,30 @@ class Dispatcher:
                 raise
             await deployment.breaker.record_success()
             return deployment, result
+
+
+async def _admit(deployment: Deployment) -> None:
+    """Take an admission slot; a wait in its queue becomes an event of the current span."""
+    started = time.perf_counter()
+    await deployment.admission.acquire()
+    waited = time.perf_counter() - started
+    if waited >= QUEUE_EVENT_MIN_S:
+        add_event(genai.EVENT_QUEUE_WAIT, {"deployment": deployment.name, "wait_s": round(waited, 4)})
+
+
+async def _record_failure(deployment: Deployment) -> None:
+    """Count a failure against the deployment's breaker; if that opens it, say so on the current span."""
+    breaker = deployment.breaker
+    before = breaker.state
+    await breaker.record_failure()
+    if before is not BreakerState.OPEN and breaker.state is BreakerState.OPEN:
+        add_event(genai.EVENT_BREAKER_TRIPPED, {"deployment": deployment.name})
+
+
+def _error(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    return str(getattr(exc, "message", None) or exc)[:512]
 
 
 def _nothing_left(model: str, last: ServingError | Overloaded | None) -> ServingError:

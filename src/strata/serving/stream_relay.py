@@ -23,13 +23,38 @@ _USAGE_MARK = b'"usage"'
 
 @dataclass
 class StreamStats:
-    """What the relay observed: the usage to report, and what a usage event it adds must carry."""
+    """What the relay observed: the usage to report, what a usage event it adds must carry, and timing.
+
+    `first_chunk_at` / `last_chunk_at` are `time.perf_counter()` readings taken when the first and the
+    latest answer event (one with `choices`; a usage-only event does not count) went on to the client.
+    The first event is the first token: servers send it (often with only the role) once the prompt is
+    processed and the first token decoded.
+    """
 
     usage: Usage | None = None
     chunk_id: str | None = None
     created: int | None = None
     model: str | None = None
     completion_parts: list[str] = field(default_factory=list)
+    first_chunk_at: float | None = None
+    last_chunk_at: float | None = None
+    chunks: int = 0
+
+    def ttft_s(self, started_at: float) -> float | None:
+        """Time to first token from `started_at` (a perf_counter reading: when the request arrived)."""
+        return None if self.first_chunk_at is None else max(0.0, self.first_chunk_at - started_at)
+
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (last - first chunk) / (completion tokens - 1).
+
+        None when it cannot be known: no usage, fewer than two completion tokens, or a single chunk.
+        """
+        if self.usage is None or self.first_chunk_at is None or self.last_chunk_at is None:
+            return None
+        tokens = self.usage.completion_tokens
+        if tokens < 2 or self.last_chunk_at <= self.first_chunk_at:
+            return None
+        return (self.last_chunk_at - self.first_chunk_at) / (tokens - 1)
 
 
 class ChatStreamRelay:
@@ -51,6 +76,12 @@ class ChatStreamRelay:
         self._prompt_tokens = prompt_tokens
         self._counter = counter
         self.stats = StreamStats()
+        self.model = ""  # the model that answers (set by the chat service: a fallback may stand in)
+
+    @property
+    def busy_s(self) -> float:
+        """The stream's share of its deployment's busy time, once the stream is closed."""
+        return self._stream.busy_s
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         buffer = b""
@@ -107,6 +138,11 @@ class ChatStreamRelay:
             self._collect_text(payload)
         else:
             self._unparsed.append(payload)
+        now = time.perf_counter()
+        if stats.first_chunk_at is None:
+            stats.first_chunk_at = now
+        stats.last_chunk_at = now
+        stats.chunks += 1
         return _sse(payload)
 
     def _remember_ids(self, payload: bytes) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from strata.security.api_keys import display_prefix, generate_key, hash_key
 from strata.store.database import Database
@@ -78,6 +79,10 @@ class KeyNotFound(LookupError):
     pass
 
 
+class DuplicateKey(ValueError):
+    """A key with this secret exists already (two replicas creating the same STRATA_ADMIN_KEY at once)."""
+
+
 class KeyStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -110,8 +115,11 @@ class KeyStore:
             expires_at=spec.expires_at,
             revoked_at=None,
         )
-        async with self.db.transaction() as tx:
-            tx.add(row)
+        try:
+            async with self.db.transaction() as tx:
+                tx.add(row)
+        except IntegrityError:
+            raise DuplicateKey(f"a key with the prefix {row.prefix} exists already") from None
         return KeyRecord.of(row), secret
 
     async def by_hash(self, digest: str) -> KeyRecord | None:

@@ -150,8 +150,11 @@ class RunStore:
         input_message: dict[str, Any],
         idempotency_key: str | None,
         timeout_s: float,
+        trace_parent: str | None = None,
     ) -> tuple[Run, bool]:
-        """Persist a queued run (the acknowledgement point). Returns (run, created)."""
+        """Persist a queued run (the acknowledgement point). Returns (run, created).
+
+        `trace_parent`: the W3C traceparent of the request creating it, which the run's spans join."""
         if idempotency_key:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
@@ -169,6 +172,7 @@ class RunStore:
             approvals={},
             created_at=now,
             deadline_at=now + timedelta(seconds=timeout_s),
+            trace_parent=trace_parent,
         )
         try:
             async with self.unit() as unit:

@@ -93,6 +93,8 @@ class Run(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime]
+    # The W3C traceparent of the request that created the run: its `invoke_agent` spans join that trace.
+    trace_parent: Mapped[str | None] = mapped_column(String(64))
 
 
 class Step(Base):
@@ -173,3 +175,59 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Usage(Base):
+    """One model call (a chat completion or a run's model step): tokens, latency and cost. Append-only."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        Index("ix_usage_key_ts", "key_id", "ts"),
+        Index("ix_usage_user_ts", "user", "ts"),
+        Index("ix_usage_agent_ts", "agent", "ts"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(index=True)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    user: Mapped[str | None] = mapped_column(String(128))
+    agent: Mapped[str | None] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(40))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float)
+    ttft_s: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[float] = mapped_column(Float)
+
+
+class Span(Base):
+    """One finished OpenTelemetry span in the local trace store (`GET /v1/runs/{id}/trace`). Append-only,
+    pruned after `tracing.local_retention_hours`. `run_id` and `owner` come from the span's `strata.run.id`
+    and `strata.owner` attributes (children inherit them), for lookups by run and per-user visibility.
+
+    `attributes` holds what is no conversation content (names, models, token counts, status codes); the
+    content attributes (prompts, answers, tool arguments and results, with `tracing.capture_content`) and
+    the events (their error messages can echo content) are sealed together in `sealed`, left NULL when
+    there are none, so a span without content costs no encryption."""
+
+    __tablename__ = "spans"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    trace_id: Mapped[str] = mapped_column(String(32), index=True)
+    span_id: Mapped[str] = mapped_column(String(16))
+    parent_span_id: Mapped[str | None] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))
+    start_ns: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix epoch nanoseconds
+    end_ns: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(8))  # "unset", "ok" or "error"
+    status_message: Mapped[str | None] = mapped_column(EncryptedText("spans.status_message"))
+    run_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sealed: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON("spans.sealed"))  # {"attributes", "events"}

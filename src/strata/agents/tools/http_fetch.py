@@ -21,6 +21,7 @@ from yarl import URL
 
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult, ToolRisk, ToolSpec
 from strata.config import HttpFetchConfig
+from strata.observability.tracing import TRACEPARENT, inject
 from strata.security.egress import EgressPolicy, EgressRefused, parse_address
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
@@ -169,6 +170,8 @@ class HttpFetchTool(Tool):
             cookie_jar=aiohttp.DummyCookieJar(),
         ) as session:
             url, headers = request.url, dict(request.headers)
+            if not any(name.lower() == TRACEPARENT for name in headers):  # the model's own header wins
+                inject(headers)  # the tool call's span: the fetched service can join the run's trace
             for hop in range(self._config.max_redirects + 1):
                 await self._check_and_pin(url, pins)
                 try:

@@ -23,6 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult, ToolRisk, ToolSpec
 from strata.config import McpServerConfig
+from strata.observability.tracing import inject
 
 log = structlog.get_logger("strata.tools.mcp")
 
@@ -97,6 +98,7 @@ class McpServerConnection:
             why = f" ({_describe(self._failure)})" if self._failure else ""
             raise ToolError(f"MCP server {self.name!r} is not connected{why}")
         meta: mcp_types.RequestParamsMeta = {IDEMPOTENCY_META_KEY: idempotency_key}
+        inject(meta)  # type: ignore[arg-type]  # W3C trace context in `_meta` (MCP SEP-414): the tool call's span
         try:
             with anyio.fail_after(timeout_s + _TIMEOUT_GRACE_S):
                 result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout_s, meta=meta)

@@ -1,0 +1,95 @@
+"""The bookkeeping around one chat completion: the budget check before it, and after it the tokens,
+the cost, the usage row, the metrics and the key's tokens-per-minute window. None of it waits on the
+database: usage rows and budget spends go to background writers."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+
+from strata.api.auth import principal
+from strata.api.metrics_middleware import request_started_at, set_model
+from strata.api.request_id import current_request_id
+from strata.api.state import AppState
+from strata.api.usage_routes import budget_refusal
+from strata.cost.records import UsageEvent
+from strata.security.principal import Principal
+from strata.serving.usage import Usage
+
+COST_HEADER = "x-strata-cost-usd"
+
+
+async def admit_budget(state: AppState, who: Principal, agent: str | None) -> None:
+    """Refuse (429) before any work when a hard budget of this key, user or agent is spent."""
+    cost = state.cost
+    if cost is None:
+        return
+    decision = await cost.budgets.check(who, agent)
+    if not decision.allowed:
+        if state.request_metrics is not None and decision.budget is not None:
+            state.request_metrics.budget_refused(decision.budget.scope)
+        raise budget_refusal(decision)
+
+
+class ChatAccount:
+    def __init__(self, request: Request, model: str) -> None:
+        self.state: AppState = request.app.state.strata
+        self.scope = request.scope
+        self.who: Principal = principal(request)
+        self.model = model
+        self.started = request_started_at(request.scope) or time.perf_counter()
+        set_model(request.scope, model)
+
+    async def admit(self) -> None:
+        await admit_budget(self.state, self.who, None)
+
+    def settle(
+        self,
+        usage: Usage | None,
+        *,
+        status: int = 200,
+        error_type: str = "",
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+        busy_s: float = 0.0,
+        served_by: str = "",
+    ) -> float:
+        """Record what the call used and cost (priced as the model that answered); returns the cost in USD."""
+        latency = time.perf_counter() - self.started
+        if served_by:
+            self.model = served_by
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        cost = self.state.cost
+        usd = cost.catalog.cost(self.model, prompt, completion, busy_s=busy_s) if cost else 0.0
+        metrics = self.state.request_metrics
+        if metrics is not None:
+            metrics.observe_operation(self.model, latency, error_type=error_type)
+            if usage is not None:
+                metrics.observe_tokens(self.model, prompt, completion)
+            metrics.observe_cost(self.model, self.who.key_id or "", usd)
+            if ttft_s is not None:
+                metrics.observe_ttft(self.model, ttft_s)
+            if tpot_s is not None:
+                metrics.observe_tpot(self.model, tpot_s)
+        if cost is not None:
+            event = UsageEvent(
+                ts=datetime.now(UTC),
+                request_id=current_request_id(),
+                kind="chat",
+                model=self.model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                latency_s=latency,
+                cost_usd=usd,
+                key_id=self.who.key_id,
+                user=self.who.user,
+                ttft_s=ttft_s,
+                status=status,
+            )
+            cost.settle(event, self.who)
+        if self.state.guard is not None and usage is not None:
+            self.state.guard.count_tokens(self.who, usage.total_tokens)
+        return usd
