@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
 from strata.store.audit import AuditStore
 from strata.store.database import Database
-from strata.store.keys import KeyStore
+from strata.store.keys import KeyNotFound, KeyStore
 
 log = structlog.get_logger("strata.app")
 POOLED_COUNT_BYTES = 1 << 20
@@ -144,7 +144,7 @@ def build_app(
                 config, state.runtime.db, redis=redis, on_soft_limit=budget_alert, on_hard_limit=budget_alert,
                 gpu_time=gpu_time,
             )  # fmt: skip
-            state.runtime.engine.accounting.bind(state.cost, request_metrics)
+            state.runtime.engine.accounting.bind(state.cost, request_metrics, _key_budget(state.guard.auth.keys))
             await alerter.start()
         except Exception as exc:
             log.error("cannot start the security layer", error=str(exc))
@@ -240,6 +240,16 @@ async def _start_guard(
         default_tpm=config.limits.default_tpm,
         metrics=metrics,
     )
+
+
+def _key_budget(keys: KeyStore) -> Callable[[str], Awaitable[float | None]]:
+    async def budget(key_id: str) -> float | None:
+        try:
+            return (await keys.get(key_id)).budget_usd
+        except KeyNotFound:
+            return None
+
+    return budget
 
 
 def _announce_admin_key(secret: str) -> None:

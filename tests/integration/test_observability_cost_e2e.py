@@ -67,6 +67,7 @@ def server(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
             {"name": "helper", "model": "usage-model"},
             {"name": "capped", "model": "budget-model"},
             {"name": "logger", "model": "log-model"},
+            {"name": "keyed", "model": "budget-model"},
         ],
         "cost": {"budgets": [{"scope": "agent", "name": "capped", "period": "day", "limit_usd": 0.05}]},
         "runs": {"poll_s": 0.1},
@@ -386,6 +387,24 @@ def test_an_agent_budget_stops_its_runs(server: StrataProcess, mock_backend: Moc
         - value(before, "strata_budget_rejections_total", scope="agent")
         == 1
     )
+
+
+def test_a_keys_budget_counts_its_agent_runs(server: StrataProcess, mock_backend: MockBackend) -> None:
+    """Run steps are charged to the key that started the run: its usage rows and its own budget."""
+    secret, key_id = make_key(server, budget_usd=0.05)
+    client = server.client(secret)
+    statuses = []
+    for _ in range(5):
+        response = client.post("/v1/agents/keyed/runs", json={"input": "go"}, timeout=30)
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            break
+    assert statuses == [200, 200, 200, 429]  # $0.02 a run: the third crosses $0.05 and completes
+    assert response.json()["error"]["budget"]["scope"] == "key"
+    assert response.json()["error"]["budget"]["name"] == key_id
+    usage = server.client().get("/v1/usage", params={"group_by": "key", "kind": "run_step"}).json()
+    mine = row(usage, key_id)
+    assert mine["requests"] == 3 and mine["cost_usd"] == pytest.approx(0.06, abs=1e-8)
 
 
 # -- 4. webhook alerts -----------------------------------------------------------------------------------

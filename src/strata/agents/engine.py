@@ -233,7 +233,7 @@ class _Job:
             for call in outcome.tool_calls:
                 await unit.add_event(run.id, "tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
         latency = time.monotonic() - step_started
-        accounting.model_step(run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost)
+        await accounting.model_step(run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost)
 
     def _delta(self, text: str, turn: int) -> None:
         self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text, "turn": turn}, None))

@@ -77,6 +77,7 @@ class AgentService:
         idempotency_key: str | None,
         owner: str | None,
         wake: bool = True,
+        key_id: str | None = None,
     ) -> tuple[Run, bool]:
         """`wake=False`: the caller wakes the worker itself, once it has subscribed to the run."""
         version, spec = await self.agent(agent)
@@ -114,6 +115,7 @@ class AgentService:
             idempotency_key=idempotency_key,
             timeout_s=spec.limits.timeout_s,
             trace_parent=traceparent(),  # the request's span: the run's spans join its trace
+            key_id=key_id,
         )
         if created and wake:
             self.worker.wake()

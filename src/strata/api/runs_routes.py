@@ -85,6 +85,7 @@ async def create_run(
         session_id=body.session_id,
         idempotency_key=idempotency_key,
         owner=who.user,
+        key_id=who.key_id,
         wake=body.mode != "stream",
     )
     if body.mode == "stream":

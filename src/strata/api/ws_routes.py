@@ -59,6 +59,7 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                     session_id=message.get("session_id") or session_id,
                     idempotency_key=message.get("idempotency_key"),
                     owner=who.user,
+                    key_id=who.key_id,
                     wake=False,
                 )
             except (NotFound, RunConflict, InvalidRequest) as exc:

@@ -7,6 +7,8 @@ metrics once they are up. Steps that finish before then are kept and settled at 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from strata.cost.budgets import BudgetSubject
@@ -17,6 +19,8 @@ from strata.observability.request_metrics import RequestMetrics
 from strata.store.tables import Run
 
 _MAX_EARLY = 10_000  # steps held before binding; a start takes seconds, so this is never reached in practice
+_KEY_BUDGET_TTL_S = 30.0
+KeyBudget = Callable[[str], Awaitable[float | None]]  # a key id -> its own monthly budget (None: none)
 
 
 class RunAccounting:
@@ -24,19 +28,32 @@ class RunAccounting:
         self.catalog = catalog
         self._cost: CostServices | None = None
         self._metrics: RequestMetrics | None = None
-        self._early: list[UsageEvent] = []
+        self._early: list[tuple[UsageEvent, BudgetSubject]] = []
+        self._key_budget: KeyBudget | None = None
+        self._key_budgets: dict[str, tuple[float | None, float]] = {}  # key id -> (budget, read at)
 
-    def bind(self, cost: CostServices, metrics: RequestMetrics | None) -> None:
-        self._cost, self._metrics = cost, metrics
+    def bind(self, cost: CostServices, metrics: RequestMetrics | None, key_budget: KeyBudget | None = None) -> None:
+        self._cost, self._metrics, self._key_budget = cost, metrics, key_budget
         self.catalog = cost.catalog
-        for event in self._early:
-            cost.settle(event, BudgetSubject(None, event.user, event.agent))
+        for event, subject in self._early:
+            cost.settle(event, subject)
         self._early.clear()
+
+    async def _budget_of(self, key_id: str | None) -> float | None:
+        """The run's key's own budget, re-read at most every 30 s (it may change while a run goes on)."""
+        if key_id is None or self._key_budget is None:
+            return None
+        cached = self._key_budgets.get(key_id)
+        if cached is not None and time.monotonic() - cached[1] < _KEY_BUDGET_TTL_S:
+            return cached[0]
+        budget = await self._key_budget(key_id)
+        self._key_budgets[key_id] = (budget, time.monotonic())
+        return budget
 
     def step_cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
         return self.catalog.cost(model, prompt_tokens, completion_tokens)
 
-    def model_step(
+    async def model_step(
         self, run: Run, model: str, prompt_tokens: int, completion_tokens: int, latency_s: float, cost_usd: float
     ) -> None:
         event = UsageEvent(
@@ -48,18 +65,20 @@ class RunAccounting:
             completion_tokens=completion_tokens,
             latency_s=latency_s,
             cost_usd=cost_usd,
+            key_id=run.key_id,
             user=run.owner,
             agent=run.agent,
             run_id=run.id,
         )
+        subject = BudgetSubject(run.key_id, run.owner, run.agent, await self._budget_of(run.key_id))
         if self._metrics is not None:
             self._metrics.observe_tokens(model, prompt_tokens, completion_tokens)
             self._metrics.observe_operation(model, latency_s)
             self._metrics.observe_cost(model, "", cost_usd)
         if self._cost is not None:
-            self._cost.settle(event, BudgetSubject(None, run.owner, run.agent))
+            self._cost.settle(event, subject)
         elif len(self._early) < _MAX_EARLY:
-            self._early.append(event)
+            self._early.append((event, subject))
 
     def tool_called(self, tool: str, outcome: str) -> None:
         if self._metrics is not None:

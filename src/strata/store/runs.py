@@ -151,6 +151,7 @@ class RunStore:
         idempotency_key: str | None,
         timeout_s: float,
         trace_parent: str | None = None,
+        key_id: str | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
@@ -173,6 +174,7 @@ class RunStore:
             created_at=now,
             deadline_at=now + timedelta(seconds=timeout_s),
             trace_parent=trace_parent,
+            key_id=key_id,
         )
         try:
             async with self.unit() as unit:

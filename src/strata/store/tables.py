@@ -95,6 +95,7 @@ class Run(Base):
     deadline_at: Mapped[datetime]
     # The W3C traceparent of the request that created the run: its `invoke_agent` spans join that trace.
     trace_parent: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(40))  # the API key that started it (None: a JWT)
 
 
 class Step(Base):
