@@ -89,14 +89,23 @@ def _table(title: str, group_by: str, rows: list[UsageRow], total: UsageRow | No
         (group_by, "total", "left"),
         ("requests", f"{footer.requests:,}", "right"),
         ("errors", f"{footer.errors:,}", "right"),
-        ("prompt tokens", f"{footer.prompt_tokens:,}", "right"),
-        ("completion tokens", f"{footer.completion_tokens:,}", "right"),
+        ("prompt\ntokens", f"{footer.prompt_tokens:,}", "right"),
+        ("completion\ntokens", f"{footer.completion_tokens:,}", "right"),
         ("cost", format_usd(footer.cost_usd), "right"),
-        ("p50 latency", _seconds(footer.latency_p50_s), "right"),
-        ("p95 latency", _seconds(footer.latency_p95_s), "right"),
+        ("p50\nlatency", _seconds(footer.latency_p50_s), "right"),
+        ("p95\nlatency", _seconds(footer.latency_p95_s), "right"),
     ]
     for header, foot, justify in columns:
-        table.add_column(header, footer=foot, justify=justify)  # type: ignore[arg-type]
+        # Numbers are never cut short: a narrow terminal folds the group names instead.
+        grouping = header == group_by
+        table.add_column(
+            header,
+            footer=foot,
+            justify=justify,
+            no_wrap=not grouping,
+            overflow="fold",
+            min_width=12 if grouping else None,
+        )  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
             row.group if row.group is not None else "-",
