@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := 0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/strata-wheels/llama-cpp-$(LLAMA_CPP_VERSION)-avx2
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: serve test lint bootstrap clean-venv
+.PHONY: serve test lint bench bootstrap clean-venv
 
 bootstrap: $(STAMP)
 
@@ -23,20 +23,23 @@ $(STAMP): pyproject.toml
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir \
 			-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
-	@$(PY) -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[embedded,dev]'
+	@$(PY) -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[embedded,dev,bench]'
 	@touch $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/strata serve
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: $(STAMP)
+	$(PY) -m bench
