@@ -197,6 +197,9 @@ def build_app(
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
         responses=ERROR_RESPONSES,
+        # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only
+        # re-check OTel's global providers (an os.environ read) on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
