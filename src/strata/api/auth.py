@@ -181,18 +181,8 @@ async def authorize(connection: HTTPConnection) -> None:
         _deny(connection, "this route takes no anonymous requests", 401)
     assert isinstance(policy, Permission) and who is not None
     if not who.may(policy):
-        guard.audit.record(
-            AuditRecord(
-                action="access.denied",
-                outcome="denied",
-                actor=who.label,
-                actor_role=who.role,
-                resource=f"{scope.get('method', 'WS')} {scope['path']}",
-                source_ip=source_ip(scope),
-                request_id=current_request_id(),
-                details={"permission": policy.value},
-            )
-        )
+        resource = f"{scope.get('method', 'WS')} {scope['path']}"
+        audit(connection, "access.denied", resource, {"permission": policy.value}, outcome="denied")
         _deny(connection, f"role {who.role!r} lacks the permission {policy.value!r} this route needs", 403)
     if policy in _SPENDS_TOKENS:
         tpm = who.tpm or guard.default_tpm

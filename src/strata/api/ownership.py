@@ -6,10 +6,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from strata.agents.service import AgentService, NotFound
-from strata.api.auth import Guard, principal, source_ip
-from strata.api.request_id import current_request_id
+from strata.api.auth import audit, principal
 from strata.api.state import AppState
-from strata.security.audit import AuditRecord
 from strata.security.principal import Principal
 from strata.security.rbac import Permission
 from strata.store.tables import Run, Session
@@ -20,29 +18,14 @@ def service(request: Request) -> AgentService:
     return state.agent_service()
 
 
-def owner_of(request: Request) -> str:
-    return principal(request).user
-
-
 def _check(request: Request, who: Principal, owner: str | None, resource: str, *, write: bool) -> None:
     if owner == who.user:
         return
     allowed = who.may(Permission.RUNS_WRITE_ALL if write else Permission.RUNS_READ_ALL)
     if not allowed:
         raise NotFound(f"no {resource}")
-    guard: Guard = request.app.state.strata.guard
-    guard.audit.record(
-        AuditRecord(
-            action="data.write_other_user" if write else "data.read_other_user",
-            outcome="success",
-            actor=who.label,
-            actor_role=who.role,
-            resource=resource,
-            source_ip=source_ip(request.scope),
-            request_id=current_request_id(),
-            details={"owner": owner, "method": request.method, "path": request.url.path},
-        )
-    )
+    action = "data.write_other_user" if write else "data.read_other_user"
+    audit(request, action, resource, {"owner": owner, "method": request.method, "path": request.url.path})
 
 
 async def readable_run(request: Request, run_id: str) -> Run:
