@@ -15,10 +15,11 @@ from rich.console import Console
 
 from strata.cli_audit import audit_app
 from strata.cli_keys import keys_app
+from strata.cli_support import load_or_exit
 from strata.cli_usage import usage
 from strata.compute.planner import GpuSlot, GpuTopology
 from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, VllmModelConfig
-from strata.config_loader import ConfigError, load_config, redacted, resolve_config_path
+from strata.config_loader import redacted, resolve_config_path
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
@@ -40,24 +41,13 @@ ConfigOption = Annotated[
 ]
 
 
-def _load_or_exit(path: Path | None) -> StrataConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        source = resolve_config_path(path, os.environ)
-        # Plain writes: these lines are read by people and grep alike, so they must never wrap.
-        sys.stderr.write(f"invalid configuration ({source or 'defaults and environment'}):\n")
-        sys.stderr.writelines(f"  {issue}\n" for issue in exc.issues)
-        raise typer.Exit(2) from None
-
-
 @config_app.command("check")
 def config_check(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the effective config as JSON.")] = False,
 ) -> None:
     """Validate the configuration; print the effective config (secrets masked) or every error."""
-    loaded = _load_or_exit(config)
+    loaded = load_or_exit(config)
     effective = redacted(loaded)
     if as_json:
         sys.stdout.write(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -82,7 +72,7 @@ def serve(
     from strata.security.redaction import Redactor, upstream_key_envs
     from strata.serving.embedded import EmbeddedModelUnavailable
 
-    loaded = _load_or_exit(config)
+    loaded = load_or_exit(config)
     overrides = {"host": host, "port": port, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
     if any(v is not None for v in overrides.values()):
         try:
@@ -116,7 +106,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
     from strata.store.database import Database
 
-    loaded = _load_or_exit(config)
+    loaded = load_or_exit(config)
 
     async def upgrade() -> str:
         db = Database(loaded.effective_database_url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,12 +11,11 @@ from typing import Annotated, TextIO, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
 from strata.security.audit import VerifyResult
 from strata.store.audit import AuditStore
-from strata.store.database import Database
 
 audit_app = typer.Typer(
     name="audit", no_args_is_help=True, help="The tamper-evident audit trail: verify its hash chain, export it."
@@ -40,7 +38,7 @@ def verify(config: ConfigOption = None) -> None:
         with err.status("verifying the audit chain...") as status:
             return await store.verify(lambda n: status.update(f"verifying the audit chain... {n:,} rows"))
 
-    result = _with_store(_load(config), run)
+    result = _with_store(load_or_exit(config), run)
     if not result.ok:
         out.print(f"[bold red]audit chain broken:[/] {result.message}", highlight=False)
         raise typer.Exit(1)
@@ -54,7 +52,7 @@ def export(
     config: ConfigOption = None,
 ) -> None:
     """Write every row (all columns, hashes included) as JSON Lines, oldest first."""
-    loaded = _load(config)
+    loaded = load_or_exit(config)
     try:
         with contextlib.ExitStack() as stack:
             handle: TextIO = sys.stdout
@@ -77,30 +75,8 @@ async def _export(store: AuditStore, handle: TextIO) -> int:
         return await store.export(handle, lambda rows: progress.update(task, completed=rows))
 
 
-def _load(config: Path | None) -> StrataConfig:
-    """The config, loaded and reported on exactly as every other command does it."""
-    from strata.cli import _load_or_exit  # here, not at the top: strata.cli imports this module
-
-    return _load_or_exit(config)
-
-
 def _with_store(loaded: StrataConfig, work: Callable[[AuditStore], Awaitable[T]]) -> T:
-    """Open the configured database, run `work`, close it."""
-
-    async def main() -> T:
-        db = Database(loaded.effective_database_url)
-        try:
-            return await work(AuditStore(db))
-        finally:
-            await db.dispose()
-
-    try:
-        return asyncio.run(main())
-    except SQLAlchemyError as exc:
-        hint = " (run `strata db upgrade` first?)" if "audit_events" in str(exc) else ""
-        reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
-        err.print(f"[red]cannot read the audit trail{hint}:[/] {reason}", highlight=False)
-        raise typer.Exit(2) from None
+    return on_database(loaded, lambda db: work(AuditStore(db)), what="read the audit trail", table="audit_events")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
-from strata.config_loader import ConfigError, load_config, resolve_config_path
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and the encryption key.")
 out = Console(soft_wrap=True)
@@ -52,30 +52,13 @@ def _csv(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _config(path: Path | None) -> StrataConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        err.print(f"invalid configuration ({resolve_config_path(path, os.environ) or 'defaults'}):", highlight=False)
-        for issue in exc.issues:
-            err.print(f"  {issue}", highlight=False)
-        raise typer.Exit(2) from None
-
-
 def _with_store(config: StrataConfig, work: Callable[..., Awaitable[T]]) -> T:
     from strata.store.audit import AuditStore
-    from strata.store.database import Database
     from strata.store.keys import KeyStore
 
-    async def main() -> T:
-        db = Database(config.effective_database_url)
-        try:
-            await db.upgrade()
-            return await work(KeyStore(db), AuditStore(db))
-        finally:
-            await db.dispose()
-
-    return asyncio.run(main())
+    return on_database(
+        config, lambda db: work(KeyStore(db), AuditStore(db)), what="manage keys", table="api_keys", upgrade=True
+    )
 
 
 def _actor() -> str:
@@ -129,7 +112,7 @@ def create(
         raise typer.BadParameter(f"{role!r} is not a role ({', '.join(ROLES)})", param_hint="--role")
     if budget_usd is not None and budget_usd <= 0:
         raise typer.BadParameter("a budget must be above 0 (omit it for none)", param_hint="--budget-usd")
-    loaded = _config(config)
+    loaded = load_or_exit(config)
     spec = KeySpec(
         name=name,
         role=role,
@@ -157,7 +140,7 @@ def list_keys(
     config: ConfigOption = None,
 ) -> None:
     """API keys: id, prefix, role, limits, expiry (never the secrets)."""
-    loaded = _config(config)
+    loaded = load_or_exit(config)
 
     async def work(keys, _audit):  # type: ignore[no-untyped-def]
         return await keys.list(include_revoked=include_revoked)
@@ -185,7 +168,7 @@ def rotate(
     """A new secret with the same grants; the old key expires after the overlap window."""
     from strata.store.keys import KeyNotFound
 
-    loaded = _config(config)
+    loaded = load_or_exit(config)
     window = parse_duration(overlap)
 
     async def work(keys, audit):  # type: ignore[no-untyped-def]
@@ -209,7 +192,7 @@ def revoke(key_id: Annotated[str, typer.Argument(help="The key to revoke.")], co
     """Revoke a key. With Redis configured every replica drops it at once."""
     from strata.store.keys import KeyNotFound
 
-    loaded = _config(config)
+    loaded = load_or_exit(config)
 
     async def work(keys, audit):  # type: ignore[no-untyped-def]
         key = await keys.revoke(key_id)
@@ -237,7 +220,7 @@ def rotate_encryption_key(config: ConfigOption = None) -> None:
     """New encryption key (in the key file), then re-encrypt every stored message, tool call and prompt."""
     from strata.store.reencrypt import rotate_encryption
 
-    loaded = _config(config)
+    loaded = load_or_exit(config)
     with out.status("re-encrypting stored data..."):
         report = asyncio.run(rotate_encryption(loaded, os.environ))
     if not report.rotated_file:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,8 +13,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
 from strata.cost.budgets import format_usd
 from strata.cost.query import UsageQuery, iso
@@ -63,7 +62,7 @@ def usage(
         err.print(f"[red]invalid option:[/] {'--' + where.replace('_', '-') + ': ' if where else ''}{message}",
                   highlight=False)  # fmt: skip
         raise typer.Exit(2) from None
-    loaded = _load(config)
+    loaded = load_or_exit(config)
     rows, total = _read(loaded, query.group_by, query.since, query.until, query.user, query.kind)
     if as_json:
         body = {
@@ -130,12 +129,6 @@ def _short(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _load(config: Path | None) -> StrataConfig:
-    from strata.cli import _load_or_exit  # here, not at the top: strata.cli may import this module
-
-    return _load_or_exit(config)
-
-
 def _read(
     loaded: StrataConfig,
     group_by: str,
@@ -146,23 +139,13 @@ def _read(
 ) -> tuple[list[UsageRow], UsageRow | None]:
     assert group_by in GROUP_BYS
 
-    async def main() -> tuple[list[UsageRow], UsageRow | None]:
-        db = Database(loaded.effective_database_url)
-        try:
-            store = UsageStore(db)
-            rows = await store.aggregate(group_by, since, until, user=user, kind=kind)  # type: ignore[arg-type]
-            total = await store.aggregate(None, since, until, user=user, kind=kind)  # type: ignore[arg-type]
-            return rows, (total[0] if total else None)
-        finally:
-            await db.dispose()
+    async def work(db: Database) -> tuple[list[UsageRow], UsageRow | None]:
+        store = UsageStore(db)
+        rows = await store.aggregate(group_by, since, until, user=user, kind=kind)  # type: ignore[arg-type]
+        total = await store.aggregate(None, since, until, user=user, kind=kind)  # type: ignore[arg-type]
+        return rows, (total[0] if total else None)
 
-    try:
-        return asyncio.run(main())
-    except SQLAlchemyError as exc:
-        hint = " (run `strata db upgrade` first?)" if "usage" in str(exc) else ""
-        reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
-        err.print(f"[red]cannot read usage{hint}:[/] {reason}", highlight=False)
-        raise typer.Exit(2) from None
+    return on_database(loaded, work, what="read usage", table="usage")
 
 
 if __name__ == "__main__":
