@@ -69,6 +69,10 @@ class Recorder:
         self.errors = 0
         self.error_samples: list[str] = []
         self.statuses: dict[str, int] = {}
+        # Refusals (429, 503) are errors too; overload measurements also want how fast they came and whether
+        # they told the client when to come back.
+        self.refused_ms: list[float] = []
+        self.refused_without_retry_after = 0
 
     def error(self, what: str) -> None:
         self.errors += 1
@@ -77,12 +81,18 @@ class Recorder:
             self.error_samples.append(what)
 
 
+_REFUSALS = frozenset({429, 503})
+
+
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes, rec: Recorder, start: float) -> None:
     try:
         async with session.post(url, data=body) as response:
             await response.read()
             if response.status != 200:
                 rec.error(f"HTTP {response.status}")
+                if response.status in _REFUSALS:
+                    rec.refused_ms.append((clock() - start) * 1000.0)
+                    rec.refused_without_retry_after += "Retry-After" not in response.headers
                 return
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         rec.error(type(exc).__name__)
@@ -225,6 +235,9 @@ def _summary(rec: Recorder, elapsed: float) -> dict[str, Any]:
         "error_samples": rec.error_samples,
         "elapsed_s": elapsed,
         "latency_ms": percentiles(rec.latencies_ms),
+        "refused": len(rec.refused_ms),
+        "refused_ms": percentiles(rec.refused_ms),
+        "refused_without_retry_after": rec.refused_without_retry_after,
     }
 
 

@@ -79,11 +79,11 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _f(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _verdict(ok: bool) -> str:
+def verdict(ok: bool) -> str:
     return "PASS" if ok else "**MISS**"
 
 
@@ -97,12 +97,12 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
         r = by_rate[rate]
         d, s_, a = r["direct"]["latency_ms"], r["strata"]["latency_ms"], r["added_ms"]
         where = f"1. Overhead @ {rate:g} RPS open loop"
-        detail = f"direct {_f(d['p50'])} / Strata {_f(s_['p50'])} ms -> +{_f(a['p50'])} ms"
-        rows.append((where, "added latency p50", "<= 1 ms", detail, _verdict(a["p50"] <= 1.0)))
-        detail = f"direct {_f(d['p99'])} / Strata {_f(s_['p99'])} ms -> +{_f(a['p99'])} ms"
-        rows.append((where, "added latency p99", "<= 5 ms", detail, _verdict(a["p99"] <= 5.0)))
+        detail = f"direct {fmt(d['p50'])} / Strata {fmt(s_['p50'])} ms -> +{fmt(a['p50'])} ms"
+        rows.append((where, "added latency p50", "<= 1 ms", detail, verdict(a["p50"] <= 1.0)))
+        detail = f"direct {fmt(d['p99'])} / Strata {fmt(s_['p99'])} ms -> +{fmt(a['p99'])} ms"
+        rows.append((where, "added latency p99", "<= 5 ms", detail, verdict(a["p99"] <= 5.0)))
         errors = sum(x["direct"]["errors"] + x["strata"]["errors"] for x in over["rates"])
-        rows.append((where, "errors (all rates)", "0", str(errors), _verdict(errors == 0)))
+        rows.append((where, "errors (all rates)", "0", str(errors), verdict(errors == 0)))
     if thr := sc.get("throughput"):
         best = max(thr["rows"], key=lambda x: x["strata"]["achieved_rps"])
         rps = best["strata"]["achieved_rps"]
@@ -112,12 +112,12 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
             f" loadgen ceiling direct {thr['ceiling']['achieved_rps']:.0f} req/s"
         )
         rows.append(("2. Throughput, closed loop", "req/s at saturation", f">= {target:.0f} (10x LiteLLM)", detail,
-                     _verdict(rps >= target)))  # fmt: skip
+                     verdict(rps >= target)))  # fmt: skip
         cpu = best["strata_cpu_ms_per_request"]
-        rows.append(("2. Throughput, closed loop", "Strata CPU per request", "(reported)", f"{_f(cpu)} ms", "-"))
+        rows.append(("2. Throughput, closed loop", "Strata CPU per request", "(reported)", f"{fmt(cpu)} ms", "-"))
         errors = sum(x["strata"]["errors"] + x["strata"]["warmup_errors"] for x in thr["rows"])
         errors += thr["ceiling"]["errors"]
-        rows.append(("2. Throughput, closed loop", "errors", "0", str(errors), _verdict(errors == 0)))
+        rows.append(("2. Throughput, closed loop", "errors", "0", str(errors), verdict(errors == 0)))
     if st := sc.get("streaming"):
         n = st["streams"]
         where = f"3. Streaming, {n} streams x {st['chunks']} chunks @ {st['interval_ms']:g} ms"
@@ -125,28 +125,28 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
             where += " (quick: target is 1,000)"
         done = st["strata"]["complete"]
         rows.append((where, "streams complete", f"{n}/{n}", f"{done}/{n} (direct {st['direct']['complete']}/{n})",
-                     _verdict(done == n)))  # fmt: skip
+                     verdict(done == n)))  # fmt: skip
         d, s_ = st["direct"]["gap_ms"], st["strata"]["gap_ms"]
         added = st["added_gap_ms"].get("p99")
-        detail = f"gap p99 direct {_f(d.get('p99'))} / Strata {_f(s_.get('p99'))} ms -> +{_f(added)} ms"
+        detail = f"gap p99 direct {fmt(d.get('p99'))} / Strata {fmt(s_.get('p99'))} ms -> +{fmt(added)} ms"
         if st["strata"].get("peak_concurrent", n) < n:  # Strata carried fewer streams at once: not comparable
-            verdict = "n/a: fewer streams were flowing through Strata at once (see below)"
+            status = "n/a: fewer streams were flowing through Strata at once (see below)"
         else:
-            verdict = _verdict(added is not None and added <= 5.0)
+            status = verdict(added is not None and added <= 5.0)
         if d.get("p99", 0) > 2 * st["interval_ms"]:
             detail += "; the direct floor is itself CPU-bound at this scale (client + mock on 2 cores)"
-        rows.append((where, "added inter-chunk delay p99", "<= 5 ms", detail, verdict))
+        rows.append((where, "added inter-chunk delay p99", "<= 5 ms", detail, status))
         dt, stt = st["direct"]["ttfc_ms"], st["strata"]["ttfc_ms"]
         detail = (
-            f"first chunk p50 / p99: direct {_f(dt.get('p50'))} / {_f(dt.get('p99'))} ms, Strata "
-            f"{_f(stt.get('p50'))} / {_f(stt.get('p99'))} ms; streams flowing at once: direct "
+            f"first chunk p50 / p99: direct {fmt(dt.get('p50'))} / {fmt(dt.get('p99'))} ms, Strata "
+            f"{fmt(stt.get('p50'))} / {fmt(stt.get('p99'))} ms; streams flowing at once: direct "
             f"{st['direct'].get('peak_concurrent', '?')}, Strata {st['strata'].get('peak_concurrent', '?')} of {n}"
         )
         rows.append((where, "all streams open at once", f"{n} concurrent", detail,
-                     _verdict(st["strata"].get("peak_concurrent", 0) >= n)))  # fmt: skip
+                     verdict(st["strata"].get("peak_concurrent", 0) >= n)))  # fmt: skip
         peak = st["strata_rss_peak_mb"]
         detail = f"{peak:.0f} MiB peak (idle {st['strata_rss_before_mb']:.0f} MiB)"
-        rows.append((where, "Strata RSS", "<= 300 MB", detail, _verdict(peak <= 300.0)))
+        rows.append((where, "Strata RSS", "<= 300 MB", detail, verdict(peak <= 300.0)))
     for scenario, metric, target in (
         ("1. Overhead (peer)", "LiteLLM proxy / LangGraph, same mock, same run", "reported side by side"),
         ("2. Throughput (peer)", "LiteLLM proxy req/s measured here", "Strata >= 10x"),
@@ -186,8 +186,8 @@ def write(results: dict[str, Any], out: Path, chart_path: Path | None) -> None:
         ]
         for r in over["rates"]:
             d, t, a = r["direct"]["latency_ms"], r["strata"]["latency_ms"], r["added_ms"]
-            trio = lambda x: " / ".join(_f(x.get(p)) for p in ("p50", "p90", "p99"))  # noqa: E731
-            lag = f"{_f(r['direct']['send_lag_ms'].get('p99'))} / {_f(r['strata']['send_lag_ms'].get('p99'))}"
+            trio = lambda x: " / ".join(fmt(x.get(p)) for p in ("p50", "p90", "p99"))  # noqa: E731
+            lag = f"{fmt(r['direct']['send_lag_ms'].get('p99'))} / {fmt(r['strata']['send_lag_ms'].get('p99'))}"
             lines.append(
                 f"| {r['rate']:g} | {trio(d)} | {trio(t)} | {trio(a)} | "
                 f"{r['direct']['errors']} / {r['strata']['errors']} | {lag} |"
@@ -205,15 +205,15 @@ def write(results: dict[str, Any], out: Path, chart_path: Path | None) -> None:
             "Loadgen CPU (cores) |",
             "|---|---|---|---|---|---|---|---|",
             f"| mock direct (loadgen ceiling) | {c['concurrency']} | {c['achieved_rps']:.0f} | "
-            f"{_f(c['latency_ms'].get('p50'))} / {_f(c['latency_ms'].get('p99'))} | {c['errors']} | - | - | "
+            f"{fmt(c['latency_ms'].get('p50'))} / {fmt(c['latency_ms'].get('p99'))} | {c['errors']} | - | - | "
             f"{c['loadgen_cpu_util']:.2f} |",
         ]
         for r in thr["rows"]:
             t = r["strata"]
             lines.append(
-                f"| Strata | {r['concurrency']} | {t['achieved_rps']:.0f} | {_f(t['latency_ms'].get('p50'))} / "
-                f"{_f(t['latency_ms'].get('p99'))} | {t['errors'] + t['warmup_errors']} | "
-                f"{r['strata_cpu_util']:.2f} | {_f(r['strata_cpu_ms_per_request'])} | {t['loadgen_cpu_util']:.2f} |"
+                f"| Strata | {r['concurrency']} | {t['achieved_rps']:.0f} | {fmt(t['latency_ms'].get('p50'))} / "
+                f"{fmt(t['latency_ms'].get('p99'))} | {t['errors'] + t['warmup_errors']} | "
+                f"{r['strata_cpu_util']:.2f} | {fmt(r['strata_cpu_ms_per_request'])} | {t['loadgen_cpu_util']:.2f} |"
             )
     if st := sc.get("streaming"):
         lines += [
@@ -231,9 +231,9 @@ def write(results: dict[str, Any], out: Path, chart_path: Path | None) -> None:
             lines.append(
                 f"| {'mock direct' if who == 'direct' else 'Strata'} | {r['complete']}/{r['streams']} | {r['errors']} "
                 f"| {r.get('peak_concurrent', '-')} "
-                f"| {_f(g.get('p50'))} / {_f(g.get('p90'))} / {_f(g.get('p99'))} / {_f(g.get('max'))} "
-                f"| {_f(f.get('p50'))} / {_f(f.get('p99'))} | {_f(r['latency_ms'].get('p50'), 0)} / "
-                f"{_f(r['latency_ms'].get('p99'), 0)} | {r['loadgen_cpu_util']:.2f} |"
+                f"| {fmt(g.get('p50'))} / {fmt(g.get('p90'))} / {fmt(g.get('p99'))} / {fmt(g.get('max'))} "
+                f"| {fmt(f.get('p50'))} / {fmt(f.get('p99'))} | {fmt(r['latency_ms'].get('p50'), 0)} / "
+                f"{fmt(r['latency_ms'].get('p99'), 0)} | {r['loadgen_cpu_util']:.2f} |"
             )
         lines.append(
             f"\nStrata RSS: {st['strata_rss_before_mb']:.0f} MiB before, {st['strata_rss_peak_mb']:.0f} MiB peak "

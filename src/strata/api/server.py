@@ -9,7 +9,9 @@ terminal) skips the drain delay; a second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -29,6 +31,14 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        await super().startup(sockets)  # after the app's lifespan startup: everything long-lived exists now
+        # The modules, configuration, routes and pools made at start-up live as long as the process. Left in
+        # the collector's oldest generation, each full collection walks all of them again: a pause of 100 ms
+        # and more on a busy 2-core machine, which every request in flight waits out. Frozen, they are
+        # never scanned again; what requests allocate is collected as before.
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Replaces uvicorn's handler rather than extending it: uvicorn would re-raise the signal
@@ -50,7 +60,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+# Background threads (the trace exporter encoding a batch, SQLite's writer threads) hold the GIL for up to
+# Python's switch interval (5 ms by default) whenever the event loop wants it back: every request then waits
+# behind them. A short interval bounds that wait; the cost is a few more thread switches under contention.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = uvicorn.Config(
         app,
         host=server.host,

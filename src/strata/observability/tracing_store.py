@@ -3,7 +3,9 @@ background writer that puts finished spans into the database.
 
 `LocalSpanProcessor.on_end` runs when a span ends, on the request's path: it only appends the span to a
 bounded queue. `SpanWriter` wakes every `interval_s`, turns the queued spans into rows and writes them in
-one transaction, and now and then deletes spans older than the retention. Spans are telemetry: when the
+transactions of at most `batch` spans, and now and then deletes spans older than the retention. Turning a
+span into a row runs on the event loop: small batches, each followed by an awaited write, keep a busy
+server's requests from waiting behind one long conversion. Spans are telemetry: when the
 queue is full or the database refuses a batch, spans are dropped (counted, warned about once a minute),
 never written to the log (they may hold captured content) and never allowed to slow a request.
 """
@@ -91,7 +93,7 @@ class SpanWriter:
         *,
         retention_s: float,
         interval_s: float = 0.5,
-        batch: int = 1000,
+        batch: int = 128,
         prune_every_s: float = 600.0,
     ) -> None:
         self.source = source
