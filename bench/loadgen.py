@@ -72,6 +72,8 @@ class Recorder:
         # Refusals (429, 503) are errors too; overload measurements also want how fast they came and whether
         # they told the client when to come back.
         self.refused_ms: list[float] = []
+        self.service_ms: list[float] = []
+        self.refused_service_ms: list[float] = []
         self.refused_without_retry_after = 0
 
     def error(self, what: str) -> None:
@@ -85,20 +87,29 @@ _REFUSALS = frozenset({429, 503})
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes, rec: Recorder, start: float) -> None:
+    """`start`: when the request was due (open loop) or sent (closed loop). The time from the actual send is
+    kept too (`service_ms`): when the generator itself falls behind, or waits for a pooled connection, the two
+    differ by that wait. With a bounded pool, "sent" is when the headers went out on a connection."""
+    sent = clock()
+    timing: dict[str, float] = {}
     try:
-        async with session.post(url, data=body) as response:
+        async with session.post(url, data=body, trace_request_ctx=timing) as response:
+            sent = timing.get("sent", sent)
             await response.read()
             if response.status != 200:
                 rec.error(f"HTTP {response.status}")
                 if response.status in _REFUSALS:
                     rec.refused_ms.append((clock() - start) * 1000.0)
+                    rec.refused_service_ms.append((clock() - sent) * 1000.0)
                     rec.refused_without_retry_after += "Retry-After" not in response.headers
                 return
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         rec.error(type(exc).__name__)
         return
     rec.ok += 1
-    rec.latencies_ms.append((clock() - start) * 1000.0)
+    done = clock()
+    rec.latencies_ms.append((done - start) * 1000.0)
+    rec.service_ms.append((done - sent) * 1000.0)
 
 
 async def open_loop(session: aiohttp.ClientSession, url: str, body: bytes, rate: float, duration: float) -> dict:
@@ -237,8 +248,15 @@ def _summary(rec: Recorder, elapsed: float) -> dict[str, Any]:
         "latency_ms": percentiles(rec.latencies_ms),
         "refused": len(rec.refused_ms),
         "refused_ms": percentiles(rec.refused_ms),
+        "service_ms": percentiles(rec.service_ms),
+        "refused_service_ms": percentiles(rec.refused_service_ms),
         "refused_without_retry_after": rec.refused_without_retry_after,
     }
+
+
+async def _headers_sent(_session: Any, context: Any, _params: Any) -> None:
+    if isinstance(context.trace_request_ctx, dict):
+        context.trace_request_ctx["sent"] = clock()
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -250,10 +268,21 @@ async def run(args: argparse.Namespace) -> dict:
         request["stream"] = True
         request["stream_options"] = {"include_usage": True}
     body = orjson.dumps(request)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None, keepalive_timeout=60)
+    # --connections 0: a new connection whenever every open one is busy (a crowd of clients); N: at most N
+    # keep-alive connections, requests beyond them wait for one (a fleet of pooled clients, like the SDKs').
+    connector = aiohttp.TCPConnector(
+        limit=args.connections, limit_per_host=args.connections, ttl_dns_cache=None, keepalive_timeout=60
+    )
     timeout = aiohttp.ClientTimeout(total=args.timeout_s)
     cpu0, wall0 = _cpu_s(), time.monotonic()
-    async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
+    traces = []
+    if args.connections:  # only then can a request wait for a connection after it was due
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
+        traces.append(trace)
+    async with aiohttp.ClientSession(
+        connector=connector, headers=headers, timeout=timeout, trace_configs=traces
+    ) as session:
         if args.mode == "open":
             if args.warmup > 0:  # opens the connections the rate needs; not recorded
                 await open_loop(session, args.url, body, args.rate, args.warmup)
@@ -283,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unrecorded load first")
     parser.add_argument("--timeout-s", type=float, default=60.0)
+    parser.add_argument("--connections", type=int, default=0, help="connection pool size (0: unbounded)")
     args = parser.parse_args(argv)
     try:
         import uvloop

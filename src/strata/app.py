@@ -36,9 +36,10 @@ from strata.api import (
 from strata.api.auth import AuthMiddleware, Guard, authorize
 from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.errors import install_error_handlers
+from strata.api.load_shedding import InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
 from strata.api.openapi_docs import ERROR_RESPONSES
-from strata.api.permissions import Policy, public_paths, route_policies
+from strata.api.permissions import PROBE_PATHS, Policy, public_paths, route_policies
 from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
@@ -220,7 +221,11 @@ def build_app(
     app.add_middleware(MetricsMiddleware, metrics=request_metrics)  # outside auth: 401, 413 and 429 count too
     if tracing.enabled:  # the request's span wraps authentication: refusals are traced too
         app.add_middleware(TracingMiddleware, tracing=tracing)
-    app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or a 413 carries the request id
+    app.add_middleware(RequestIdMiddleware)  # even a 401 or a 413 carries the request id
+    if config.server.max_in_flight is not None:  # outermost: shedding must cost next to nothing
+        app.add_middleware(
+            InFlightLimit, limit=config.server.max_in_flight, exempt=PROBE_PATHS, metrics=request_metrics
+        )
     return app
 
 

@@ -42,6 +42,13 @@ class ServerConfig(_Strict):
     )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve HTTPS.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    max_in_flight: int | None = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Requests worked on at once (until their response starts; streams then stop counting); "
+        "more are refused at once with 503 and Retry-After. null: no bound.",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

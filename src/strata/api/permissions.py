@@ -110,6 +110,11 @@ def app_routes(app: FastAPI) -> list[RouteInfo]:
     return found
 
 
+# Health probes and metric scrapes: every few seconds from every load balancer and Prometheus. They are never
+# traced (of no interest in a trace) and never shed (a shedding server must still look alive).
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def public_paths(public_metrics: bool) -> frozenset[str]:
     paths = {path for (_, path), policy in ROUTE_PERMISSIONS.items() if policy is PUBLIC}
     return frozenset(paths | ({"/metrics"} if public_metrics else set()))

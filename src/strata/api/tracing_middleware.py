@@ -16,19 +16,17 @@ import structlog
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from strata.api.permissions import UndeclaredRoute, app_routes
+from strata.api.permissions import PROBE_PATHS, UndeclaredRoute, app_routes
 from strata.api.request_id import current_request_id
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import SpanKind, Tracing, activate, extract, fail, trace_ids, traceparent
 
 _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
-# Probes and scrapes: every few seconds from every load balancer and Prometheus, and of no interest in a trace.
-UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class TracingMiddleware:
-    def __init__(self, app: ASGIApp, tracing: Tracing, untraced: frozenset[str] = UNTRACED_PATHS) -> None:
+    def __init__(self, app: ASGIApp, tracing: Tracing, untraced: frozenset[str] = PROBE_PATHS) -> None:
         self.app = app
         self.tracing = tracing
         self.untraced = untraced

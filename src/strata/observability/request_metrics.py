@@ -120,6 +120,11 @@ class RequestMetrics:
             ["kind"],
             registry=registry,
         )
+        self.shed_requests = Counter(
+            "strata_shed_requests",
+            "Requests refused with 503 at once because server.max_in_flight were in progress.",
+            registry=registry,
+        )
         self.budget_rejections = Counter(
             "strata_budget_rejections",
             "Requests refused because a budget was spent, by the budget's scope.",
@@ -216,6 +221,10 @@ class RequestMetrics:
     def rate_limited(self, kind: str) -> None:
         """A 429 from a rate limit: `kind` is "requests" or "tokens"."""
         self.rate_limit_rejections.labels(kind).inc()
+
+    def shed(self) -> None:
+        """A request refused at arrival: the server was at its in-flight bound."""
+        self.shed_requests.inc()
 
     def budget_refused(self, scope: str) -> None:
         """A request refused because a budget is spent: `scope` is e.g. "key", "user", "agent", "global"."""
