@@ -7,6 +7,11 @@ least work per request, so that it is never what a benchmark measures:
   with `"stream": true`, an SSE stream of `--chunks` chunks `--interval-ms` apart (chunk i is due at
   start + i * interval, so delays do not accumulate), then a usage chunk (when `stream_options.include_usage`)
   and `[DONE]`.
+- the same with `tools` in the request: a scripted agent model (`AGENT_TOOL_TURNS` tool calls, then an answer).
+  While the conversation holds fewer than `AGENT_TOOL_TURNS` `role: tool` messages it calls the first tool
+  with arguments valid for it (different each turn, so no loop guard trips), else it answers with text: a
+  5-step agent run is 5 model calls and 4 tool calls. Streamed, every chunk is written at once (no interval):
+  the agent scenario measures orchestration, not token pacing.
 - `POST /v1/traces`: the local OTLP "collector": answers 200 with an empty protobuf body and discards the spans.
 - `GET /_stats`: how many OTLP export requests (and bytes) arrived, to show that tracing export was on.
 - any other `GET`: `/v1/models` lists the model; anything else answers `{"status": "ok"}`.
@@ -57,6 +62,8 @@ COMPLETION = orjson.dumps(
 MODELS = orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "bench"}]})
 OK = b'{"status":"ok"}'
 JSON = b"application/json"
+AGENT_TOOL_TURNS = 4
+AGENT_USAGE = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
@@ -79,6 +86,55 @@ def _event(delta: dict, finish: str | None = None, usage: dict | None = None) ->
     if usage is not None:
         event["usage"] = usage
     return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def _tool_arguments(tool: dict, turn: int) -> dict:
+    """Arguments valid for `tool` that differ by turn: known built-ins by name, else from its JSON Schema."""
+    function = tool.get("function") or {}
+    name = function.get("name", "")
+    if name == "calculator":
+        return {"expression": f"{turn + 1} * {turn + 2}"}
+    if name == "current_time":
+        return {"timezone": ("UTC", "Europe/Paris", "Asia/Tokyo", "America/New_York")[turn % 4]}
+    schema = function.get("parameters") or {}
+    samples = {"string": f"value {turn}", "integer": turn, "number": turn + 0.5, "boolean": turn % 2 == 0}
+    properties = schema.get("properties") or {}
+    return {key: samples.get((properties.get(key) or {}).get("type", "string"), f"value {turn}")
+            for key in schema.get("required") or ()}  # fmt: skip
+
+
+def agent_message(request: dict) -> tuple[dict, str]:
+    """The scripted agent model's next assistant message and finish reason for a request carrying `tools`."""
+    turn = sum(1 for m in request.get("messages") or () if m.get("role") == "tool")
+    if turn >= AGENT_TOOL_TURNS:
+        return {"role": "assistant", "content": CONTENT}, "stop"
+    tool = request["tools"][0]
+    call = {
+        "id": f"call_bench_{turn}",
+        "type": "function",
+        "function": {"name": tool["function"]["name"], "arguments": orjson.dumps(_tool_arguments(tool, turn)).decode()},
+    }
+    return {"role": "assistant", "content": "", "tool_calls": [call]}, "tool_calls"
+
+
+def agent_completion(request: dict) -> bytes:
+    message, finish = agent_message(request)
+    choice = {"index": 0, "message": message, "finish_reason": finish}
+    body = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": MODEL,
+            "choices": [choice], "usage": AGENT_USAGE}  # fmt: skip
+    return orjson.dumps(body)
+
+
+def agent_stream(request: dict, include_usage: bool) -> bytes:
+    """The whole SSE response (head and chunked body) of a streamed agent answer, written in one go."""
+    message, finish = agent_message(request)
+    delta: dict = {"role": "assistant", "content": message["content"]}
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": 0, **message["tool_calls"][0]}]
+    events = _event(delta) + _event({}, finish=finish)
+    if include_usage:
+        events += _event({}, usage=AGENT_USAGE)
+    return STREAM_HEAD + _chunk_frame(events + b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 class Upstream:
@@ -147,11 +203,18 @@ class _Protocol(asyncio.Protocol):
             except orjson.JSONDecodeError:
                 transport.write(_response("400 Bad Request", JSON, b'{"error":{"message":"bad json"}}', keep_alive))
                 return
-            if request.get("stream"):
+            if request.get("tools"):
+                if request.get("stream"):
+                    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                    transport.write(agent_stream(request, include_usage))
+                else:
+                    transport.write(_response("200 OK", JSON, agent_completion(request), keep_alive))
+            elif request.get("stream"):
                 include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
                 self.stream_task = asyncio.get_running_loop().create_task(self._stream(include_usage))
                 return
-            transport.write(_response("200 OK", JSON, COMPLETION, keep_alive))
+            else:
+                transport.write(_response("200 OK", JSON, COMPLETION, keep_alive))
         elif method == b"POST" and path.endswith(b"/v1/traces"):
             self.upstream.trace_posts += 1
             self.upstream.trace_bytes += sum(map(len, self.body))

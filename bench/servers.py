@@ -133,7 +133,11 @@ class BenchServers:
                     "admission": {"max_in_flight": 2048, "max_queue": 4096, "max_queue_wait_s": 5.0},
                 }
             ],
-            "agents": [{"name": "bench", "model": MODEL, "tools": []}],
+            "agents": [
+                {"name": "bench", "model": MODEL, "tools": []},
+                # The agent-step scenario's agent: the mock's scripted model calls this side-effect-free built-in.
+                {"name": "bench-agent", "model": MODEL, "tools": ["calculator"]},
+            ],
             "data_dir": str(self.workdir / "data"),
             "tracing": {
                 "enabled": True,

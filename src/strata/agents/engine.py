@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy import select
 
 from strata.agents.bus import EventBus, LiveEvent
 from strata.agents.catalog import AgentCatalog
@@ -32,7 +31,8 @@ from strata.config import AgentConfig
 from strata.cost.run_accounting import RunAccounting
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import INVALID_SPAN, Span, Tracing, extract, fail
-from strata.store.runs import LeaseLost, RunStore, Unit, aware, complete_step, finish, start_step, utcnow
+from strata.store.run_journal import RunBatch
+from strata.store.runs import LeaseLost, RunStore, Unit, aware, finish, utcnow
 from strata.store.tables import Message, Run
 
 log = structlog.get_logger("strata.engine")
@@ -115,6 +115,9 @@ class RunEngine:
 
 
 class _Job:
+    """One execution of a run. Its writes go into `batch` and are committed with the next step's start (or
+    the run's end), in one transaction: each step is still written before the next one begins."""
+
     def __init__(self, engine: RunEngine, run: Run, owner: str, spec: AgentConfig, span: Span = INVALID_SPAN) -> None:
         self.engine = engine
         self.store = engine.store
@@ -124,6 +127,9 @@ class _Job:
         self.span = span  # the run's invoke_agent span
         self.tools: dict[str, Tool] = {t.name: t for t in engine.tools.for_agent(spec)}
         self.deadline = time.monotonic() + (aware(run.deadline_at) - utcnow()).total_seconds()
+        self.history: list[Message] = []  # the session's messages, in order (the last ones maybe not yet committed)
+        self.batch = RunBatch()
+        self.running_calls = 0  # tool calls of the current turn still executing
 
     def unit(self) -> Any:
         return self.store.unit(run_id=self.run.id, owner=self.owner, lease_s=self.engine.lease_s)
@@ -134,18 +140,28 @@ class _Job:
         self.run = run
         return run
 
+    async def commit(self) -> None:
+        """Write the batch now (one fenced transaction); raises `LeaseLost` if another worker has the run."""
+        batch, self.batch = self.batch, RunBatch()
+        await self.store.commit(self.run, self.owner, self.engine.lease_s, batch)
+
     async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
-        fresh = await self.engine.end(self.run, self.owner, status, reason, output)
-        _record_end(self.span, fresh, status, reason)
+        self.batch.end(status, reason, output)
+        await self.commit()
+        self.engine.accounting.run_finished(self.run)
+        _record_end(self.span, self.run, status, reason)
 
     async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
         await self.end(status, reason, output)
         raise _Stop
 
     async def drive(self) -> None:
+        # Read once: while this worker holds the lease, only this run writes the session's messages (a session
+        # runs one run at a time), so each step appends what it wrote instead of reading them all back.
+        self.history = await self.store.messages(self.run.session_id)
         await self._begin()
         while True:
-            history = await self.store.messages(self.run.session_id)
+            history = self.history
             mine = [m for m in history if m.run_id == self.run.id]
             last = mine[-1].data
             if last["role"] == "assistant" and not last.get("tool_calls"):
@@ -157,18 +173,14 @@ class _Job:
                 await self._model_step(history, len([m for m in mine if m.role == "assistant"]))
 
     async def _begin(self) -> None:
-        async with self.unit() as unit:
-            run = await self.fresh_run(unit)
-            if run.cancel_requested:
-                await finish(unit, run, "cancelled", "cancelled by request")
-                _record_end(self.span, run, "cancelled", "cancelled by request")
-                raise _Stop
-            started = await unit.tx.scalar(select(Message.id).where(Message.run_id == run.id).limit(1))
-            if started is None:  # first pick-up: the user's message joins the session now, in order
-                await unit.add_message(run.session_id, run.id, run.input)
-                await unit.add_event(run.id, "run.started", {"agent": run.agent, "version": run.agent_version})
-            else:
-                await unit.add_event(run.id, "run.resumed", {"attempt": run.attempts})
+        run = self.run  # as claimed, so its cancel flag is fresh
+        if run.cancel_requested:
+            await self.stop("cancelled", "cancelled by request")
+        if any(m.run_id == run.id for m in self.history):
+            self.batch.add_event("run.resumed", {"attempt": run.attempts})
+        else:  # first pick-up: the user's message joins the session now, in order
+            self.history.append(self.batch.add_message(run.session_id, run.id, run.input))
+            self.batch.add_event("run.started", {"agent": run.agent, "version": run.agent_version})
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -183,9 +195,9 @@ class _Job:
         if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
             await self.stop("failed", f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}")
         step_input = {"messages": len(history) + bool(self.spec.system_prompt), "tools": sorted(self.tools)}
-        async with self.unit() as unit:
-            await start_step(unit, run.id, turn=turn, kind="model", name=self.spec.model, input_=step_input)
-            await unit.add_event(run.id, "step.started", {"turn": turn, "kind": "model", "model": self.spec.model})
+        self.batch.start_step(turn=turn, kind="model", name=self.spec.model, input_=step_input)
+        self.batch.add_event("step.started", {"turn": turn, "kind": "model", "model": self.spec.model})
+        await self.commit()
         messages = [m.data for m in history]
         if self.spec.system_prompt:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
@@ -206,34 +218,29 @@ class _Job:
             on_wait=self._waiting,
             on_fallback=self._fallback,
         )
+        latency = time.monotonic() - step_started
         accounting = self.engine.accounting
         cost = accounting.step_cost(outcome.model, outcome.prompt_tokens, outcome.completion_tokens)
-        async with self.unit() as unit:
-            run = await self.fresh_run(unit)
-            run.steps_taken += 1
-            run.prompt_tokens += outcome.prompt_tokens
-            run.completion_tokens += outcome.completion_tokens
-            run.cost_usd += cost
-            await complete_step(
-                unit,
-                run.id,
-                turn=turn,
-                kind="model",
-                output=outcome.message,
-                prompt_tokens=outcome.prompt_tokens,
-                completion_tokens=outcome.completion_tokens,
+        tokens = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
+        counters = {"steps_taken": 1, **tokens, "cost_usd": cost}
+        for name, delta in counters.items():  # at once: the next step's limit checks see them
+            setattr(run, name, getattr(run, name) + delta)
+        batch = self.batch
+        batch.count(**counters)
+        batch.complete_step(turn=turn, kind="model", output=outcome.message, **tokens)
+        self.history.append(batch.add_message(run.session_id, run.id, outcome.message))
+        batch.add_event(
+            "message.completed",
+            {"turn": turn, "model": outcome.model, "message": outcome.message, "usage": tokens, "cost_usd": cost},
+        )
+        for call in outcome.tool_calls:
+            batch.add_event("tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
+        # Usage is settled once the step is durable: a step lost to a crash is made again, and billed once.
+        batch.after.append(
+            lambda: accounting.model_step(
+                run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost
             )
-            await unit.add_message(run.session_id, run.id, outcome.message)
-            usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
-            await unit.add_event(
-                run.id,
-                "message.completed",
-                {"turn": turn, "model": outcome.model, "message": outcome.message, "usage": usage, "cost_usd": cost},
-            )
-            for call in outcome.tool_calls:
-                await unit.add_event(run.id, "tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
-        latency = time.monotonic() - step_started
-        await accounting.model_step(run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost)
+        )
 
     def _delta(self, text: str, turn: int) -> None:
         self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text, "turn": turn}, None))
@@ -263,7 +270,10 @@ class _Job:
         loop = detect_loop(previous, upcoming, self.spec.limits.loop_repeats)
         if loop:
             await self.stop("failed", loop)
-        await asyncio.gather(*(self._tool_call(call, turn) for call in pending))
+        calls = [self._prepare(call, turn) for call in pending]
+        await self.commit()  # every call of the turn recorded `started` before any runs
+        self.running_calls = len(calls)
+        await asyncio.gather(*(self._tool_call(*call) for call in calls))
 
     def _needs_approval(self, call: dict[str, Any]) -> bool:
         name = call["function"]["name"]
@@ -271,6 +281,7 @@ class _Job:
         return name in self.spec.require_approval or bool(tool and tool.spec.requires_approval)
 
     async def _pause_for_approval(self, calls: list[dict[str, Any]]) -> None:
+        await self.commit()  # what the run did so far, before it waits
         requested = [
             {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls
         ]
@@ -288,7 +299,8 @@ class _Job:
         _record_end(self.span, run, "awaiting_approval", None)
         raise _Stop
 
-    async def _tool_call(self, call: dict[str, Any], turn: int) -> None:
+    def _prepare(self, call: dict[str, Any], turn: int) -> tuple[dict[str, Any], int, str, dict[str, Any] | None]:
+        """Record the call's step as started (in the batch); returns what `_tool_call` needs."""
         run = self.run
         name, call_id = call["function"]["name"], call["id"]
         key = f"{run.id}:{turn}:{call_id}"
@@ -296,14 +308,17 @@ class _Job:
         arguments_text = call["function"]["arguments"]
         if decision and decision.get("arguments") is not None:
             arguments_text = orjson.dumps(decision["arguments"]).decode()
-        async with self.unit() as unit:
-            await start_step(
-                unit, run.id, turn=turn, kind="tool", name=name, call_id=call_id,
-                input_={"arguments": arguments_text}, idempotency_key=key,
-            )  # fmt: skip
-            await unit.add_event(
-                run.id, "step.started", {"turn": turn, "kind": "tool", "tool": name, "call_id": call_id}
-            )
+        self.batch.start_step(
+            turn=turn, kind="tool", name=name, call_id=call_id, input_={"arguments": arguments_text},
+            idempotency_key=key,
+        )  # fmt: skip
+        self.batch.add_event("step.started", {"turn": turn, "kind": "tool", "tool": name, "call_id": call_id})
+        return call, turn, arguments_text, decision
+
+    async def _tool_call(self, call: dict[str, Any], turn: int, arguments_text: str, decision: Any) -> None:
+        run = self.run
+        name, call_id = call["function"]["name"], call["id"]
+        key = f"{run.id}:{turn}:{call_id}"
         if decision and decision.get("decision") == "deny":
             comment = decision.get("comment")
             result = ToolResult("The call was denied by an approver." + (f" {comment}" if comment else ""), True)
@@ -311,22 +326,22 @@ class _Job:
         else:
             result, outcome = await self._traced_invoke(name, call_id, arguments_text, key)
         self.engine.accounting.tool_called(name, outcome)
-        async with self.unit() as unit:
-            await complete_step(
-                unit, run.id, turn=turn, kind="tool", call_id=call_id,
-                status="failed" if result.is_error else "completed",
-                output={"content": result.content, "is_error": result.is_error},
-                error=result.content if result.is_error else None,
-            )  # fmt: skip
-            content = f"Error: {result.content}" if result.is_error else result.content
-            await unit.add_message(
-                run.session_id, run.id, {"role": "tool", "tool_call_id": call_id, "content": content}
-            )
-            await unit.add_event(
-                run.id,
-                "tool.result",
-                {"call_id": call_id, "tool": name, "content": result.content, "is_error": result.is_error},
-            )
+        batch = self.batch
+        batch.complete_step(
+            turn=turn, kind="tool", call_id=call_id, status="failed" if result.is_error else "completed",
+            output={"content": result.content, "is_error": result.is_error},
+            error=result.content if result.is_error else None,
+        )  # fmt: skip
+        content = f"Error: {result.content}" if result.is_error else result.content
+        message = {"role": "tool", "tool_call_id": call_id, "content": content}
+        self.history.append(batch.add_message(run.session_id, run.id, message))
+        batch.add_event(
+            "tool.result", {"call_id": call_id, "tool": name, "content": result.content, "is_error": result.is_error}
+        )
+        self.running_calls -= 1
+        if self.running_calls:  # others of this turn still run: make this result durable now
+            await self.commit()
+        # else: the last one's result is committed with the next step's start
 
     async def _traced_invoke(self, name: str, call_id: str, arguments_text: str, key: str) -> tuple[ToolResult, str]:
         """The result and its outcome for metrics: ok, error or timeout."""

@@ -57,4 +57,5 @@ class AgentRuntime:
         await self.tools.close()
 
     async def close(self) -> None:
+        await self.store.close()
         await self.db.dispose()

@@ -17,12 +17,9 @@ from strata.observability.tracing import traceparent
 from strata.store.runs import TERMINAL, RunStore
 from strata.store.tables import Run, Session
 
-STORE_POLL_S = 1.0
-FINAL_EVENTS = (
-    "run.completed",
-    "run.failed",
-    "run.cancelled",
-)  # how often followers re-read the store for events written by other replicas
+STORE_POLL_S = 1.0  # how often followers re-read the store for events written by other replicas
+FINAL_EVENTS = ("run.completed", "run.failed", "run.cancelled")
+SETTLING_EVENTS = (*FINAL_EVENTS, "approval.requested")  # what a synchronous waiter waits for
 
 
 class RunConflict(Exception):
@@ -87,8 +84,9 @@ class AgentService:
                 return existing, False
             if existing is not None:  # another user's run: neither reveal it nor run this one twice
                 raise InvalidRequest("this Idempotency-Key is already taken; choose another", "Idempotency-Key")
-        if session_id is None:
-            session = await self.store.create_session(agent, owner, None)
+        new_session: Session | None = None
+        if session_id is None:  # created with the run, in its transaction
+            session = new_session = self.store.new_session(agent, owner, None)
         else:
             session = await self.session(session_id)
             if session.owner != owner:  # someone else's conversation: as if it did not exist
@@ -116,6 +114,7 @@ class AgentService:
             timeout_s=spec.limits.timeout_s,
             trace_parent=traceparent(),  # the request's span: the run's spans join its trace
             key_id=key_id,
+            new_session=new_session,
         )
         if created and wake:
             self.worker.wake()
@@ -137,7 +136,7 @@ class AgentService:
                 if run.status in TERMINAL or run.status == "awaiting_approval" or remaining <= 0:
                     return run
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_next_durable(queue), min(remaining, STORE_POLL_S))
+                    await asyncio.wait_for(_next_settling(queue), min(remaining, STORE_POLL_S))
 
     def subscribe(self, run_id: str) -> Subscription:
         """Subscribe before the run can start (no await in between) to see its very first deltas."""
@@ -155,25 +154,32 @@ class AgentService:
         if self._finished_before(await self.run(run_id), after_seq):
             return  # a client resuming after the final event: nothing more will come
         last = after_seq
+        started = -1  # the latest model turn whose step.started went out: its deltas may follow it
+        held: list[LiveEvent] = []  # deltas of a turn whose step.started has not been read back yet
         with subscription or self.bus.subscribe(run_id) as queue:
             while True:
                 # Deltas are live only; stored events are read back. A batch read from the store may
-                # cover several turns, so each turn's deltas go out just before its message.completed.
+                # cover several turns, so each turn's deltas go out just before its message.completed;
+                # deltas that arrive before their turn's step.started was read (the next step can start
+                # while this loop reads) wait for it.
                 stored_batch = await self.store.events_after(run_id, last)
-                pending = [e for e in _drain(queue) if e.seq is None and deltas]
+                pending = held + [e for e in _drain(queue) if e.seq is None and deltas]
                 for stored in stored_batch:
+                    turn = stored.data.get("turn", 0)
                     if stored.type == "message.completed":
-                        turn = stored.data.get("turn", 0)
-                        yield_now = [d for d in pending if d.data.get("turn", 0) <= turn]
-                        pending = [d for d in pending if d.data.get("turn", 0) > turn]
-                        for delta in yield_now:
+                        for delta in [d for d in pending if d.data.get("turn", 0) <= turn]:
                             yield delta
+                        pending = [d for d in pending if d.data.get("turn", 0) > turn]
+                    elif stored.type == "step.started" and stored.data.get("kind") == "model":
+                        started = max(started, turn)
                     last = stored.seq
                     yield LiveEvent(run_id, stored.type, stored.data, stored.seq)
                     if stored.type in FINAL_EVENTS:
                         return
+                held = [d for d in pending if d.data.get("turn", 0) > started]
                 for delta in pending:
-                    yield delta
+                    if delta.data.get("turn", 0) <= started:
+                        yield delta
                 try:
                     event = await asyncio.wait_for(queue.get(), STORE_POLL_S)
                 except TimeoutError:
@@ -181,7 +187,10 @@ class AgentService:
                         return
                     continue
                 if event.seq is None and deltas:
-                    yield event
+                    if event.data.get("turn", 0) <= started:
+                        yield event
+                    else:
+                        held.append(event)
 
     @staticmethod
     def _finished_before(run: Run, seq: int) -> bool:
@@ -226,8 +235,11 @@ def _drain(queue: asyncio.Queue[LiveEvent]) -> list[LiveEvent]:
     return events
 
 
-async def _next_durable(queue: asyncio.Queue[LiveEvent]) -> LiveEvent:
+async def _next_settling(queue: asyncio.Queue[LiveEvent]) -> LiveEvent:
+    """The next event after which the run may have ended or paused: the waiter reads the run only then, not
+    after each of its steps' events (a read per event cost more than the steps). Events of other replicas
+    never arrive here; the waiter's periodic re-read finds those runs' ends."""
     while True:
         event = await queue.get()
-        if event.seq is not None:
+        if event.type in SETTLING_EVENTS:
             return event

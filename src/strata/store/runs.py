@@ -7,6 +7,7 @@ can never write over the worker that took the run over.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,12 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import Select, and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from strata.store.database import Database
+from strata.store.run_journal import JournalWriter, LeaseLost, RunBatch
 from strata.store.tables import Event, Message, Run, Session, Step
 
 ACTIVE = ("queued", "running", "awaiting_approval")
@@ -37,10 +39,6 @@ def new_id(prefix: str) -> str:
 def aware(value: datetime) -> datetime:
     """SQLite returns naive datetimes; everything we store is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-class LeaseLost(Exception):
-    """This worker no longer owns the run; it must stop touching it."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class Unit:
         self.events.append(stored)
         return stored
 
-    async def add_message(self, session_id: str, run_id: str | None, data: dict[str, Any]) -> None:
+    async def add_message(self, session_id: str, run_id: str | None, data: dict[str, Any]) -> Message:
         seq = (
             await self.tx.execute(
                 update(Session)
@@ -89,15 +87,40 @@ class Unit:
                 .returning(Session.next_message_seq)
             )
         ).scalar_one()
-        self.tx.add(
-            Message(session_id=session_id, seq=seq, run_id=run_id, role=data["role"], data=data, created_at=utcnow())
-        )
+        now = utcnow()
+        message = Message(session_id=session_id, seq=seq, run_id=run_id, role=data["role"], data=data, created_at=now)
+        self.tx.add(message)
+        return message
 
 
 class RunStore:
     def __init__(self, db: Database, publish: Callable[[StoredEvent], None] | None = None) -> None:
         self.db = db
         self._publish = publish or (lambda _event: None)
+        self._journal = JournalWriter(db)
+
+    async def commit(self, run: Run, owner: str, lease_s: float, batch: RunBatch) -> None:
+        """Write a worker's batch in one transaction fenced on its lease (`LeaseLost` if it has none), then
+        number its messages, bring `run` up to date (event numbers, a terminal state; the worker keeps the
+        counters it added itself), publish its events and run its `after` callbacks."""
+        if not batch:
+            return
+        done = await self._journal.write(run.id, run.session_id, owner, lease_s, batch)
+        for index, message in enumerate(batch.messages):
+            message.seq = done.first_message_seq + index
+        if batch.events:
+            run.next_event_seq = done.first_event_seq + len(batch.events) - 1
+        if batch.finish is not None:
+            for name, value in batch.finish.items():
+                setattr(run, name, value)
+        for index, (type_, data) in enumerate(batch.events):
+            self._publish(StoredEvent(run.id, done.first_event_seq + index, type_, data, done.at))
+        for settle in batch.after:
+            await settle()
+
+    async def close(self) -> None:
+        """Stop the journal's writer thread once its last write is done (the database is the caller's)."""
+        await asyncio.to_thread(self._journal.close)
 
     @asynccontextmanager
     async def unit(
@@ -120,11 +143,16 @@ class RunStore:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    async def create_session(self, agent: str, owner: str | None, metadata: dict[str, Any] | None = None) -> Session:
+    @staticmethod
+    def new_session(agent: str, owner: str | None, metadata: dict[str, Any] | None = None) -> Session:
+        """A session not yet stored: `create_run(new_session=...)` stores it with its first run."""
         now = utcnow()
-        session = Session(
+        return Session(
             id=new_id("sess"), agent=agent, owner=owner, metadata_=metadata or {}, created_at=now, updated_at=now
         )
+
+    async def create_session(self, agent: str, owner: str | None, metadata: dict[str, Any] | None = None) -> Session:
+        session = self.new_session(agent, owner, metadata)
         async with self.db.transaction() as tx:
             tx.add(session)
         return session
@@ -152,10 +180,12 @@ class RunStore:
         timeout_s: float,
         trace_parent: str | None = None,
         key_id: str | None = None,
+        new_session: Session | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
-        `trace_parent`: the W3C traceparent of the request creating it, which the run's spans join."""
+        `trace_parent`: the W3C traceparent of the request creating it, which the run's spans join.
+        `new_session`: from `new_session()`, stored in the same transaction (one commit for a new conversation)."""
         if idempotency_key:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
@@ -178,6 +208,8 @@ class RunStore:
         )
         try:
             async with self.unit() as unit:
+                if new_session is not None:
+                    unit.tx.add(new_session)
                 unit.tx.add(run)
                 await unit.tx.flush()
                 await unit.add_event(run.id, "run.created", {"agent": agent, "session_id": session_id})
@@ -221,39 +253,27 @@ class RunStore:
 
     async def claim(self, owner: str, lease_s: float) -> Run | None:
         """Take the oldest queued run whose session has no earlier unfinished run."""
-        earlier = aliased(Run)
-        blocked = exists().where(
-            and_(
-                earlier.session_id == Run.session_id,
-                earlier.id != Run.id,
-                earlier.status.in_(ACTIVE),
-                earlier.created_at < Run.created_at,
-            )
-        )
-        query = select(Run.id).where(Run.status == "queued", ~blocked).order_by(Run.created_at).limit(1)
         if not self.db.is_sqlite:
-            query = query.with_for_update(skip_locked=True, of=Run)
-        async with self.unit() as unit:
-            run_id = (await unit.tx.execute(query)).scalar_one_or_none()
+            return await self._claim_locked(owner, lease_s)
+        while True:
+            # Look first without the write lock: most wake-ups of a worker find nothing to claim. A run found
+            # claimable stays so until someone claims it (the earlier runs of its session have all ended).
+            async with self.db.sessions() as tx:
+                run_id = (await tx.execute(_CLAIMABLE)).scalar_one_or_none()
             if run_id is None:
                 return None
-            now = utcnow()
-            taken = await unit.tx.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.status == "queued")
-                .values(
-                    status="running",
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                    started_at=func.coalesce(Run.started_at, now),
-                    attempts=Run.attempts + 1,
-                )
-            )
-            if taken.rowcount != 1:
-                return None
-            run = await unit.tx.get(Run, run_id, populate_existing=True)
-            assert run is not None
-            return run
+            async with self.unit() as unit:
+                run = await _take(unit, run_id, owner, lease_s)
+            if run is not None:
+                return run
+            # another worker took it between the look and the update: look again
+
+    async def _claim_locked(self, owner: str, lease_s: float) -> Run | None:
+        """PostgreSQL: workers of every replica claim at once; `SKIP LOCKED` makes each take a different run."""
+        query = _CLAIMABLE.with_for_update(skip_locked=True, of=Run)
+        async with self.unit() as unit:
+            run_id = (await unit.tx.execute(query)).scalar_one_or_none()
+            return None if run_id is None else await _take(unit, run_id, owner, lease_s)
 
     async def heartbeat(self, run_id: str, owner: str, lease_s: float) -> Heartbeat:
         async with self.db.transaction() as tx:
@@ -313,6 +333,41 @@ class RunStore:
             if not pending:
                 run.status, run.pending_approval = "queued", None
             return run
+
+
+def _claimable() -> Select[tuple[str]]:
+    earlier = aliased(Run)
+    blocked = exists().where(
+        and_(
+            earlier.session_id == Run.session_id,
+            earlier.id != Run.id,
+            earlier.status.in_(ACTIVE),
+            earlier.created_at < Run.created_at,
+        )
+    )
+    return select(Run.id).where(Run.status == "queued", ~blocked).order_by(Run.created_at).limit(1)
+
+
+_CLAIMABLE = _claimable()  # built once: the statement keeps its cache key, so a claim skips building SQL
+
+
+async def _take(unit: Unit, run_id: str, owner: str, lease_s: float) -> Run | None:
+    """Move a queued run to `running` under `owner`'s lease; None if it is no longer queued."""
+    now = utcnow()
+    taken = await unit.tx.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "queued")
+        .values(
+            status="running",
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=func.coalesce(Run.started_at, now),
+            attempts=Run.attempts + 1,
+        )
+    )
+    if taken.rowcount != 1:
+        return None
+    return await unit.tx.get(Run, run_id, populate_existing=True)
 
 
 async def finish(unit: Unit, run: Run, status: str, reason: str | None, output: str | None = None) -> None:
