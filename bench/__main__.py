@@ -1,4 +1,4 @@
-"""`python -m bench [--scenarios overhead,throughput,streaming] [--quick] [--out BENCHMARKS.md]`"""
+"""`python -m bench [--scenarios overhead,throughput,...] [--quick] [--out BENCHMARKS.md]`"""
 
 from __future__ import annotations
 
@@ -10,18 +10,23 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.scenarios import SCENARIOS, Settings, collector_stats
+from bench.registry import SCENARIOS
+from bench.scenarios import Settings, collector_stats
 from bench.servers import REPO_ROOT, BenchServers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Strata benchmark harness")
-    parser.add_argument("--scenarios", default="overhead,throughput,streaming", help="comma-separated")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, run in this order")
     parser.add_argument("--quick", action="store_true", help="short runs, 50 streams (a smoke run)")
+    parser.add_argument("--list", action="store_true", help="print the scenarios and exit")
     parser.add_argument("--duration", type=float, default=None, help="seconds per measured point (overrides)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--results-dir", type=Path, default=None, help="chart and raw JSON (default: bench/results)")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(SCENARIOS))
+        return 0
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with BenchServers(settings.stream_chunks, settings.stream_interval_ms) as servers:
         log(f"strata ready in {servers.ready_after_s:.1f} s (pid {servers.strata.pid if servers.strata else '?'})")
         for name in names:
-            results["scenarios"][name] = SCENARIOS[name](servers, settings, log)
+            results["scenarios"][name] = SCENARIOS[name].run(servers, settings, log, results["scenarios"])
         time.sleep(1.5)  # let the batch span processor flush its last spans to the sink
         results["collector"] = collector_stats(servers)
     results["wall_s"] = time.monotonic() - t0
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     results["raw_path"] = str(raw.relative_to(REPO_ROOT)) if raw.is_relative_to(REPO_ROOT) else str(raw)
     raw.write_text(json.dumps(results, indent=2))
     chart = report.chart(results, results_dir / "latency.png")
-    report.write(results, args.out, chart)
+    report.write(results, args.out, chart, [SCENARIOS[name] for name in names])
     log(f"wrote {args.out} and {raw}" + (f" and {chart}" if chart else ""))
     return 0
 

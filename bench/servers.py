@@ -122,7 +122,9 @@ class BenchServers:
 
     def config(self) -> dict[str, Any]:
         return {
-            "server": {"host": "127.0.0.1", "port": self.strata_port, "drain_delay_s": 0.0},
+            # At most 64 requests in progress (the throughput scenario's highest concurrency), so the overload
+            # scenario sees requests shed rather than queued behind 256 (the default).
+            "server": {"host": "127.0.0.1", "port": self.strata_port, "drain_delay_s": 0.0, "max_in_flight": 64},
             "models": [
                 {
                     "kind": "openai",

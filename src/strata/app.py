@@ -122,8 +122,13 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await cpu.start()
+        # The router first: a launched model server (the embedded llama.cpp) loads while the rest starts.
         await router.start()
+        try:
+            await cpu.start()
+        except Exception:
+            await router.stop(grace_s=5.0)
+            raise
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
             state.runtime = await AgentRuntime.start(config, state.chat, cpu, keyring=keyring.keyring)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import PurePath
+from typing import TYPE_CHECKING
 
-import pypdf
-from markdown_it import MarkdownIt
-from markdown_it.token import Token
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from markdown_it.token import Token
 
 PLAIN = "text/plain"
 MARKDOWN = "text/markdown"
@@ -153,6 +155,8 @@ def _result(text: str, media_type: str, pages: int | None, max_chars: int) -> Ex
 
 
 def _pdf_text(data: bytes, max_chars: int) -> ExtractedText:
+    import pypdf  # imported on first use: the CPU pool's fork server preloads it for its workers
+
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
@@ -253,7 +257,6 @@ def html_to_text(source: str) -> str:
 
 # --- Markdown ----------------------------------------------------------------------------------------
 
-_MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 _BLOCK_ENDS = frozenset(
     {"paragraph_close", "heading_close", "table_close", "fence", "code_block", "html_block", "bullet_list_close",
      "ordered_list_close"}
@@ -267,7 +270,7 @@ def markdown_to_text(source: str) -> str:
     lists: list[bool] = []  # the open lists, innermost last: True if ordered
     prefix = ""
     row: list[str] | None = None
-    for token in _MARKDOWN.parse(source):
+    for token in _markdown_parser().parse(source):
         kind = token.type
         if kind in ("bullet_list_open", "ordered_list_open"):
             lists.append(kind == "ordered_list_open")
@@ -295,6 +298,14 @@ def markdown_to_text(source: str) -> str:
         if kind in _BLOCK_ENDS and not lists:
             blocks.append("")  # a blank line between top-level blocks; list items stay together
     return _BLANK_RUNS.sub("\n\n", "\n".join(blocks)).strip()
+
+
+@functools.cache
+def _markdown_parser() -> MarkdownIt:
+    """Made on first use: importing markdown-it is start-up time a server that reads no document need not spend."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"])
 
 
 def _inline_text(children: list[Token]) -> str:

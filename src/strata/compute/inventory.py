@@ -13,10 +13,7 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-try:
-    import pynvml
-except ImportError:  # nvidia-ml-py is a dependency, but a broken install must not break `strata gpus`
-    pynvml = None  # type: ignore[assignment]
+_INSTALLED: Any = object()  # `nvml=` default: the installed pynvml, imported on first read (see `_installed_nvml`)
 
 LinkKind = Literal["NVLINK", "PIX", "PXB", "PHB", "NODE", "SYS"]
 
@@ -100,12 +97,23 @@ class GpuInventory:
         return asdict(self)
 
 
-def read_inventory(nvml: Any = pynvml, *, topology: bool = True) -> GpuInventory:
+def _installed_nvml() -> Any:
+    """pynvml, or None. Imported on first use: it costs `strata serve` ~0.1 s of start-up otherwise."""
+    try:
+        import pynvml
+    except ImportError:  # nvidia-ml-py is a dependency, but a broken install must not break `strata gpus`
+        return None
+    return pynvml
+
+
+def read_inventory(nvml: Any = _INSTALLED, *, topology: bool = True) -> GpuInventory:
     """Read every GPU (and, with `topology`, every pair's link) in one NVML session.
 
     Blocking: call it from a worker thread (`read_inventory_async`). `topology=False` skips the
     pairwise queries, which never change while the machine runs, for periodic metric refreshes.
     """
+    if nvml is _INSTALLED:
+        nvml = _installed_nvml()
     if nvml is None:
         return GpuInventory.unavailable("nvidia-ml-py (pynvml) is not installed")
     nvml_error: type[BaseException] = getattr(nvml, "NVMLError", OSError)
@@ -123,7 +131,7 @@ def read_inventory(nvml: Any = pynvml, *, topology: bool = True) -> GpuInventory
             nvml.nvmlShutdown()
 
 
-async def read_inventory_async(nvml: Any = pynvml, *, topology: bool = True) -> GpuInventory:
+async def read_inventory_async(nvml: Any = _INSTALLED, *, topology: bool = True) -> GpuInventory:
     """`read_inventory` off the event loop."""
     return await asyncio.to_thread(read_inventory, nvml, topology=topology)
 

@@ -35,8 +35,15 @@ T = TypeVar("T")
 DEFAULT_MAX_QUEUED = 256
 DEFAULT_TIMEOUT_S = 60.0
 _NO_DEADLINE_S = 1e8  # setitimer() rejects what it cannot represent (inf); past this, no alarm is set
-# Imported once in the fork server, so every forked worker starts with them loaded.
-DEFAULT_PRELOAD = ("strata.compute.offload", "strata.compute.documents", "strata.compute.tokens")
+# Imported once in the fork server, so every forked worker starts with them loaded. The parsers are named
+# on their own: `documents` imports them on first use, to keep them out of the server's own start-up.
+DEFAULT_PRELOAD = (
+    "strata.compute.offload",
+    "strata.compute.documents",
+    "strata.compute.tokens",
+    "pypdf",
+    "markdown_it",
+)
 
 
 class CpuPoolError(RuntimeError):

@@ -21,6 +21,9 @@ import structlog
 log = structlog.get_logger("strata.supervisor")
 
 _PR_SET_PDEATHSIG = 1
+# Between health probes while a child starts: readiness (and `strata serve`'s cold start) waits for the next
+# probe, and a probe of a server not listening yet is one refused connect.
+HEALTH_POLL_S = 0.05
 
 
 class ChildState(enum.StrEnum):
@@ -182,7 +185,7 @@ class ProcessSupervisor:
             if await self._is_healthy():
                 return True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.2)
+                await asyncio.wait_for(process.wait(), HEALTH_POLL_S)
         return False
 
     async def _terminate(self, grace_s: float) -> None:
