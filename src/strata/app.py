@@ -35,6 +35,7 @@ from strata.api import (
 )
 from strata.api.auth import AuthMiddleware, Guard, authorize
 from strata.api.body_limit import BodyLimitMiddleware
+from strata.api.chat_fast_path import ChatFastPath
 from strata.api.errors import install_error_handlers
 from strata.api.load_shedding import InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
@@ -221,6 +222,7 @@ def build_app(
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
     install_error_handlers(app, redactor or Redactor(config.security.redact_patterns))
+    app.add_middleware(ChatFastPath)  # inside authentication: the route's own permission check runs in it
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=request_metrics)  # outside auth: 401, 413 and 429 count too
