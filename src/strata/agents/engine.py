@@ -25,7 +25,6 @@ from strata.agents.catalog import AgentCatalog
 from strata.agents.guards import call_signature, detect_loop
 from strata.agents.model_call import DeadlineExceeded, ModelCaller, ModelStepError
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult
-from strata.agents.tools.mcp_tools import McpTool
 from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
 from strata.config import AgentConfig
 from strata.cost.run_accounting import RunAccounting
@@ -352,7 +351,7 @@ class _Job:
             genai.OPERATION: genai.EXECUTE_TOOL,
             genai.TOOL_NAME: name,
             genai.TOOL_CALL_ID: call_id,
-            genai.TOOL_TYPE: "extension" if isinstance(self.tools.get(name), McpTool) else "function",
+            genai.TOOL_TYPE: tool.kind if (tool := self.tools.get(name)) is not None else "function",
         }
         if tracing.capture_content:
             attributes[genai.TOOL_ARGUMENTS] = genai.clip(arguments_text)

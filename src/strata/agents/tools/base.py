@@ -58,6 +58,8 @@ class ToolSpec:
 
 class Tool(ABC):
     spec: ToolSpec
+    # OpenTelemetry's `gen_ai.tool.type`: "function" runs here, "extension" runs elsewhere (an MCP server).
+    kind: str = "function"
 
     @property
     def name(self) -> str:

@@ -174,6 +174,8 @@ class McpServerConnection:
 class McpTool(Tool):
     """One MCP tool. The connection owns the server, so closing a tool releases nothing."""
 
+    kind = "extension"
+
     def __init__(self, spec: ToolSpec, mcp_name: str, connection: McpServerConnection) -> None:
         self.spec = spec
         self.mcp_name = mcp_name
