@@ -1,6 +1,7 @@
 """Overload on a real server: beyond `server.max_in_flight` requests in progress, a request is refused at once with
 503, `Retry-After` and OpenAI's error shape, while probes still answer and the requests in progress finish; a
-stream stops counting once its response has started, so long streams never lock short requests out."""
+stream stops counting once its response has started, and a synchronous agent run stops counting while it waits for
+the run, so neither locks short requests out."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SLOW_S = 1.5
 def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
     config = {
         "models": [mock_model(mock_backend)],
+        "agents": [{"name": "helper", "model": "mock-model", "tools": []}],
         "server": {"max_in_flight": 2, "drain_delay_s": 0, "shutdown_grace_s": 5},
     }
     process = StrataProcess(tmp_path_factory.mktemp("shedding"), config, env={"MOCK_API_KEY": "mock-secret"})
@@ -65,6 +67,7 @@ def test_requests_beyond_the_bound_are_refused_at_once_and_the_rest_finish(
     assert refused.headers["retry-after"] == "1"
     error = refused.json()["error"]
     assert error["code"] == "overloaded" and error["type"] == "server_error"
+    assert error["request_id"] and refused.headers["x-request-id"] == error["request_id"]
     assert "server.max_in_flight" in error["message"]
     assert health.status_code == 200, "a shedding server must still answer its probes"
     assert _shed_count(strata) == shed_before + 1
@@ -88,3 +91,22 @@ def test_a_stream_stops_counting_once_it_has_started(strata: StrataProcess, mock
         assert answer.status_code == 200
         chunks = [line for line in second.iter_lines() if line.startswith("data: ")]
     assert chunks[-1] == "data: [DONE]"
+
+
+async def _chat_while_two_runs_wait(strata: StrataProcess) -> tuple[list[httpx.Response], httpx.Response]:
+    async with httpx.AsyncClient(base_url=strata.url, headers=strata.headers, timeout=30) as client:
+        body = {"input": "take your time", "mode": "sync"}
+        runs = [asyncio.create_task(client.post("/v1/agents/helper/runs", json=body)) for _ in range(2)]
+        await asyncio.sleep(SLOW_S / 3)  # both runs are waiting for their slow model step
+        chat = await client.post("/v1/chat/completions", json=CHAT)
+        return list(await asyncio.gather(*runs)), chat
+
+
+def test_a_synchronous_run_stops_counting_while_it_waits(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="run one", latency_s=SLOW_S), Reply(content="run two", latency_s=SLOW_S))
+
+    runs, chat = asyncio.run(_chat_while_two_runs_wait(strata))
+
+    assert chat.status_code == 200, "two waiting runs took every place"
+    assert [r.status_code for r in runs] == [200, 200]
+    assert {r.json()["status"] for r in runs} == {"completed"}

@@ -6,13 +6,18 @@ rest are refused at once with `Retry-After`, which clients (the `openai` SDK inc
 
 A request counts from its arrival until its response starts: a non-streamed answer is then nearly done, and
 a stream (chat SSE, run events) goes on relaying without holding a place, so long-lived streams never starve
-short requests. Stream relays are bounded by each model's admission limit instead. Probes and scrapes are
-never refused: a load balancer must see the server as alive while it sheds. The refusal is built once and
-sent before authentication, parsing or logging: shedding has to cost next to nothing, or it only adds to the
-overload it answers.
+short requests. Stream relays are bounded by each model's admission limit instead. A route that is about to
+wait long before it answers (a synchronous agent run waits for the run to end) calls `release_slot` first:
+waiting is not work, and a few hundred waiting clients must not lock out the one who wants to cancel.
+
+Probes and scrapes are never refused: a load balancer must see the server as alive while it sheds. The
+refusal is prepared once (only its request id changes) and sent before authentication, parsing or logging:
+shedding has to cost next to nothing, or it only adds to the overload it answers.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,27 +25,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strata.observability.request_metrics import RequestMetrics
 
 RETRY_AFTER_S = 1
+SLOT = "strata.in_flight_slot"
 
 
-def _refusal(limit: int) -> tuple[Message, Message]:
-    body = orjson.dumps(
-        {
-            "error": {
-                "message": f"Strata is at its limit of {limit} requests in progress (server.max_in_flight); "
-                f"retry in {RETRY_AFTER_S} s",
-                "type": "server_error",
-                "param": None,
-                "code": "overloaded",
-            }
-        }
+def release_slot(scope: Scope) -> None:
+    """Stop counting this request as in progress (before a long wait); later calls do nothing."""
+    release = scope.get(SLOT)
+    if release is not None:
+        release()
+
+
+def _refusal(limit: int) -> tuple[bytes, bytes]:
+    """The refusal's body, split around its request id: the only part that differs between refusals."""
+    message = (
+        f"Strata is at its limit of {limit} requests in progress (server.max_in_flight); retry in {RETRY_AFTER_S} s"
     )
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-    ]
-    start: Message = {"type": "http.response.start", "status": 503, "headers": headers}
-    return start, {"type": "http.response.body", "body": body}
+    error = {"message": message, "type": "server_error", "param": None, "code": "overloaded", "request_id": "-"}
+    head, tail = orjson.dumps({"error": error}).split(b'"-"')
+    return head, tail
 
 
 class InFlightLimit:
@@ -52,29 +54,45 @@ class InFlightLimit:
         self.exempt = exempt
         self.metrics = metrics
         self.in_flight = 0
-        self._start, self._body = _refusal(limit)
+        self._head, self._tail = _refusal(limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            self.metrics.shed()
-            await send(self._start)
-            await send(self._body)
+            await self._refuse(send)
             return
         self.in_flight += 1
         counted = True
 
-        async def send_releasing(message: Message) -> None:
+        def release() -> None:
             nonlocal counted
-            if counted and message["type"] == "http.response.start":
+            if counted:
                 counted = False
                 self.in_flight -= 1
+
+        async def send_releasing(message: Message) -> None:
+            if counted and message["type"] == "http.response.start":
+                release()
             await send(message)
 
+        scope[SLOT] = release
         try:
             await self.app(scope, receive, send_releasing)
         finally:
-            if counted:
-                self.in_flight -= 1
+            release()
+
+    async def _refuse(self, send: Send) -> None:
+        # Answered before the request-id middleware runs: the refusal carries an id of its own, like every error.
+        self.metrics.shed()
+        request_id = uuid.uuid4().hex
+        body = b'%s"%s"%s' % (self._head, request_id.encode(), self._tail)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -15,6 +15,7 @@ from strata.agents.service import AgentService, ApprovalDecision
 from strata.api.auth import audit, principal
 from strata.api.chat_accounting import admit_budget
 from strata.api.errors import ApiError
+from strata.api.load_shedding import release_slot
 from strata.api.ownership import readable_run, service, writable_run
 from strata.api.state import AppState
 from strata.api.views import run_view, step_view
@@ -95,6 +96,7 @@ async def create_run(
         return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
     if body.mode == "background":
         return _json(run_view(run), 202, {"Location": f"/v1/runs/{run.id}"})
+    release_slot(request.scope)  # waiting for the run is not work in progress (see api/load_shedding.py)
     run = await agents.wait(run.id, body.wait_s or state.config.runs.sync_wait_s)
     steps = await agents.store.steps(run.id)
     finished = run.status in ("completed", "failed", "cancelled", "awaiting_approval")
