@@ -20,12 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, run in this order")
     parser.add_argument("--quick", action="store_true", help="short runs, 50 streams (a smoke run)")
     parser.add_argument("--list", action="store_true", help="print the scenarios and exit")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="write the report from this results JSON (e.g. after adding notes)"
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per measured point (overrides)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--results-dir", type=Path, default=None, help="chart and raw JSON (default: bench/results)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(SCENARIOS))
+        return 0
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        chart = report.chart(results, args.render.parent / "latency.png")
+        report.write(results, args.out, chart, [SCENARIOS[name] for name in results["scenarios"] if name in SCENARIOS])
         return 0
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]

@@ -109,7 +109,19 @@ def section(results: dict[str, Any]) -> list[str]:
             f"{fmt(x['latency_ms'].get('p99'))} | {x['refused']} | {fmt(x['refused_ms'].get('p50'))} / "
             f"{fmt(x['refused_ms'].get('p99'))} | {x['errors'] - x['refused']} | {x['loadgen_cpu_util']:.2f} |"
         )
-    lines.append(f"\nStrata CPU during the overload: {r['strata_cpu_s']:.1f} s over {r['duration_s']:g} s.")
+    loaded = r["loaded"]
+    lines.append(
+        f"\nStrata's CPU from the first overload request until the last answer: {r['strata_cpu_s']:.1f} s for "
+        f"{loaded['ok']} admitted and {loaded['refused']} refused requests."
+    )
+    thr = results.get("scenarios", {}).get("throughput")
+    if thr and loaded["refused"]:
+        per_admitted = min(row["strata_cpu_ms_per_request"] or 0.0 for row in thr["rows"]) / 1000.0
+        per_refusal = max(0.0, r["strata_cpu_s"] - loaded["ok"] * per_admitted) / loaded["refused"]
+        lines.append(
+            f"With an admitted request at {per_admitted * 1000:.2f} ms of CPU (throughput scenario), a refusal cost "
+            f"about {per_refusal * 1e6:.0f} µs of Strata's CPU (HTTP parsing in uvicorn included)."
+        )
     return lines
 
 
