@@ -4,6 +4,7 @@ fenced on the lease, numbers events and messages without gaps next to other writ
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 
 from strata.security.encryption import Keyring
 from strata.store.database import Database
-from strata.store.run_journal import RunBatch
+from strata.store.run_journal import Committed, JournalClosed, RunBatch
 from strata.store.runs import LeaseLost, RunStore, StoredEvent
 from strata.store.tables import Run
 from tests.integration.test_encryption_at_rest import stored_values
@@ -137,6 +138,70 @@ async def test_ending_a_run_releases_it_for_good(store: RunStore) -> None:
                                                                     "output": "the answer"})  # fmt: skip
     with pytest.raises(LeaseLost):  # ended: nothing more may be written by its worker
         await store.commit(run, "w1", 30, _one_event())
+
+
+async def test_a_run_stopped_while_its_step_is_written_keeps_the_step_and_bills_it(store: RunStore) -> None:
+    """Shutdown (or a cancel, or the run's timeout) cancels the run's task while a batch is being written: the
+    write still lands, and only then does the worker see the cancellation, so the run is released after it (the
+    tool's result is kept: the call does not run again on resume), the events reach followers and the model
+    step's usage is settled, matching what the run's counters say."""
+    published: list[StoredEvent] = []
+    store._publish = published.append
+    run = await claimed(store)
+    started = RunBatch()
+    started.start_step(turn=0, kind="tool", name="charge", call_id="c1", idempotency_key=f"{run.id}:0:c1")
+    await store.commit(run, "w1", 30, started)
+
+    writing, proceed = asyncio.Event(), asyncio.Event()
+    write = store._journal.write
+
+    async def slow_write(*args: object) -> Committed:  # a write held up (a busy database) until the test says
+        writing.set()
+        await proceed.wait()
+        return await write(*args)  # type: ignore[arg-type]
+
+    store._journal.write = slow_write  # type: ignore[method-assign]
+    settled: list[float] = []
+
+    async def settle() -> None:
+        settled.append(0.5)
+
+    batch = RunBatch()
+    batch.count(steps_taken=1, prompt_tokens=5, completion_tokens=2, cost_usd=0.5)
+    batch.complete_step(turn=0, kind="tool", call_id="c1", output={"content": "charged"})
+    batch.add_message(run.session_id, run.id, {"role": "tool", "tool_call_id": "c1", "content": "charged"})
+    batch.add_event("tool.result", {"call_id": "c1", "content": "charged"})
+    batch.after.append(settle)
+    commit = asyncio.create_task(store.commit(run, "w1", 30, batch))
+    await writing.wait()
+    commit.cancel()  # the worker stops the run
+    proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    await store.release(run.id, "w1")  # what the worker does next at shutdown
+
+    [message] = await store.messages(run.session_id)
+    assert message.data["content"] == "charged"
+    [step] = await store.steps(run.id)
+    assert step.status == "completed"
+    assert [e.type for e in published][-1] == "tool.result"
+    stored = await store.get_run(run.id)
+    assert stored is not None
+    assert (stored.status, stored.cost_usd, settled) == ("queued", 0.5, [0.5])
+
+
+async def test_nothing_is_written_after_the_store_is_closed(store: RunStore) -> None:
+    """A tool call still running when its run's task ended (a sibling failed) finishes after shutdown: its
+    commit is refused with a clear error instead of quietly opening the database again."""
+    run = await claimed(store)
+    await store.close()
+    batch = RunBatch()
+    batch.add_message(run.session_id, run.id, {"role": "tool", "tool_call_id": "c1", "content": "late"})
+    batch.add_event("tool.result", {"call_id": "c1"})
+    with pytest.raises(JournalClosed, match="closed"):
+        await store.commit(run, "w1", 30, batch)
+    assert await store.messages(run.session_id) == []
+    assert [e.type for e in await store.events_after(run.id, 0)] == ["run.created"]
 
 
 def _one_event() -> RunBatch:

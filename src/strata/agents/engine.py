@@ -146,9 +146,12 @@ class _Job:
 
     async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
         self.batch.end(status, reason, output)
-        await self.commit()
-        self.engine.accounting.run_finished(self.run)
-        _record_end(self.span, self.run, status, reason)
+        try:
+            await self.commit()
+        finally:  # ended even if this task was cancelled while the end was written (the commit finishes it)
+            if self.run.status == status:
+                self.engine.accounting.run_finished(self.run)
+                _record_end(self.span, self.run, status, reason)
 
     async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
         await self.end(status, reason, output)

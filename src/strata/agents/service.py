@@ -154,7 +154,9 @@ class AgentService:
         if self._finished_before(await self.run(run_id), after_seq):
             return  # a client resuming after the final event: nothing more will come
         last = after_seq
-        started = -1  # the latest model turn whose step.started went out: its deltas may follow it
+        # The latest model turn whose step.started went out (to this client, before it resumed, too): its
+        # deltas may follow it.
+        started = await self.store.turn_started(run_id, after_seq)
         held: list[LiveEvent] = []  # deltas of a turn whose step.started has not been read back yet
         with subscription or self.bus.subscribe(run_id) as queue:
             while True:

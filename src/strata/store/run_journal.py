@@ -35,6 +35,10 @@ class LeaseLost(Exception):
     """This worker no longer owns the run; it must stop touching it."""
 
 
+class JournalClosed(RuntimeError):
+    """A write after the run store was closed (at shutdown): nothing more may be written through it."""
+
+
 @dataclass
 class RunBatch:
     """A run's writes since its worker's last commit. Messages are returned at once (for the worker's
@@ -267,6 +271,7 @@ class JournalWriter:
         self.db = db
         self._engine: Engine | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._closed = False
         database = db.url.database
         if db.is_sqlite and database and database != ":memory:":
             self._engine = create_engine(db.url.set(drivername="sqlite"), json_serializer=_json_text)
@@ -275,6 +280,8 @@ class JournalWriter:
             attach_keyring(_SyncEngineView(self._engine), db.keyring)  # type: ignore[arg-type]
 
     async def write(self, run_id: str, session_id: str, owner: str, lease_s: float, batch: RunBatch) -> Committed:
+        if self._closed:  # e.g. a tool call still running after its run's task ended, past shutdown
+            raise JournalClosed(f"the run journal is closed; run {run_id}'s batch was not written")
         if self._engine is None:
             async with self.db.engine.begin() as conn:
                 return await conn.run_sync(write_batch, run_id, session_id, owner, lease_s, batch)
@@ -288,7 +295,13 @@ class JournalWriter:
         with self._engine.begin() as conn:
             return write_batch(conn, run_id, session_id, owner, lease_s, batch)
 
+    def refuse_writes(self) -> None:
+        """From now on `write` raises `JournalClosed` (call it on the event loop, before `close`)."""
+        self._closed = True
+
     def close(self) -> None:
+        """Refuse further writes (`JournalClosed`), then stop the thread once its last write is done."""
+        self._closed = True
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None

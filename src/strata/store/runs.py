@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import Select, and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,6 +24,8 @@ from sqlalchemy.orm import aliased
 from strata.store.database import Database
 from strata.store.run_journal import JournalWriter, LeaseLost, RunBatch
 from strata.store.tables import Event, Message, Run, Session, Step
+
+log = structlog.get_logger("strata.runs")
 
 ACTIVE = ("queued", "running", "awaiting_approval")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -102,9 +105,30 @@ class RunStore:
     async def commit(self, run: Run, owner: str, lease_s: float, batch: RunBatch) -> None:
         """Write a worker's batch in one transaction fenced on its lease (`LeaseLost` if it has none), then
         number its messages, bring `run` up to date (event numbers, a terminal state; the worker keeps the
-        counters it added itself), publish its events and run its `after` callbacks."""
+        counters it added itself), publish its events and run its `after` callbacks (settle the usage).
+
+        All of that runs to the end even if the caller is cancelled meanwhile (a shutdown, a cancel, the run's
+        timeout): a batch once handed to the database may land, and if it does its events must reach followers
+        and its steps' usage must be settled, now, not with some later commit that may never come. The caller
+        sees the `CancelledError` only once it is done, so whatever it does next (release the run, end it)
+        comes after this write, never racing it on another connection."""
         if not batch:
             return
+        task = asyncio.ensure_future(self._commit(run, owner, lease_s, batch))
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True  # and wait on: the write (and what follows it) is under way
+        if not cancelled:
+            task.result()  # LeaseLost, or the write's error
+            return
+        if not task.cancelled() and (error := task.exception()) is not None and not isinstance(error, LeaseLost):
+            log.warning("a run's batch failed while its run was being stopped", run_id=run.id, exc_info=error)
+        raise asyncio.CancelledError
+
+    async def _commit(self, run: Run, owner: str, lease_s: float, batch: RunBatch) -> None:
         done = await self._journal.write(run.id, run.session_id, owner, lease_s, batch)
         for index, message in enumerate(batch.messages):
             message.seq = done.first_message_seq + index
@@ -115,11 +139,19 @@ class RunStore:
                 setattr(run, name, value)
         for index, (type_, data) in enumerate(batch.events):
             self._publish(StoredEvent(run.id, done.first_event_seq + index, type_, data, done.at))
-        for settle in batch.after:
-            await settle()
+        failed: Exception | None = None
+        for settle in batch.after:  # each one: a settlement that fails does not skip the others
+            try:
+                await settle()
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def close(self) -> None:
-        """Stop the journal's writer thread once its last write is done (the database is the caller's)."""
+        """Stop the journal's writer thread once its last write is done (the database is the caller's); a commit
+        after this raises `run_journal.JournalClosed`."""
+        self._journal.refuse_writes()  # at once, on the loop: no later write can start the writer again
         await asyncio.to_thread(self._journal.close)
 
     @asynccontextmanager
@@ -248,6 +280,23 @@ class RunStore:
                 select(Event).where(Event.run_id == run_id, Event.seq > seq).order_by(Event.seq).limit(limit)
             )
             return [StoredEvent(e.run_id, e.seq, e.type, e.data, aware(e.created_at)) for e in rows.scalars()]
+
+    async def turn_started(self, run_id: str, seq: int) -> int:
+        """The latest model turn whose `step.started` is at or before event `seq` (-1 if none): a follower that
+        resumes after it streams that turn's text live. Every step.started of a turn (the model's, then its tool
+        calls') carries the turn, and none is before its model step's, so the last one of any kind tells it."""
+        if seq <= 0:
+            return -1
+        async with self.db.sessions() as tx:
+            data = (
+                await tx.execute(
+                    select(Event.data)
+                    .where(Event.run_id == run_id, Event.type == "step.started", Event.seq <= seq)
+                    .order_by(Event.seq.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+        return -1 if data is None else int(data.get("turn", 0))
 
     # -- ownership ---------------------------------------------------------------------------
 
