@@ -127,7 +127,10 @@ def section(results: dict[str, Any]) -> list[str]:
 
 METHOD = [
     "**Overload**: the saturation rate is the best closed-loop rate of the throughput scenario in the same run. The"
-    " load generator first offers 100 req/s (the unloaded p99), then ten times the saturation rate, open loop, with"
-    " a 30 s client timeout. A refusal is a 429 or 503; its latency is measured like any other request's (from the"
-    " scheduled send) and it must carry `Retry-After`. Everything else that is not a 200 is an error.",
+    " load generator first offers 100 req/s (the unloaded p99), then ten times the saturation rate, open loop, over"
+    f" at most {CONNECTIONS} keep-alive connections (pooled clients, as the SDKs are) with a 30 s client timeout."
+    " Latency is measured from the scheduled send (the table) and, in the raw results, from when the request's"
+    " headers went out on a connection (`service_ms`, `refused_service_ms`). A refusal is a 429 or 503 and must"
+    " carry `Retry-After`; anything else that is not a 200 is an error. Strata runs with `server.max_in_flight`"
+    " 64.",
 ]
