@@ -248,6 +248,14 @@ def test_short_admin_key_stops_the_start(mock_backend: MockBackend, tmp_path: Pa
         process.start()
 
 
+def test_mistyped_strata_format_admin_key_stops_the_start(mock_backend: MockBackend, tmp_path: Path) -> None:
+    """A chosen key that looks like a Strata key but fails its checksum would be refused on every request."""
+    env = {"MOCK_API_KEY": "mock-secret", "STRATA_ADMIN_KEY": "sk-strata-my-own-admin-key-123"}
+    process = StrataProcess(tmp_path, _config(mock_backend), env)
+    with pytest.raises(RuntimeError, match="STRATA_ADMIN_KEY starts with 'sk-strata-' but its checksum does not match"):
+        process.start()
+
+
 def test_config_check_never_prints_credentials(mock_backend: MockBackend, tmp_path: Path) -> None:
     (tmp_path / "strata.yaml").write_text(yaml.safe_dump(_config(mock_backend)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}

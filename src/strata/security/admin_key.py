@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from strata.security.api_keys import hash_key
+from strata.security.api_keys import KEY_PREFIX, hash_key, is_strata_key
 from strata.security.audit import AuditRecord
 from strata.security.audit_log import AuditLog
 from strata.store.keys import DuplicateKey, KeySpec, KeyStore
@@ -24,6 +24,12 @@ async def ensure_admin_key(
     if secret:
         if len(secret) < MIN_LENGTH:
             raise ValueError(f"{ENV} must be at least {MIN_LENGTH} characters (better: `strata keys generate`)")
+        if secret.startswith(KEY_PREFIX) and not is_strata_key(secret):
+            # Every request would be refused as a mistyped key: say so now, not at the first request.
+            raise ValueError(
+                f"{ENV} starts with {KEY_PREFIX!r} but its checksum does not match: use `strata keys generate`, "
+                f"or any other string of at least {MIN_LENGTH} characters"
+            )
         existing = await keys.by_hash(hash_key(secret))
         if existing is None:
             try:
