@@ -41,6 +41,7 @@ def test_a_killed_server_resumes_the_run_without_repeating_tools(tmp_path: Path)
             headers=first.headers,
         )
         assert run.status_code == 202
+        assert run.json()["status"] == "running", "handed off: created already claimed by this replica's worker"
         run_id = run.json()["id"]
         deadline = time.monotonic() + 15
         while len(mock.chat_requests()) < 3 and time.monotonic() < deadline:

@@ -153,3 +153,49 @@ async def test_concurrent_approvals_of_two_calls_both_count(db: Database) -> Non
         assert final is not None
         assert set(final.approvals) == {"a", "b"}, "one approval overwrote the other"
         assert final.status == "queued"
+
+
+async def test_a_run_created_claimed_is_leased_like_a_claimed_one(db: Database) -> None:
+    """The hand-off: a run created already claimed by a worker is what `claim` would have made it, so a dead
+    worker's lease expires, the run is swept back to the queue and another worker resumes it (attempt 2)."""
+    store = RunStore(db)
+    session = store.new_session("agent", None)
+    run, created = await store.create_run(
+        session_id=session.id,
+        agent="agent",
+        agent_version=1,
+        owner=None,
+        input_message={"role": "user", "content": "hi"},
+        idempotency_key=None,
+        timeout_s=60,
+        new_session=session,
+        claim_for=("w1", 0.05),
+    )
+    assert created
+    stored = await store.get_run(run.id)
+    assert stored is not None
+    assert (stored.status, stored.lease_owner, stored.attempts) == ("running", "w1", 1)
+    assert stored.started_at is not None and stored.lease_expires_at is not None
+    assert await store.claim("w2", lease_s=30) is None, "a run created claimed is never claimed twice"
+    assert (await store.heartbeat(run.id, "w1", 0.05)).alive
+    await asyncio.sleep(0.1)  # w1 died: its lease expires
+    assert await store.sweep_expired() == 1
+    resumed = await store.claim("w2", lease_s=30)
+    assert resumed is not None and (resumed.id, resumed.attempts, resumed.lease_owner) == (run.id, 2, "w2")
+    assert not (await store.heartbeat(run.id, "w1", 30)).alive
+
+
+async def test_only_a_run_opening_a_session_is_created_claimed(db: Database) -> None:
+    store = RunStore(db)
+    session = await store.create_session("agent", None)
+    with pytest.raises(ValueError):
+        await store.create_run(
+            session_id=session.id,
+            agent="agent",
+            agent_version=1,
+            owner=None,
+            input_message={"role": "user", "content": "hi"},
+            idempotency_key=None,
+            timeout_s=60,
+            claim_for=("w1", 30),
+        )

@@ -24,8 +24,9 @@ class AgentCatalog:
         row = await self._versions.latest(name)
         if row is None:
             raise UnknownAgent(name)
-        spec = AgentConfig.model_validate(row.spec)
-        self._cache[(name, row.version)] = spec
+        spec = self._cache.get((name, row.version))  # a version never changes: validated once
+        if spec is None:
+            spec = self._cache[(name, row.version)] = AgentConfig.model_validate(row.spec)
         return row.version, spec
 
     async def version(self, name: str, version: int) -> AgentConfig:

@@ -62,15 +62,16 @@ class RunEngine:
         self.lease_s = lease_s
         self.tracing = tracing or caller.tracing  # by default the app's, which the chat service carries
 
-    async def execute(self, run: Run, owner: str) -> None:
-        """Drive a claimed run until it ends, pauses for approval, or this worker loses it."""
+    async def execute(self, run: Run, owner: str) -> Run | None:
+        """Drive a claimed run until it ends, pauses for approval, or this worker loses it. Returns the run as this
+        execution ended it (completed, failed, cancelled: its counters and end as written), else None."""
         with self.tracing.span(
             f"{genai.INVOKE_AGENT} {run.agent}", attributes=_run_attributes(run), parent=extract(run.trace_parent)
         ) as span:
             log.info("run claimed", attempt=run.attempts)  # inside the span: the line carries the run's trace
-            await self._execute(run, owner, span)
+            return await self._execute(run, owner, span)
 
-    async def _execute(self, run: Run, owner: str, span: Span) -> None:
+    async def _execute(self, run: Run, owner: str, span: Span) -> Run | None:
         spec = await self.catalog.version(run.agent, run.agent_version)
         if span.is_recording():
             span.set_attribute(genai.REQUEST_MODEL, spec.model)
@@ -81,7 +82,7 @@ class RunEngine:
             job = _Job(self, run, owner, spec, span)
         except ToolUnavailable as exc:
             _record_end(span, await self.end(run, owner, "failed", str(exc)), "failed", str(exc))
-            return
+            return None
         remaining = (aware(run.deadline_at) - utcnow()).total_seconds()
         try:
             if remaining <= 0:
@@ -102,6 +103,9 @@ class RunEngine:
             log.exception("run failed unexpectedly", run_id=run.id)
             with contextlib.suppress(LeaseLost):
                 await job.end("failed", f"internal error: {type(exc).__name__}: {exc}")
+        # Ended by `job.end`: the batch's commit set the end and the job kept the counters (awaiting approval is
+        # set elsewhere, and a lost lease leaves it running: the caller reads those back).
+        return job.run if job.ended else None
 
     async def end(self, run: Run, owner: str, status: str, reason: str | None, output: str | None = None) -> Run:
         """Move a run this worker holds to a terminal state (fenced on the lease); returns it as stored."""
@@ -129,6 +133,7 @@ class _Job:
         self.history: list[Message] = []  # the session's messages, in order (the last ones maybe not yet committed)
         self.batch = RunBatch()
         self.running_calls = 0  # tool calls of the current turn still executing
+        self.ended = False  # the run's end was committed by `end`
 
     def unit(self) -> Any:
         return self.store.unit(run_id=self.run.id, owner=self.owner, lease_s=self.engine.lease_s)
@@ -150,6 +155,7 @@ class _Job:
             await self.commit()
         finally:  # ended even if this task was cancelled while the end was written (the commit finishes it)
             if self.run.status == status:
+                self.ended = True
                 self.engine.accounting.run_finished(self.run)
                 _record_end(self.span, self.run, status, reason)
 
@@ -275,7 +281,10 @@ class _Job:
         calls = [self._prepare(call, turn) for call in pending]
         await self.commit()  # every call of the turn recorded `started` before any runs
         self.running_calls = len(calls)
-        await asyncio.gather(*(self._tool_call(*call) for call in calls))
+        if len(calls) == 1:  # the common case: no task to make and schedule
+            await self._tool_call(*calls[0])
+        else:
+            await asyncio.gather(*(self._tool_call(*call) for call in calls))
 
     def _needs_approval(self, call: dict[str, Any]) -> bool:
         name = call["function"]["name"]
@@ -378,7 +387,8 @@ class _Job:
             return ToolResult(f"the arguments are not a JSON object: {exc}", True), "error"
         timeout = tool.spec.timeout_s
         try:
-            result = await asyncio.wait_for(tool.invoke(arguments, ToolContext(self.run.id, key, timeout)), timeout)
+            async with asyncio.timeout(timeout):  # no task per call, as `wait_for` makes
+                result = await tool.invoke(arguments, ToolContext(self.run.id, key, timeout))
         except ToolError as exc:
             return ToolResult(str(exc), True), "error"
         except TimeoutError:

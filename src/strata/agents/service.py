@@ -15,7 +15,7 @@ from strata.agents.catalog import AgentCatalog, UnknownAgent
 from strata.agents.worker import RunWorker
 from strata.observability.tracing import traceparent
 from strata.store.runs import TERMINAL, RunStore
-from strata.store.tables import Run, Session
+from strata.store.tables import Run, Session, Step
 
 STORE_POLL_S = 1.0  # how often followers re-read the store for events written by other replicas
 FINAL_EVENTS = ("run.completed", "run.failed", "run.cancelled")
@@ -104,19 +104,34 @@ class AgentService:
                     )
                 if spec.double_texting == "interrupt":
                     await self.cancel(active.id)
-        run, created = await self.store.create_run(
-            session_id=session.id,
-            agent=agent,
-            agent_version=version,
-            owner=owner,
-            input_message=message,
-            idempotency_key=idempotency_key,
-            timeout_s=spec.limits.timeout_s,
-            trace_parent=traceparent(),  # the request's span: the run's spans join its trace
-            key_id=key_id,
-            new_session=new_session,
-        )
-        if created and wake:
+        # The hand-off: a run opening a new conversation, while this replica's worker has a free slot, is created
+        # already claimed by it and started at once (no wake-up, no claim transaction).
+        handoff = wake and new_session is not None and self.worker.reserve()
+        try:
+            run, created = await self.store.create_run(
+                session_id=session.id,
+                agent=agent,
+                agent_version=version,
+                owner=owner,
+                input_message=message,
+                idempotency_key=idempotency_key,
+                timeout_s=spec.limits.timeout_s,
+                trace_parent=traceparent(),  # the request's span: the run's spans join its trace
+                key_id=key_id,
+                new_session=new_session,
+                claim_for=(self.worker.owner, self.worker.lease_s) if handoff else None,
+            )
+        except BaseException:
+            if handoff:
+                self.worker.unreserve()
+            raise
+        if handoff:
+            if not created:  # an idempotent retry: the run that exists is the answer; it was not created here
+                self.worker.unreserve()
+            elif not self.worker.adopt(run):  # the worker stopped meanwhile: back to the queue for another
+                await self.store.release(run.id, self.worker.owner)
+                run = await self.run(run.id)
+        elif created and wake:
             self.worker.wake()
         return run, created
 
@@ -137,6 +152,21 @@ class AgentService:
                     return run
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_next_settling(queue), min(remaining, STORE_POLL_S))
+
+    async def wait_answer(self, run_id: str, timeout_s: float) -> tuple[Run, list[Step]]:
+        """`wait`, then the run's steps: what a synchronous request answers with. A run this replica's worker is
+        executing is not read back: the worker hands over the run as it ended it, and only its steps are read."""
+        ended = self.worker.ended(run_id)
+        if ended is not None:
+            deadline = time.monotonic() + timeout_s
+            final: Run | None = None
+            with contextlib.suppress(TimeoutError):
+                final = await asyncio.wait_for(asyncio.shield(ended), timeout_s)
+            if final is not None:
+                return final, await self.store.steps(run_id)
+            timeout_s = max(0.0, deadline - time.monotonic())
+        run = await self.wait(run_id, timeout_s)
+        return run, await self.store.steps(run_id)
 
     def subscribe(self, run_id: str) -> Subscription:
         """Subscribe before the run can start (no await in between) to see its very first deltas."""

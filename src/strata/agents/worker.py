@@ -37,6 +37,9 @@ class RunWorker:
         self.poll_s = poll_s
         self._active: dict[str, asyncio.Task[None]] = {}
         self._why: dict[str, _Why] = {}
+        self._reserved = 0  # slots held for runs being created already claimed by this worker (`reserve`)
+        self._stopped = False
+        self._ended: dict[str, asyncio.Future[Run | None]] = {}  # see `ended`
         self._wakeup = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -52,6 +55,7 @@ class RunWorker:
 
     async def stop(self) -> None:
         """Stop claiming; hand running runs back to the queue so another replica resumes them at once."""
+        self._stopped = True
         for loop in self._loops:
             loop.cancel()
         for run_id, task in list(self._active.items()):
@@ -62,6 +66,38 @@ class RunWorker:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+
+    def reserve(self) -> bool:
+        """Hold a free slot for a run about to be created already claimed by this worker (the hand-off: no claim
+        round trip). False when none is free: the run is queued, and claimed later by any replica. Every True
+        must be followed by `adopt` (the run was created claimed) or `unreserve` (it was not)."""
+        if self._stopped or not self._loops or len(self._active) + self._reserved >= self.concurrency:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+
+    def adopt(self, run: Run) -> bool:
+        """Start a run created claimed by this worker (after `reserve`), at once. False if the worker has stopped
+        meanwhile: the caller must then `store.release` the run (or its lease expires and it is swept)."""
+        self._reserved -= 1
+        if self._stopped:
+            return False
+        self._active[run.id] = asyncio.create_task(self._execute(run), name=f"run:{run.id}")
+        return True
+
+    def ended(self, run_id: str) -> asyncio.Future[Run | None] | None:
+        """None if this worker is not executing the run now; else a future of the run as its execution here left it
+        (completed, failed or cancelled by the engine, with its counters and end as written), or None when it
+        stopped otherwise (paused for approval, lease lost, cancelled, shut down): then read the run."""
+        if run_id not in self._active:
+            return None
+        future = self._ended.get(run_id)
+        if future is None:
+            future = self._ended[run_id] = asyncio.get_running_loop().create_future()
+        return future
 
     def cancel_local(self, run_id: str) -> bool:
         """Cancel a run this worker is executing now (cancels on other replicas go by heartbeat)."""
@@ -75,7 +111,7 @@ class RunWorker:
     async def _claim_loop(self) -> None:
         while True:
             try:
-                while len(self._active) < self.concurrency:
+                while len(self._active) + self._reserved < self.concurrency:
                     run = await self.store.claim(self.owner, self.lease_s)
                     if run is None:
                         break
@@ -105,8 +141,9 @@ class RunWorker:
         execution = asyncio.current_task()
         assert execution is not None
         heartbeat = asyncio.create_task(self._heartbeat(run.id, execution))
+        final: Run | None = None
         try:
-            await self.engine.execute(run, self.owner)
+            final = await self.engine.execute(run, self.owner)
         except asyncio.CancelledError:
             why = self._why.get(run.id)
             if why is None:
@@ -124,6 +161,9 @@ class RunWorker:
             heartbeat.cancel()
             self._active.pop(run.id, None)
             self._why.pop(run.id, None)
+            ended = self._ended.pop(run.id, None)
+            if ended is not None and not ended.done():
+                ended.set_result(final)
             self.wake()
 
     async def _heartbeat(self, run_id: str, execution: asyncio.Task[None]) -> None:

@@ -97,8 +97,7 @@ async def create_run(
     if body.mode == "background":
         return _json(run_view(run), 202, {"Location": f"/v1/runs/{run.id}"})
     release_slot(request.scope)  # waiting for the run is not work in progress (see api/load_shedding.py)
-    run = await agents.wait(run.id, body.wait_s or state.config.runs.sync_wait_s)
-    steps = await agents.store.steps(run.id)
+    run, steps = await agents.wait_answer(run.id, body.wait_s or state.config.runs.sync_wait_s)
     finished = run.status in ("completed", "failed", "cancelled", "awaiting_approval")
     return _json(run_view(run, steps), 200 if finished else 202)
 

@@ -137,6 +137,7 @@ class RunStore:
         if batch.finish is not None:
             for name, value in batch.finish.items():
                 setattr(run, name, value)
+            run.finished_at = done.at  # the time written (the batch's is when it was made)
         for index, (type_, data) in enumerate(batch.events):
             self._publish(StoredEvent(run.id, done.first_event_seq + index, type_, data, done.at))
         failed: Exception | None = None
@@ -213,11 +214,16 @@ class RunStore:
         trace_parent: str | None = None,
         key_id: str | None = None,
         new_session: Session | None = None,
+        claim_for: tuple[str, float] | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
         `trace_parent`: the W3C traceparent of the request creating it, which the run's spans join.
-        `new_session`: from `new_session()`, stored in the same transaction (one commit for a new conversation)."""
+        `new_session`: from `new_session()`, stored in the same transaction (one commit for a new conversation).
+        `claim_for`: (worker, lease_s), with `new_session` only: the run is stored already claimed by that
+        worker, exactly as `claim` would leave it (running, leased, started, attempt 1), so that worker can start
+        it at once with no claim round trip; its lease expires and is swept like any other if the worker dies.
+        Only a run opening a new session may skip the queue: no earlier run of its session can exist."""
         if idempotency_key:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
@@ -238,19 +244,29 @@ class RunStore:
             trace_parent=trace_parent,
             key_id=key_id,
         )
+        if claim_for is not None:
+            if new_session is None or new_session.id != session_id:
+                raise ValueError("only a run opening a new session is created claimed")
+            worker, lease_s = claim_for
+            run.status, run.lease_owner, run.lease_expires_at = "running", worker, now + timedelta(seconds=lease_s)
+            run.started_at, run.attempts = now, 1
+            # What the worker reads before it writes (limits, cancel flag), loaded as a claim would load them.
+            run.steps_taken = run.prompt_tokens = run.completion_tokens = 0
+            run.cost_usd, run.cancel_requested = 0.0, False
         try:
             async with self.unit() as unit:
                 if new_session is not None:
                     unit.tx.add(new_session)
                 unit.tx.add(run)
                 await unit.tx.flush()
-                await unit.add_event(run.id, "run.created", {"agent": agent, "session_id": session_id})
+                created = await unit.add_event(run.id, "run.created", {"agent": agent, "session_id": session_id})
         except IntegrityError:
             if idempotency_key:  # a concurrent request with the same key won the race
                 existing = await self.by_idempotency_key(agent, idempotency_key)
                 if existing is not None:
                     return existing, False
             raise
+        run.next_event_seq = created.seq  # as stored (the session is closed: this is no write)
         return run, True
 
     async def by_idempotency_key(self, agent: str, key: str) -> Run | None:

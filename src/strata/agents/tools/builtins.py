@@ -33,15 +33,23 @@ _BINARY = {
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "log": math.log, "sin": math.sin, "cos": math.cos}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
+# Bounds that keep every evaluation to microseconds, so the calculator runs on the event loop: an expression a
+# model writes is short, and an integer past ~4,300 digits could not be printed as a result anyway.
+MAX_EXPRESSION = 2000  # characters
+_MAX_INT_BITS = 16_384
 
 
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression, e.g. '(2 + 3) * 4 ** 2' or 'sqrt(2)'."""
+    if len(expression) > MAX_EXPRESSION:
+        raise ToolError(f"the expression is too long ({len(expression)} characters, at most {MAX_EXPRESSION})")
     try:
         tree = ast.parse(expression, mode="eval")
         return str(_evaluate(tree.body))
     except ToolError:
         raise
+    except RecursionError:
+        raise ToolError(f"cannot evaluate {expression[:60]!r}...: nested too deeply") from None
     except (SyntaxError, ArithmeticError, ValueError, TypeError) as exc:
         raise ToolError(f"cannot evaluate {expression!r}: {exc}") from None
 
@@ -52,17 +60,27 @@ def _evaluate(node: ast.AST) -> float | int:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 1000:
-            raise ToolError("exponent too large")
-        return _BINARY[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > 1000:
+                raise ToolError("exponent too large")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > _MAX_INT_BITS:
+                raise ToolError("result too large")
+        return _bounded(_BINARY[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.Name) and node.id in _CONSTANTS:
         return _CONSTANTS[node.id]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
-        return _FUNCTIONS[node.func.id](*(_evaluate(arg) for arg in node.args))
+        return _bounded(_FUNCTIONS[node.func.id](*(_evaluate(arg) for arg in node.args)))
     raise ToolError(f"unsupported expression element: {ast.dump(node)[:60]}")
 
 
+def _bounded(value: float | int) -> float | int:
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise ToolError("result too large")
+    return value
+
+
 def builtin_tools() -> list[FunctionTool]:
-    return [FunctionTool(current_time, timeout_s=5), FunctionTool(calculator, timeout_s=5)]
+    # The calculator is bounded (see MAX_EXPRESSION): it runs inline. The clock may read a timezone file.
+    return [FunctionTool(current_time, timeout_s=5), FunctionTool(calculator, timeout_s=5, inline=True)]

@@ -28,9 +28,13 @@ class FunctionTool(Tool):
         timeout_s: float = 30.0,
         risk: ToolRisk = ToolRisk.LOW,
         requires_approval: bool = False,
+        inline: bool = False,
     ) -> None:
+        """`inline`: a plain function that never blocks and whose time is bounded (microseconds, whatever its
+        arguments) is called on the event loop: a hop to a thread and back costs far more than the call."""
         self._function = function
         self._is_async = inspect.iscoroutinefunction(function)
+        self._inline = inline and not self._is_async
         hints = get_type_hints(function)
         self._context_param: str | None = None
         fields: dict[str, Any] = {}
@@ -66,6 +70,8 @@ class FunctionTool(Tool):
             kwargs[self._context_param] = context
         if self._is_async:
             value = await self._function(**kwargs)
+        elif self._inline:
+            value = self._function(**kwargs)
         else:  # a plain function may block: keep it off the event loop
             value = await asyncio.to_thread(self._function, **kwargs)
         if isinstance(value, ToolResult):
