@@ -22,7 +22,8 @@ from strata.security.encryption import EncryptionError, Keyring, key_id, load_ke
 from strata.store.agents import AgentVersionStore
 from strata.store.database import Database
 from strata.store.reencrypt import reencrypt_all, rotate_encryption
-from strata.store.runs import RunStore, complete_step, finish, start_step
+from strata.store.run_journal import RunBatch
+from strata.store.runs import RunStore, finish
 from strata.store.spans import SpanRecord, SpanStore
 from strata.store.tables import Run
 from tests.support.databases import fresh_postgres, sqlite_url
@@ -78,15 +79,19 @@ async def write_conversation(db: Database, canary: str, control: str) -> tuple[s
         idempotency_key=None,
         timeout_s=60,
     )
+    # The steps, messages and events go through the run journal, as a worker writes them.
+    claimed = await store.claim("worker-1", 60)
+    assert claimed is not None and claimed.id == run.id
+    batch = RunBatch()
+    batch.add_message(session.id, run.id, {"role": "user", "content": f"hello {canary}"})
+    batch.start_step(turn=0, kind="tool", name="http_fetch", call_id="c1", input_={"url": f"https://x/?q={canary}"})
+    batch.add_event("message.delta", {"delta": canary})
+    await store.commit(claimed, "worker-1", 60, batch)
+    batch = RunBatch()
+    output = {"content": f"page says {canary}"}
+    batch.complete_step(turn=0, kind="tool", call_id="c1", output=output, error=f"echo {canary}")
+    await store.commit(claimed, "worker-1", 60, batch)
     async with store.unit() as unit:
-        await unit.add_message(session.id, run.id, {"role": "user", "content": f"hello {canary}"})
-        await start_step(
-            unit, run.id, turn=0, kind="tool", name="http_fetch", call_id="c1", input_={"url": f"https://x/?q={canary}"}
-        )
-        await unit.add_event(run.id, "message.delta", {"delta": canary})
-    async with store.unit() as unit:
-        output = {"content": f"page says {canary}"}
-        await complete_step(unit, run.id, turn=0, kind="tool", call_id="c1", output=output, error=f"echo {canary}")
         row = await unit.tx.get(Run, run.id)
         assert row is not None
         row.status, row.pending_approval = "awaiting_approval", [{"id": "c2", "arguments": {"q": canary}}]
@@ -101,6 +106,7 @@ async def write_conversation(db: Database, canary: str, control: str) -> tuple[s
         events=[{"name": "strata.retry", "time_ns": 1, "attributes": {"error": canary}}],
     )  # fmt: skip
     await SpanStore(db).append([span])
+    await store.close()
     return session.id, run.id
 
 
