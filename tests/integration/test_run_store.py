@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from strata.agents.worker import RunWorker
 from strata.store.database import Database
 from strata.store.runs import LeaseLost, RunStore
 from strata.store.tables import Run
@@ -94,6 +95,26 @@ async def test_a_worker_that_lost_its_lease_cannot_write(db: Database) -> None:
     assert not (await store.heartbeat(run_id, "old", 30)).alive
     assert (await store.heartbeat(run_id, "new", 30)).alive
     assert [e.type for e in await store.events_after(run_id, 0)] == ["run.created"]
+
+
+async def test_a_worker_claiming_a_run_again_fences_its_own_stale_execution(db: Database) -> None:
+    """A run whose lease expired (its execution stalled) can be claimed again by the same worker process: the
+    stale execution must not be able to write next to the new one (duplicate tool calls, interleaved messages)."""
+    store = RunStore(db)
+    run_id = await new_run(store)
+    worker = RunWorker(store, None, concurrency=1, lease_s=0.2, poll_s=60)  # type: ignore[arg-type]
+    stale = await store.claim(worker.claim_token(), lease_s=0.2)
+    assert stale is not None and stale.lease_owner is not None
+    await asyncio.sleep(0.4)
+    assert await store.sweep_expired() == 1
+    fresh = await store.claim(worker.claim_token(), lease_s=30)
+    assert fresh is not None and fresh.id == run_id and fresh.lease_owner is not None
+    assert stale.lease_owner.startswith(worker.owner) and fresh.lease_owner.startswith(worker.owner)
+    with pytest.raises(LeaseLost):
+        async with store.unit(run_id=run_id, owner=stale.lease_owner, lease_s=30) as unit:
+            await unit.add_event(run_id, "should.not.land", {})
+    assert not (await store.heartbeat(run_id, stale.lease_owner, 30)).alive
+    assert (await store.heartbeat(run_id, fresh.lease_owner, 30)).alive
 
 
 async def test_cancel_of_a_running_run_reaches_its_heartbeat(db: Database) -> None:

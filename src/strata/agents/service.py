@@ -107,6 +107,7 @@ class AgentService:
         # The hand-off: a run opening a new conversation, while this replica's worker has a free slot, is created
         # already claimed by it and started at once (no wake-up, no claim transaction).
         handoff = wake and new_session is not None and self.worker.reserve()
+        token = self.worker.claim_token() if handoff else None
         try:
             run, created = await self.store.create_run(
                 session_id=session.id,
@@ -119,7 +120,7 @@ class AgentService:
                 trace_parent=traceparent(),  # the request's span: the run's spans join its trace
                 key_id=key_id,
                 new_session=new_session,
-                claim_for=(self.worker.owner, self.worker.lease_s) if handoff else None,
+                claim_for=(token, self.worker.lease_s) if token is not None else None,
             )
         except BaseException:
             if handoff:
@@ -129,7 +130,7 @@ class AgentService:
             if not created:  # an idempotent retry: the run that exists is the answer; it was not created here
                 self.worker.unreserve()
             elif not self.worker.adopt(run):  # the worker stopped meanwhile: back to the queue for another
-                await self.store.release(run.id, self.worker.owner)
+                await self.store.release(run.id, token)
                 run = await self.run(run.id)
         elif created and wake:
             self.worker.wake()

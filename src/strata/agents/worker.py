@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import uuid
 
 import structlog
@@ -32,6 +33,7 @@ class RunWorker:
         self.store = store
         self.engine = engine
         self.owner = f"worker_{uuid.uuid4().hex[:12]}"
+        self._claims = itertools.count(1)
         self.concurrency = concurrency
         self.lease_s = lease_s
         self.poll_s = poll_s
@@ -45,6 +47,11 @@ class RunWorker:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def claim_token(self) -> str:
+        """The lease owner of one claim: this worker's id and the claim's number. Writes are fenced on it, so when
+        a run's lease expired and this same worker claimed it again, the stale execution is fenced out too."""
+        return f"{self.owner}.{next(self._claims)}"
 
     def start(self) -> None:
         if self.concurrency > 0:
@@ -112,7 +119,7 @@ class RunWorker:
         while True:
             try:
                 while len(self._active) + self._reserved < self.concurrency:
-                    run = await self.store.claim(self.owner, self.lease_s)
+                    run = await self.store.claim(self.claim_token(), self.lease_s)
                     if run is None:
                         break
                     self._active[run.id] = asyncio.create_task(self._execute(run), name=f"run:{run.id}")
@@ -140,19 +147,21 @@ class RunWorker:
         structlog.contextvars.bind_contextvars(run_id=run.id, agent=run.agent)
         execution = asyncio.current_task()
         assert execution is not None
-        heartbeat = asyncio.create_task(self._heartbeat(run.id, execution))
+        owner = run.lease_owner  # this claim's token (`claim_token`)
+        assert owner is not None, "only a claimed run executes"
+        heartbeat = asyncio.create_task(self._heartbeat(run.id, owner, execution))
         final: Run | None = None
         try:
-            final = await self.engine.execute(run, self.owner)
+            final = await self.engine.execute(run, owner)
         except asyncio.CancelledError:
             why = self._why.get(run.id)
             if why is None:
                 raise
             try:
                 if why is _Why.CANCEL:
-                    await self.engine.end(run, self.owner, "cancelled", "cancelled by request")
+                    await self.engine.end(run, owner, "cancelled", "cancelled by request")
                 elif why is _Why.SHUTDOWN:
-                    await self.store.release(run.id, self.owner)
+                    await self.store.release(run.id, owner)
             except LeaseLost:
                 log.warning("run taken over by another worker before it could be stopped", run_id=run.id)
         except Exception:
@@ -166,11 +175,11 @@ class RunWorker:
                 ended.set_result(final)
             self.wake()
 
-    async def _heartbeat(self, run_id: str, execution: asyncio.Task[None]) -> None:
+    async def _heartbeat(self, run_id: str, owner: str, execution: asyncio.Task[None]) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                beat = await self.store.heartbeat(run_id, self.owner, self.lease_s)
+                beat = await self.store.heartbeat(run_id, owner, self.lease_s)
             except Exception:
                 log.exception("heartbeat failed", run_id=run_id)
                 continue
