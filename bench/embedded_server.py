@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.servers import ADMIN_KEY, GENEROUS, Process, free_port
+from bench.servers import ADMIN_KEY, Process, create_user_key, free_port
 
 MODEL = "smollm2-135m"  # EmbeddedModelConfig's default name
 
@@ -78,15 +78,7 @@ class DefaultStrata:
         raise TimeoutError(f"strata was not ready within {timeout_s}s:\n{self.proc.logs()}")
 
     def create_user_key(self) -> str:
-        """A `user`-role key whose rpm/tpm limits make the rate limiter run on every request without refusing."""
-        response = httpx.post(
-            self.base + "/admin/keys",
-            json={"name": "bench-user", "role": "user", "rpm": GENEROUS, "tpm": GENEROUS},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=10,
-        )
-        response.raise_for_status()
-        return str(response.json()["key"])
+        return create_user_key(self.base)
 
     def llama_endpoint(self) -> LlamaEndpoint:
         """Read the 0600 launch file Strata wrote for its llama.cpp server (we own the data dir)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.litellm_proxy import FEATURES, MASTER_KEY, LiteLLMProxy, tree_cpu_seconds, tree_pids
 from bench.report import fmt, verdict
-from bench.scenarios import PCTS, Settings, collector_stats, loadgen
+from bench.scenarios import PCTS, Settings, closed_loop_cpu, collector_stats, loadgen
 from bench.servers import BenchServers, rss_mb
 
 NAME = "litellm"
@@ -61,17 +61,13 @@ def _throughput(proxy: LiteLLMProxy, s: Settings, log: Callable[[str], None]) ->
     rows = []
     for concurrency in s.throughput_concurrency:
         processes = len(tree_pids(proxy.pid))
-        cpu0, wall0 = tree_cpu_seconds(proxy.pid), time.monotonic()
-        result = loadgen(proxy.url, MASTER_KEY, "closed", timeout, concurrency=concurrency, **common)
-        cpu, wall = tree_cpu_seconds(proxy.pid) - cpu0, time.monotonic() - wall0
-        requests = result["ok"] + result["warmup_ok"]
+        result, cpu = closed_loop_cpu(proxy.url, MASTER_KEY, concurrency, timeout, common,
+                                      lambda: tree_cpu_seconds(proxy.pid))  # fmt: skip
         row = {
             "concurrency": concurrency,
             "litellm": result,
             "processes": processes,
-            "litellm_cpu_s": cpu,
-            "litellm_cpu_util": cpu / wall if wall else 0.0,
-            "litellm_cpu_ms_per_request": cpu / requests * 1000.0 if requests else None,
+            **{f"litellm_{k}": v for k, v in cpu.items()},
         }
         rows.append(row)
         log(

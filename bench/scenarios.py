@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,22 @@ def loadgen(url: str, api_key: str | None, mode: str, limit_s: float, **options:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def closed_loop_cpu(
+    url: str, api_key: str | None, concurrency: int, limit_s: float, common: dict[str, Any], cpu: Callable[[], float]
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """A closed-loop run, and the server's CPU over it (`cpu()`: its CPU seconds so far): `cpu_s`, `cpu_util`
+    (cores) and `cpu_ms_per_request` (warm-up requests included, as the CPU of the warm-up is)."""
+    cpu0, wall0 = cpu(), time.monotonic()
+    result = loadgen(url, api_key, "closed", limit_s, concurrency=concurrency, **common)
+    used, wall = cpu() - cpu0, time.monotonic() - wall0
+    requests = result["ok"] + result["warmup_ok"]
+    return result, {
+        "cpu_s": used,
+        "cpu_util": used / wall if wall else 0.0,
+        "cpu_ms_per_request": used / requests * 1000.0 if requests else None,
+    }
+
+
 def _added(strata: dict[str, float], direct: dict[str, float]) -> dict[str, float]:
     return {p: strata[p] - direct[p] for p in PCTS if p in strata and p in direct}
 
@@ -103,17 +120,9 @@ def throughput(servers: BenchServers, s: Settings, log: Any = print) -> dict[str
     assert servers.strata is not None
     pid = servers.strata.pid
     for concurrency in s.throughput_concurrency:
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
-        result = loadgen(servers.strata_url, servers.user_key, "closed", timeout, concurrency=concurrency, **common)
-        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - wall0
-        requests = result["ok"] + result["warmup_ok"]
-        row = {
-            "concurrency": concurrency,
-            "strata": result,
-            "strata_cpu_s": cpu,
-            "strata_cpu_util": cpu / wall if wall else 0.0,
-            "strata_cpu_ms_per_request": cpu / requests * 1000.0 if requests else None,
-        }
+        result, cpu = closed_loop_cpu(servers.strata_url, servers.user_key, concurrency, timeout, common,
+                                      lambda: cpu_seconds(pid))  # fmt: skip
+        row = {"concurrency": concurrency, "strata": result, **{f"strata_{k}": v for k, v in cpu.items()}}
         rows.append(row)
         log(
             f"throughput strata c={concurrency}: {result['achieved_rps']:.0f} req/s, errors "

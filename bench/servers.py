@@ -90,6 +90,18 @@ def wait_http(url: str, proc: Process, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{proc.name} did not answer 200 on {url} within {timeout_s}s:\n{proc.logs()}")
 
 
+def create_user_key(base_url: str) -> str:
+    """A `user`-role key whose rpm/tpm limits make the rate limiter run on every request without refusing."""
+    response = httpx.post(
+        base_url + "/admin/keys",
+        json={"name": "bench-user", "role": "user", "rpm": GENEROUS, "tpm": GENEROUS},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return str(response.json()["key"])
+
+
 class BenchServers:
     """Starts mock upstream, OTLP sink and Strata in a temporary directory; a context manager."""
 
@@ -183,14 +195,7 @@ class BenchServers:
         self.started_at = time.monotonic()
         wait_http(self.strata_base + "/readyz", self.strata, timeout_s=120)
         self.ready_after_s = time.monotonic() - self.started_at
-        response = httpx.post(
-            self.strata_base + "/admin/keys",
-            json={"name": "bench-user", "role": "user", "rpm": GENEROUS, "tpm": GENEROUS},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=10,
-        )
-        response.raise_for_status()
-        self.user_key = str(response.json()["key"])
+        self.user_key = create_user_key(self.strata_base)
         check = httpx.post(
             self.strata_url,
             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
