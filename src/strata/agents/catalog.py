@@ -45,6 +45,14 @@ class AgentCatalog:
     async def names(self) -> list[str]:
         return await self._versions.names()
 
-    async def put(self, spec: AgentConfig) -> int:
-        row = await self._versions.add(spec.name, spec.model_dump(mode="json"), "api")
+    async def current(self, name: str) -> tuple[int, AgentConfig | None]:
+        """The latest version and its spec; (0, None) for an agent that does not exist yet."""
+        try:
+            return await self.latest(name)
+        except UnknownAgent:
+            return 0, None
+
+    async def put(self, spec: AgentConfig, *, after: int | None = None) -> int:
+        """Publish a new version; `after`: the version it was checked against (`VersionConflict` if not the latest)."""
+        row = await self._versions.add(spec.name, spec.model_dump(mode="json"), "api", after=after)
         return row.version

@@ -1,4 +1,8 @@
-"""Agents: list and inspect them; create and update them (each update is a new version)."""
+"""Agents: list and inspect them; create and update them (each update is a new version).
+
+Publishing needs `agents:write`; a version that weakens a guard (agents/guard_changes.py) needs
+`agents:weaken_guards` too (admins). Every publication, and every refused one, is audited with the
+caller and the spec before and after."""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from strata.api.auth import audit
+from strata.agents.guard_changes import audit_view, changed_fields, weakenings
+from strata.api.auth import audit, principal
 from strata.api.errors import ApiError, invalid_body
 from strata.api.state import AppState
 from strata.config import AgentConfig
+from strata.security.rbac import Permission
+from strata.store.agents import VersionConflict
 
 router = APIRouter(tags=["agents"])
 
@@ -54,8 +61,24 @@ async def put_agent(name: str, request: Request) -> Response:
     missing = [t for t in spec.tools if tools.get(t) is None]
     if missing:
         raise ApiError(400, f"unknown tools: {', '.join(missing)} (available: {', '.join(tools.names)})", param="tools")
-    version = await state.agent_service().catalog.put(spec)
-    audit(request, "agent.published", f"agent {name}", {"version": version, "model": spec.model, "tools": spec.tools})
+    catalog = state.agent_service().catalog
+    previous, before = await catalog.current(name)
+    weakened = weakenings(before, spec)
+    details = _change(previous, before, spec, weakened)
+    if weakened and not principal(request).may(Permission.AGENTS_WEAKEN_GUARDS):
+        audit(request, "agent.published", f"agent {name}", details, outcome="denied")
+        raise ApiError(
+            403,
+            f"only an admin may weaken agent {name!r}'s guards; this version would: {'; '.join(weakened)}",
+            type_="permission_error",
+            code="guard_weakening_not_allowed",
+        )
+    try:
+        version = await catalog.put(spec, after=previous)
+    except VersionConflict:
+        raise ApiError(409, f"agent {name!r} changed while this version was checked; read it again and retry",
+                       code="agent_changed") from None  # fmt: skip
+    audit(request, "agent.published", f"agent {name}", {"version": version, **details})
     view = {"name": name, "version": version, **spec.model_dump(mode="json")}
     return Response(orjson.dumps(view), status_code=200 if version > 1 else 201, media_type="application/json")
 
@@ -68,3 +91,11 @@ async def agent_versions(name: str, request: Request) -> Response:
     data = [{"version": r.version, "source": r.source, "created_at": r.created_at.isoformat(), "spec": r.spec}
             for r in rows]  # fmt: skip
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+def _change(previous: int, before: AgentConfig | None, after: AgentConfig, weakened: list[str]) -> dict[str, object]:
+    """An audit row's details for a publication: the spec before and after (prompts by digest), what changed."""
+    old, new = audit_view(before), audit_view(after)
+    assert new is not None
+    return {"previous_version": previous or None, "changed": changed_fields(old, new), "weakens": weakened,
+            "before": old, "after": new}  # fmt: skip

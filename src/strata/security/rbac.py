@@ -13,7 +13,8 @@ class Permission(StrEnum):
     MODELS_READ = "models:read"
     AGENTS_INVOKE = "agents:invoke"  # start runs and sessions, follow and steer one's own
     AGENTS_READ = "agents:read"
-    AGENTS_WRITE = "agents:write"
+    AGENTS_WRITE = "agents:write"  # publish agent versions that keep every guard (agents/guard_changes.py)
+    AGENTS_WEAKEN_GUARDS = "agents:weaken_guards"  # publish versions that weaken one: fewer approvals, more tools...
     RUNS_READ = "runs:read"  # one's own sessions and runs
     RUNS_READ_ALL = "runs:read_all"  # every user's sessions and runs
     RUNS_WRITE_ALL = "runs:write_all"  # cancel or approve anyone's runs
@@ -33,7 +34,8 @@ _USER = frozenset({P.MODELS_INVOKE, P.MODELS_READ, P.AGENTS_INVOKE, P.AGENTS_REA
 
 ROLE_PERMISSIONS: dict[RoleName, frozenset[Permission]] = {
     "admin": frozenset(Permission),
-    "operator": _USER | {P.DEPLOYMENTS_READ, P.DEPLOYMENTS_WRITE, P.CONFIG_WRITE, P.GPUS_READ, P.METRICS_READ},
+    "operator": _USER
+    | {P.AGENTS_WRITE, P.DEPLOYMENTS_READ, P.DEPLOYMENTS_WRITE, P.CONFIG_WRITE, P.GPUS_READ, P.METRICS_READ},
     "developer": _USER | {P.AGENTS_WRITE},
     "user": _USER,
     "auditor": frozenset(

@@ -6,10 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from strata.store.database import Database
 from strata.store.runs import utcnow
 from strata.store.tables import AgentVersion
+
+
+class VersionConflict(Exception):
+    """Another version was published since the one a change was checked against."""
 
 
 class AgentVersionStore:
@@ -42,13 +47,21 @@ class AgentVersionStore:
             rows = await tx.execute(select(AgentVersion.name).distinct().order_by(AgentVersion.name))
             return list(rows.scalars())
 
-    async def add(self, name: str, spec: dict[str, Any], source: str) -> AgentVersion:
-        async with self.db.transaction() as tx:
-            current = (
-                await tx.execute(select(func.max(AgentVersion.version)).where(AgentVersion.name == name))
-            ).scalar_one()
-            row = AgentVersion(name=name, version=(current or 0) + 1, spec=spec, source=source, created_at=utcnow())
-            tx.add(row)
+    async def add(self, name: str, spec: dict[str, Any], source: str, *, after: int | None = None) -> AgentVersion:
+        """`after`: the version the change was checked against (0: none); `VersionConflict` if the latest is another."""
+        try:
+            async with self.db.transaction() as tx:
+                current = (
+                    await tx.execute(select(func.max(AgentVersion.version)).where(AgentVersion.name == name))
+                ).scalar_one()
+                if after is not None and (current or 0) != after:
+                    raise VersionConflict(f"agent {name!r} is at version {current or 0}, not {after}")
+                row = AgentVersion(name=name, version=(current or 0) + 1, spec=spec, source=source, created_at=utcnow())
+                tx.add(row)
+        except IntegrityError:  # a concurrent publish took this version number
+            if after is None:
+                raise
+            raise VersionConflict(f"agent {name!r} changed while this version was being published") from None
         return row
 
     async def sync_from_config(self, name: str, spec: dict[str, Any]) -> AgentVersion:
