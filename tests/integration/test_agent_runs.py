@@ -278,7 +278,14 @@ def test_approval_pauses_then_runs_the_edited_call(
     )
     run = start(strata, "approver", "pay the invoice").json()
     assert run["status"] == "awaiting_approval"
-    assert run["pending_approval"] == [{"id": "call_pay", "name": "record", "arguments": '{"label":"transfer $1000"}'}]
+    [pending] = run["pending_approval"]
+    assert {k: pending[k] for k in ("id", "name", "arguments", "turn")} == {
+        "id": "call_pay",
+        "name": "record",
+        "arguments": '{"label":"transfer $1000"}',
+        "turn": 0,
+    }
+    assert len(pending["binding"]) == 32  # what an approver sends back to approve this very call
     assert "transfer" not in (side_effects.read_text() if side_effects.exists() else "")
     approved = httpx.post(
         f"{strata.url}/v1/runs/{run['id']}/approval",

@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 import structlog
 
+from strata.agents.approvals import call_binding, pending_entry, unique_call_ids
 from strata.agents.bus import EventBus, LiveEvent
 from strata.agents.catalog import AgentCatalog
-from strata.agents.guards import call_signature, detect_loop
+from strata.agents.guards import call_signature, detect_loop, permitted_models
 from strata.agents.model_call import DeadlineExceeded, ModelCaller, ModelStepError
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult
 from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
@@ -96,7 +97,7 @@ class RunEngine:
         except DeadlineExceeded as exc:
             await job.end("failed", f"timeout: {exc}")
         except ModelStepError as exc:
-            await job.end("failed", f"model error: {exc}")
+            await job.end("failed", f"model error: {exc}{job.fallback_note}")
         except LeaseLost:
             log.warning("lost the lease of a run; another worker has it", run_id=run.id)
         except Exception as exc:  # a bug or a malformed backend reply: end the run, do not retry it forever
@@ -129,6 +130,12 @@ class _Job:
         self.spec = spec
         self.span = span  # the run's invoke_agent span
         self.tools: dict[str, Tool] = {t.name: t for t in engine.tools.for_agent(spec)}
+        # The models this run may call: its key's allow-list holds for every step and for the fallback.
+        self.models, refused = permitted_models(spec, run.allowed_models)
+        self.refused_model = spec.model if spec.model in refused else None
+        self.fallback_note = "".join(
+            f" (fallback {m!r} not tried: this run's API key may not use it)" for m in refused if m != spec.model
+        )
         self.deadline = time.monotonic() + (aware(run.deadline_at) - utcnow()).total_seconds()
         self.history: list[Message] = []  # the session's messages, in order (the last ones maybe not yet committed)
         self.batch = RunBatch()
@@ -202,6 +209,8 @@ class _Job:
             )
         if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
             await self.stop("failed", f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}")
+        if self.refused_model is not None:
+            await self.stop("failed", f"model not allowed: this run's API key may not use model {self.refused_model!r}")
         step_input = {"messages": len(history) + bool(self.spec.system_prompt), "tools": sorted(self.tools)}
         self.batch.start_step(turn=turn, kind="model", name=self.spec.model, input_=step_input)
         self.batch.add_event("step.started", {"turn": turn, "kind": "model", "model": self.spec.model})
@@ -209,13 +218,12 @@ class _Job:
         messages = [m.data for m in history]
         if self.spec.system_prompt:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
-        models = [self.spec.model] + ([self.spec.fallback_model] if self.spec.fallback_model else [])
         rounds = sum(1 for m in history if m.run_id == run.id and m.role == "assistant" and m.data.get("tool_calls"))
         offered = limits.tool_rounds is None or rounds < limits.tool_rounds
         step_started = time.monotonic()
         outcome = await self.engine.caller.call(
             agent=self.spec.name,
-            models=models,
+            models=self.models,
             messages=messages,
             tools=[tool.spec.openai_schema() for tool in self.tools.values()] if offered else [],
             temperature=self.spec.temperature,
@@ -227,6 +235,7 @@ class _Job:
             on_fallback=self._fallback,
         )
         latency = time.monotonic() - step_started
+        unique_call_ids(outcome.message)
         accounting = self.engine.accounting
         cost = accounting.step_cost(outcome.model, outcome.prompt_tokens, outcome.completion_tokens)
         tokens = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
@@ -265,9 +274,11 @@ class _Job:
 
     async def _tools(self, pending: list[dict[str, Any]], turn: int, mine: list[Message]) -> None:
         approvals = self.run.approvals or {}
-        waiting = [c for c in pending if self._needs_approval(c) and c["id"] not in approvals]
+        waiting = [
+            c for c in pending if self._needs_approval(c) and call_binding(self.run.id, turn, c) not in approvals
+        ]
         if waiting:
-            await self._pause_for_approval(waiting)
+            await self._pause_for_approval(waiting, turn)
         assistants = [m for m in mine if m.role == "assistant"]
         previous = [
             call_signature(c["function"]["name"], c["function"]["arguments"])
@@ -291,11 +302,9 @@ class _Job:
         tool = self.tools.get(name)
         return name in self.spec.require_approval or bool(tool and tool.spec.requires_approval)
 
-    async def _pause_for_approval(self, calls: list[dict[str, Any]]) -> None:
+    async def _pause_for_approval(self, calls: list[dict[str, Any]], turn: int) -> None:
         await self.commit()  # what the run did so far, before it waits
-        requested = [
-            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls
-        ]
+        requested = [pending_entry(self.run.id, turn, c) for c in calls]
         async with self.unit() as unit:
             run = await self.fresh_run(unit)
             if run.cancel_requested:  # asked while running: never leave it waiting for an approver
@@ -315,7 +324,7 @@ class _Job:
         run = self.run
         name, call_id = call["function"]["name"], call["id"]
         key = f"{run.id}:{turn}:{call_id}"
-        decision = (run.approvals or {}).get(call_id)
+        decision = (run.approvals or {}).get(call_binding(run.id, turn, call))  # this very call's, if any
         arguments_text = call["function"]["arguments"]
         if decision and decision.get("arguments") is not None:
             arguments_text = orjson.dumps(decision["arguments"]).decode()

@@ -1,12 +1,16 @@
-"""Loop detection: an agent calling the same tool with the same arguments again and again, or
-bouncing between two calls (A-B-A-B), is stuck; the run ends with the reason rather than burning
-its step budget."""
+"""Guards evaluated by the run loop.
+
+Loop detection: an agent calling the same tool with the same arguments again and again, or bouncing
+between two calls (A-B-A-B), is stuck; the run ends with the reason rather than burning its step budget.
+Model scope: a run calls only the models its API key may use, its fallback included."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import orjson
+
+from strata.config import AgentConfig
 
 
 def call_signature(name: str, arguments: str) -> str:
@@ -28,3 +32,12 @@ def detect_loop(previous: list[str], upcoming: list[str], repeats: int) -> str |
         if a == c and b == d and a != b:
             return f"loop detected: alternating between {a} and {b}"
     return None
+
+
+def permitted_models(spec: AgentConfig, allowed: list[str] | None) -> tuple[list[str], list[str]]:
+    """The agent's models in the order a step tries them, split into those the run's key may use and those it
+    may not (`allowed` None: any model)."""
+    models = [spec.model] + ([spec.fallback_model] if spec.fallback_model else [])
+    if allowed is None:
+        return models, []
+    return [m for m in models if m in allowed], [m for m in models if m not in allowed]

@@ -14,7 +14,7 @@ from strata.agents.bus import EventBus, LiveEvent, Subscription
 from strata.agents.catalog import AgentCatalog, UnknownAgent
 from strata.agents.worker import RunWorker
 from strata.observability.tracing import traceparent
-from strata.store.runs import TERMINAL, RunStore
+from strata.store.runs import TERMINAL, RunStore, StaleApproval, binding_key
 from strata.store.tables import Run, Session, Step
 
 STORE_POLL_S = 1.0  # how often followers re-read the store for events written by other replicas
@@ -23,11 +23,13 @@ SETTLING_EVENTS = (*FINAL_EVENTS, "approval.requested")  # what a synchronous wa
 
 
 class RunConflict(Exception):
-    """The session already has a run going and its policy is `reject`."""
+    """The session already has a run going and its policy is `reject`; or the run is not in the state a request
+    needs (`code` says which)."""
 
-    def __init__(self, message: str, active_run: str) -> None:
+    def __init__(self, message: str, active_run: str, code: str = "run_in_progress") -> None:
         super().__init__(message)
         self.active_run = active_run
+        self.code = code
 
 
 class NotFound(LookupError):
@@ -40,12 +42,21 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+class Forbidden(InvalidRequest):
+    """403: a well-formed request this caller may not make (say, its key may not use the agent's model)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class ApprovalDecision:
     decision: Literal["approve", "deny"]
     call_id: str | None = None
     arguments: dict[str, Any] | None = None
     comment: str | None = None
+    binding: str | None = None  # the pending call's binding, as the approver was shown it
 
 
 class AgentService:
@@ -75,9 +86,15 @@ class AgentService:
         owner: str | None,
         wake: bool = True,
         key_id: str | None = None,
+        models: frozenset[str] | None = None,
     ) -> tuple[Run, bool]:
-        """`wake=False`: the caller wakes the worker itself, once it has subscribed to the run."""
+        """`wake=False`: the caller wakes the worker itself, once it has subscribed to the run.
+        `models`: those the caller's key may use (None: any); the run is held to them, its fallback too."""
         version, spec = await self.agent(agent)
+        if models is not None and spec.model not in models:
+            raise Forbidden(
+                f"this key may not use model {spec.model!r}, the model of agent {agent!r}", "model_not_allowed"
+            )
         if idempotency_key:
             existing = await self.store.by_idempotency_key(agent, idempotency_key)
             if existing is not None and existing.owner == owner:
@@ -119,6 +136,7 @@ class AgentService:
                 timeout_s=spec.limits.timeout_s,
                 trace_parent=traceparent(),  # the request's span: the run's spans join its trace
                 key_id=key_id,
+                allowed_models=sorted(models) if models is not None else None,
                 new_session=new_session,
                 claim_for=(token, self.worker.lease_s) if token is not None else None,
             )
@@ -236,22 +254,32 @@ class AgentService:
         self.worker.cancel_local(run_id)
         return run
 
-    async def approve(self, run_id: str, decision: ApprovalDecision) -> Run:
+    async def approve(self, run_id: str, decision: ApprovalDecision) -> tuple[Run, list[dict[str, Any]]]:
+        """Decide pending calls: the one whose `binding` is given, those with `call_id`, or all. Returns the run and
+        the calls decided. A binding that names no pending call is stale (409): the run moved on since the approver
+        looked, and whatever is pending now is another call that needs its own decision."""
         run = await self.run(run_id)
         if run.status != "awaiting_approval":
-            raise RunConflict(f"run {run_id!r} is {run.status}, not awaiting approval", run_id)
+            raise RunConflict(f"run {run_id!r} is {run.status}, not awaiting approval", run_id, "not_awaiting_approval")
         pending = run.pending_approval or []
-        targets = [c for c in pending if decision.call_id in (None, c["id"])]
+        targets = [
+            c for c in pending if decision.call_id in (None, c["id"]) and decision.binding in (None, binding_key(c))
+        ]
+        if not targets and decision.binding is not None:
+            raise _stale(run_id, pending)
         if not targets:
             ids = ", ".join(c["id"] for c in pending)
             raise InvalidRequest(f"no pending call {decision.call_id!r} (pending: {ids})", "call_id")
         if decision.arguments is not None and len(targets) != 1:
-            raise InvalidRequest("edited arguments need the 'call_id' of one call", "call_id")
+            raise InvalidRequest("edited arguments need the 'call_id' or 'binding' of one call", "call_id")
         record = {"decision": decision.decision, "arguments": decision.arguments, "comment": decision.comment}
-        updated = await self.store.set_approvals(run_id, {c["id"]: record for c in targets})
+        try:
+            updated = await self.store.set_approvals(run_id, {binding_key(c): record for c in targets})
+        except StaleApproval:  # another approval let the run move on between the read and this write
+            raise _stale(run_id, (await self.run(run_id)).pending_approval or []) from None
         assert updated is not None
         self.worker.wake()
-        return updated
+        return updated, targets
 
     async def agent(self, name: str) -> tuple[int, Any]:
         try:
@@ -259,6 +287,15 @@ class AgentService:
         except UnknownAgent:
             names = ", ".join(await self.catalog.names())
             raise NotFound(f"no agent {name!r} (agents: {names})") from None
+
+
+def _stale(run_id: str, pending: list[dict[str, Any]]) -> RunConflict:
+    now = ", ".join(f"{c['id']} ({c['name']}, binding {binding_key(c)})" for c in pending) or "none"
+    return RunConflict(
+        f"stale approval: the call it was made for is no longer pending in run {run_id!r}; pending now: {now}",
+        run_id,
+        "stale_approval",
+    )
 
 
 def _drain(queue: asyncio.Queue[LiveEvent]) -> list[LiveEvent]:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from strata.agents.service import InvalidRequest, NotFound, RunConflict
+from strata.agents.service import Forbidden, InvalidRequest, NotFound, RunConflict
 from strata.api.request_id import current_request_id
 from strata.config_loader import format_path
 from strata.security.audit_log import AuditBacklogFull
@@ -180,7 +180,9 @@ def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
         if isinstance(exc, NotFound):
             return error_response(ApiError(404, str(exc), code="not_found"))
         if isinstance(exc, RunConflict):
-            return error_response(ApiError(409, str(exc), code="run_in_progress", extra={"run_id": exc.active_run}))
+            return error_response(ApiError(409, str(exc), code=exc.code, extra={"run_id": exc.active_run}))
+        if isinstance(exc, Forbidden):
+            return error_response(ApiError(403, str(exc), type_="permission_error", code=exc.code))
         assert isinstance(exc, InvalidRequest)
         return error_response(ApiError(400, str(exc), param=exc.param))
 

@@ -38,6 +38,12 @@ class ApprovalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     decision: Literal["approve", "deny"]
     call_id: str | None = Field(default=None, description="One pending call; default: all of them.")
+    binding: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The pending call's `binding` (from `approval.requested` or `pending_approval`): the decision "
+        "applies to that exact call only, and is refused with 409 if it is no longer pending.",
+    )
     arguments: dict[str, Any] | None = Field(default=None, description="Approve with these arguments instead.")
     comment: str | None = None
 
@@ -87,6 +93,7 @@ async def create_run(
         idempotency_key=idempotency_key,
         owner=who.user,
         key_id=who.key_id,
+        models=who.models,
         wake=body.mode != "stream",
     )
     if body.mode == "stream":
@@ -130,9 +137,15 @@ async def cancel_run(run_id: str, request: Request) -> Response:
 @router.post("/v1/runs/{run_id}/approval", summary="Approve or deny the tool calls a run is waiting on")
 async def approve_run(run_id: str, body: ApprovalRequest, request: Request) -> Response:
     run = await writable_run(request, run_id)
-    decision = ApprovalDecision(body.decision, body.call_id, body.arguments, body.comment)
-    approved = await service(request).approve(run_id, decision)
-    details = {"decision": body.decision, "call_id": body.call_id, "owner": run.owner, "edited": bool(body.arguments)}
+    decision = ApprovalDecision(body.decision, body.call_id, body.arguments, body.comment, body.binding)
+    approved, calls = await service(request).approve(run_id, decision)
+    details = {
+        "decision": body.decision,
+        "call_id": body.call_id,
+        "owner": run.owner,
+        "edited": bool(body.arguments),
+        "calls": [{k: c.get(k) for k in ("id", "name", "turn", "binding")} for c in calls],
+    }
     audit(request, "run.approval", f"run {run_id}", details)
     return _json(run_view(approved))
 

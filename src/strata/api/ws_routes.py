@@ -60,6 +60,7 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
                     idempotency_key=message.get("idempotency_key"),
                     owner=who.user,
                     key_id=who.key_id,
+                    models=who.models,
                     wake=False,
                 )
             except (NotFound, RunConflict, InvalidRequest) as exc:

@@ -213,12 +213,14 @@ class RunStore:
         timeout_s: float,
         trace_parent: str | None = None,
         key_id: str | None = None,
+        allowed_models: list[str] | None = None,
         new_session: Session | None = None,
         claim_for: tuple[str, float] | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
         `trace_parent`: the W3C traceparent of the request creating it, which the run's spans join.
+        `allowed_models`: the models its key may use (None: any); the engine holds every model call to them.
         `new_session`: from `new_session()`, stored in the same transaction (one commit for a new conversation).
         `claim_for`: (worker, lease_s), with `new_session` only: the run is stored already claimed by that
         worker, exactly as `claim` would leave it (running, leased, started, attempt 1), so that worker can start
@@ -243,6 +245,7 @@ class RunStore:
             deadline_at=now + timedelta(seconds=timeout_s),
             trace_parent=trace_parent,
             key_id=key_id,
+            allowed_models=allowed_models,
         )
         if claim_for is not None:
             if new_session is None or new_session.id != session_id:
@@ -385,19 +388,40 @@ class RunStore:
             return run
 
     async def set_approvals(self, run_id: str, decisions: dict[str, Any]) -> Run | None:
+        """Record decisions keyed by the pending calls' bindings (see agents/approvals.py); `StaleApproval` if one
+        names no call pending now (the run moved on: that approval was for another call)."""
         async with self.unit() as unit:
             run = await unit.tx.get(Run, run_id, with_for_update=not self.db.is_sqlite)
-            if run is None or run.status != "awaiting_approval":
-                return run
+            if run is None:
+                return None
+            if run.status != "awaiting_approval":  # decided meanwhile: nothing these decisions were about waits
+                raise StaleApproval(sorted(decisions))
             if run.cancel_requested:
                 await finish(unit, run, "cancelled", "cancelled by request")
                 return run
+            waiting = {binding_key(c) for c in run.pending_approval or []}
+            stale = sorted(set(decisions) - waiting)
+            if stale:
+                raise StaleApproval(stale)
             run.approvals = {**(run.approvals or {}), **decisions}
-            pending = [c for c in run.pending_approval or [] if c["id"] not in run.approvals]
+            pending = [c for c in run.pending_approval or [] if binding_key(c) not in run.approvals]
             await unit.add_event(run.id, "approval.resolved", {"decisions": decisions})
             if not pending:
                 run.status, run.pending_approval = "queued", None
             return run
+
+
+class StaleApproval(Exception):
+    """An approval for calls that are not pending (any more): approving them now would approve something else."""
+
+    def __init__(self, bindings: list[str]) -> None:
+        super().__init__(f"no pending call has binding {', '.join(bindings)}")
+        self.bindings = bindings
+
+
+def binding_key(entry: dict[str, Any]) -> str:
+    """A pending call's approvals key: its binding (entries stored before bindings existed: its id)."""
+    return str(entry.get("binding") or entry["id"])
 
 
 def _claimable() -> Select[tuple[str]]:

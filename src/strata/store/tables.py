@@ -96,6 +96,8 @@ class Run(Base):
     # The W3C traceparent of the request that created the run: its `invoke_agent` spans join that trace.
     trace_parent: Mapped[str | None] = mapped_column(String(64))
     key_id: Mapped[str | None] = mapped_column(String(40))  # the API key that started it (None: a JWT)
+    # The models that key could use when the run started (None: any): every model call of the run is held to it.
+    allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class Step(Base):
