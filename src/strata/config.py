@@ -361,6 +361,23 @@ class McpServerConfig(_Strict):
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     risk: Literal["low", "medium", "high"] = "medium"
     requires_approval: bool = False
+    health_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the connection is probed (a tools/list request). A lost one is made again with backoff "
+        "(stdio: a new server process; http: a new session).",
+    )
+    restart_backoff_max_s: float = Field(
+        default=30.0, gt=0, le=600, description="The longest wait between two reconnect attempts."
+    )
+    reconnect_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="A tool call made while the server is reconnecting waits this long for it (at most half the "
+        "call's timeout), then fails saying why.",
+    )
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:
