@@ -35,7 +35,11 @@ class ServerConfig(_Strict):
         "stop sending traffic before the listener closes.",
     )
     shutdown_grace_s: float = Field(
-        default=30.0, ge=0, le=3600, description="How long in-flight requests may run after shutdown starts."
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long in-flight requests may run after shutdown starts; chat streams still open then "
+        "end with an SSE error event (code server_shutting_down).",
     )
     health_interval_s: float = Field(
         default=5.0, gt=0, le=300, description="How often each backend's health is probed."
@@ -357,6 +361,23 @@ class McpServerConfig(_Strict):
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     risk: Literal["low", "medium", "high"] = "medium"
     requires_approval: bool = False
+    health_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the connection is probed (a tools/list request). A lost one is made again with backoff "
+        "(stdio: a new server process; http: a new session).",
+    )
+    restart_backoff_max_s: float = Field(
+        default=30.0, gt=0, le=600, description="The longest wait between two reconnect attempts."
+    )
+    reconnect_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="A tool call made while the server is reconnecting waits this long for it (at most half the "
+        "call's timeout), then fails saying why.",
+    )
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:
@@ -614,7 +635,8 @@ class AlertWebhookConfig(_Strict):
 
 
 class AlertRuleConfig(_Strict):
-    """One rule of the built-in alerter. `threshold` by kind: error_rate: share of 5xx answers (0..1);
+    """One rule of the built-in alerter. `threshold` by kind: error_rate: share of failed requests (5xx, and
+    streams cut short after their 200) (0..1);
     p95_latency: seconds; breaker_open: open breakers per deployment (1); budget: spent / limit of a
     soft budget the cost code reported (1.0: the budget is reached)."""
 

@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolRisk
+from strata.agents.tools.mcp_supervisor import McpServerState, McpSupervisor
 from strata.agents.tools.mcp_tools import McpConnectError, McpServerConnection
-from strata.config import McpServerConfig
+from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
+from strata.config import AgentConfig, McpServerConfig
 from tests.support.strata_process import free_port
 
 CALC = [sys.executable, "-m", "tests.support.mcp_servers.calc_server"]
@@ -209,3 +211,33 @@ async def test_http_server_tools_work_and_a_dead_server_fails_fast(
     finally:
         await connection.close()
     assert not connection.connected
+
+
+async def test_a_supervised_server_that_cannot_start_is_retried_and_its_tools_appear_when_it_does(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "calc-down"
+    gate.touch()
+    env = {"CALC_RECORD_PATH": str(tmp_path / "record.txt"), "CALC_DOWN_PATH": str(gate)}
+    config = calc_config(tmp_path, env=env, health_interval_s=0.5, restart_backoff_max_s=0.5)
+    supervisor = McpSupervisor(config, connect_timeout_s=10)
+    await supervisor.start()
+    try:
+        assert supervisor.state is McpServerState.RECONNECTING and supervisor.tools() == []
+        assert "did not start" in (supervisor.last_error or "")
+        registry = ToolRegistry([], [supervisor])
+        agent = AgentConfig(name="adder", model="m", tools=["calc__add"])
+        with pytest.raises(ToolUnavailable, match=r"calc__add \(MCP server 'calc' is reconnecting: .*did not start"):
+            registry.for_agent(agent)
+
+        gate.unlink()
+        deadline = time.monotonic() + 30
+        while supervisor.state is not McpServerState.READY:
+            assert time.monotonic() < deadline, "the server was not reconnected"
+            await asyncio.sleep(0.05)
+        [add] = registry.for_agent(agent)
+        assert (await add.invoke({"a": 1, "b": 2}, CTX)).content == "3"
+        assert supervisor.status().as_dict()["tools"][0] == "calc__add"
+    finally:
+        await supervisor.close()
+    assert supervisor.state is McpServerState.STOPPED

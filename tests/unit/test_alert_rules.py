@@ -93,6 +93,7 @@ def exported_registry() -> CollectorRegistry:
     metrics.observe_tokens("m", 10, 5)
     metrics.observe_operation("m", 0.4)
     metrics.observe_cost("m", "key_1", 0.01)
+    metrics.stream_failed("m", "upstream_unavailable")
     metrics.rate_limited("requests")
     metrics.budget_refused("key")
     metrics.run_finished("demo", "completed", 2.0)

@@ -126,6 +126,19 @@ async def test_probes_scrapes_and_other_routes_are_left_out() -> None:
     assert [n.alert for n in await s.at(20)] == ["Errors"]
 
 
+async def test_streams_cut_short_after_their_200_count_as_errors() -> None:
+    s = Setup(config({**ERROR_RATE, "for_s": 0}, {**ERROR_RATE, "name": "RunErrors", "for_s": 0,
+                                                  "routes": ["/v1/runs/{run_id}"]}))  # fmt: skip
+    await s.at(0)
+    s.traffic(ok=50, errors=0)  # every answer started with 200 ...
+    s.traffic(ok=10, errors=0, route="/v1/runs/{run_id}")
+    for _ in range(10):
+        s.metrics.stream_failed("m", "upstream_unavailable")  # ... but 10 of the streams broke off
+    (firing,) = await s.at(10)
+    assert firing.alert == "Errors" and firing.value == pytest.approx(10 / 60)
+    assert "10 of 60 requests failed" in firing.summary
+
+
 async def test_p95_latency_is_interpolated_like_histogram_quantile() -> None:
     rule = {"name": "Slow", "kind": "p95_latency", "threshold": 5, "window_s": 60, "for_s": 0, "min_requests": 10}
     s = Setup(config(rule))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
 
-from strata.serving.errors import UpstreamTimeoutError
+from strata.serving.errors import ServerShuttingDownError, UpstreamTimeoutError, UpstreamUnavailableError
 from strata.serving.stream_relay import ChatStreamRelay
 from strata.serving.usage import ApproximateTokenCounter
 
@@ -37,18 +38,39 @@ def chunk(content: str, **extra: object) -> bytes:
     return orjson.dumps(event)
 
 
-async def relay_all(stream: ByteStream, *, wants_usage: bool = False, reports_usage: bool = True) -> list[bytes]:
+class StalledStream(ByteStream):
+    """Sends its reads, then waits for more until closed; its pending read then fails, as aiohttp's does."""
+
+    def __init__(self, *reads: bytes) -> None:
+        super().__init__(*reads)
+        self._closed = asyncio.Event()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for read in self.reads:
+            yield read
+        await self._closed.wait()
+        raise UpstreamUnavailableError("the backend's stream broke off: Connection closed", deployment="test/0")
+
+    def close(self) -> None:
+        super().close()
+        self._closed.set()
+
+
+def make_relay(stream: ByteStream, *, wants_usage: bool = False, reports_usage: bool = True) -> ChatStreamRelay:
     async def prompt_tokens() -> int:
         return 10
 
-    relay = ChatStreamRelay(
+    return ChatStreamRelay(
         stream,  # type: ignore[arg-type]
         client_wants_usage=wants_usage,
         backend_reports_usage=reports_usage,
         prompt_tokens=prompt_tokens,
         counter=ApproximateTokenCounter(),
     )
-    return [event async for event in relay]
+
+
+async def relay_all(stream: ByteStream, *, wants_usage: bool = False, reports_usage: bool = True) -> list[bytes]:
+    return [event async for event in make_relay(stream, wants_usage=wants_usage, reports_usage=reports_usage)]
 
 
 async def test_crlf_events_split_across_reads_come_out_as_openai_sse() -> None:
@@ -91,3 +113,32 @@ async def test_a_timeout_midway_becomes_an_error_event_and_closes_upstream() -> 
     assert (error["code"], error["message"], error["deployment"]) == ("upstream_timeout", "no data for 5s", "d")
     assert b"[DONE]" not in b"".join(out)
     assert stream.closed
+
+
+async def test_the_relay_keeps_why_a_stream_failed_and_nothing_for_one_that_completed() -> None:
+    cut = make_relay(ByteStream(b"data: " + chunk("a") + b"\n\n"))  # closed without [DONE]
+    assert b"upstream_unavailable" in [event async for event in cut][-1]
+    assert cut.stats.error is not None and cut.stats.error.code == "upstream_unavailable"
+    assert cut.stats.chunks == 1
+    complete = make_relay(ByteStream(b"data: " + chunk("a") + b"\n\ndata: [DONE]\n\n"))
+    assert [event async for event in complete][-1] == b"data: [DONE]\n\n"
+    assert complete.stats.error is None
+
+
+async def test_interrupt_ends_a_waiting_stream_with_its_own_error_event() -> None:
+    stream = StalledStream(b"data: " + chunk("a") + b"\n\n")
+    relay = make_relay(stream)
+    events = relay.__aiter__()
+    assert await anext(events) == b"data: " + chunk("a") + b"\n\n"
+    waiting = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    relay.interrupt(ServerShuttingDownError("Strata is shutting down"))
+    error = orjson.loads((await asyncio.wait_for(waiting, 5))[6:])["error"]
+    assert (error["code"], error["type"], error["message"]) == (
+        "server_shutting_down",
+        "server_error",
+        "Strata is shutting down",
+    )
+    assert [rest async for rest in events] == []
+    assert stream.closed and relay.stats.error is not None and relay.stats.error.code == "server_shutting_down"

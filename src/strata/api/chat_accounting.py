@@ -1,12 +1,16 @@
 """The bookkeeping around one chat completion: the budget check before it, and after it the tokens,
 the cost, the usage row, the metrics and the key's tokens-per-minute window. None of it waits on the
-database: usage rows and budget spends go to background writers."""
+database: usage rows and budget spends go to background writers.
+
+A stream that fails after its 200 went out cannot say so in its status code: `stream_failed` counts it
+(`strata_stream_errors_total`) and logs it, so error rates and alerts see it."""
 
 from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
 
+import structlog
 from starlette.requests import Request
 
 from strata.api.auth import principal
@@ -16,8 +20,10 @@ from strata.api.state import AppState
 from strata.api.usage_routes import budget_refusal
 from strata.cost.records import UsageEvent
 from strata.security.principal import Principal
+from strata.serving.errors import ServingError
 from strata.serving.usage import Usage
 
+log = structlog.get_logger("strata.chat")
 COST_HEADER = "x-strata-cost-usd"
 
 
@@ -38,7 +44,8 @@ class ChatAccount:
         self.state: AppState = request.app.state.strata
         self.scope = request.scope
         self.who: Principal = principal(request)
-        self.model = model
+        self.requested = model  # the `model` label of the request's metrics
+        self.model = model  # priced as: the model that answered once settled
         self.started = request_started_at(request.scope) or time.perf_counter()
         set_model(request.scope, model)
 
@@ -93,3 +100,15 @@ class ChatAccount:
         if self.state.guard is not None and usage is not None:
             self.state.guard.count_tokens(self.who, usage.total_tokens)
         return usd
+
+    def stream_failed(self, error: ServingError, deployment: str, chunks: int) -> None:
+        """One line and one count for a stream cut short after it started (the client got an error event)."""
+        if self.state.request_metrics is not None:
+            self.state.request_metrics.stream_failed(self.requested, error.code)
+        log.warning(
+            "stream failed after it started",
+            deployment=error.deployment or deployment,
+            chunks_relayed=chunks,
+            error_type=error.code,
+            error=error.message,
+        )

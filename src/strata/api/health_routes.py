@@ -16,7 +16,7 @@ async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
-@router.get("/readyz", summary="Ready: not shutting down, and at least one backend is healthy")
+@router.get("/readyz", summary="Ready: not shutting down, and at least one backend is healthy (MCP servers shown)")
 async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.strata
     models: dict[str, str] = {}
@@ -29,7 +29,10 @@ async def readyz(request: Request) -> Response:
         status, code, reason = "not_ready", 503, "no backend is healthy yet"
     else:
         status, code, reason = "ready", 200, None
-    body = {"status": status, "models": models}
+    body: dict[str, object] = {"status": status, "models": models}
+    if state.runtime is not None and (servers := state.runtime.tools.mcp_servers):
+        # Shown, but not part of readiness: a tool server that is down must not take the models out of rotation.
+        body["mcp_servers"] = {server.name: server.state.value for server in servers}
     if reason:
         body["reason"] = reason
     headers = {"Retry-After": "1"} if code == 503 else None

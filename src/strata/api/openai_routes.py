@@ -91,24 +91,34 @@ async def chat_completions(request: Request) -> Response:
         account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
         raise
     if call.request.stream:
-        return StreamingResponse(_metered(relay, account), media_type="text/event-stream", headers=_SSE_HEADERS)
+        body = _metered(relay, account, state.lifecycle.streams)
+        return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
     usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
     return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})
 
 
-async def _metered(relay: ChatStreamRelay, account: ChatAccount) -> AsyncIterator[bytes]:
+async def _metered(
+    relay: ChatStreamRelay, account: ChatAccount, open_streams: set[ChatStreamRelay]
+) -> AsyncIterator[bytes]:
+    open_streams.add(relay)  # so that a shutdown whose grace runs out ends it with an error event
     try:
         async for chunk in relay:
             yield chunk
     finally:  # also when the client went away: the backend did the work
+        open_streams.discard(relay)
         stats = relay.stats
+        error = stats.error
         account.settle(
             stats.usage,
+            status=200 if error is None else from_serving_error(error).status,
+            error_type="" if error is None else error.code,
             ttft_s=stats.ttft_s(account.started),
             tpot_s=stats.tpot_s(),
             busy_s=relay.busy_s,
             served_by=relay.model,
         )
+        if error is not None:
+            account.stream_failed(error, relay.deployment, stats.chunks)
 
 
 @router.get("/models", summary="List the models this Strata serves")

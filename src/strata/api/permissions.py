@@ -56,6 +56,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("POST", "/admin/models/{name}/deploy"): P.DEPLOYMENTS_WRITE,
     ("POST", "/admin/reload"): P.CONFIG_WRITE,
     ("GET", "/admin/gpus"): P.GPUS_READ,
+    ("GET", "/admin/mcp-servers"): P.DEPLOYMENTS_READ,
     ("GET", "/admin/keys"): P.KEYS_MANAGE,
     ("POST", "/admin/keys"): P.KEYS_MANAGE,
     ("GET", "/admin/keys/{key_id}"): P.KEYS_MANAGE,

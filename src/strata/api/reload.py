@@ -1,4 +1,7 @@
-"""Re-read the configuration (SIGHUP or `POST /admin/reload`) and apply its model changes by hot swap."""
+"""Re-read the configuration (SIGHUP or `POST /admin/reload`) and apply its model changes by hot swap.
+
+MCP servers are supervised (reconnected with backoff) on their own; a reload only makes those that are
+down try again at once. Changes to `tools:` take a restart."""
 
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ async def reload_config(state: AppState) -> ReloadReport:
     router.set_routes(config.routes)
     if state.runtime is not None:
         await state.runtime.catalog.sync(config.agents)
+        state.runtime.tools.reconnect_mcp_servers()  # one that is down tries now, not after its backoff
     state.config = config
     log.info("configuration reloaded", **report.__dict__)
     return report

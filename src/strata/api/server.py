@@ -4,6 +4,9 @@ On SIGTERM: /readyz turns 503 at once while Strata keeps serving for `drain_dela
 balancers notice and stop sending), then the listener closes, in-flight requests get
 `shutdown_grace_s` to finish, and only then are child processes stopped. SIGINT (Ctrl-C at a
 terminal) skips the drain delay; a second signal exits at once.
+
+Chat streams still open when the grace ends are ended by Strata with an SSE error event (clients see why
+their answer stops; each is logged once); only what is left `STREAM_CUT_S` later is cancelled by uvicorn.
 """
 
 from __future__ import annotations
@@ -14,18 +17,26 @@ import signal
 import sys
 from types import FrameType
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 
 from strata.api.state import Lifecycle
 from strata.config import ServerConfig
 
+log = structlog.get_logger("strata.server")
+# After the grace: time for cut streams to send their error event and end, before uvicorn cancels what is left.
+STREAM_CUT_S = 1.0
+
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float, shutdown_grace_s: float
+    ) -> None:
         super().__init__(config)
         self._lifecycle = lifecycle
         self._drain_delay_s = drain_delay_s
+        self._shutdown_grace_s = shutdown_grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
@@ -40,6 +51,18 @@ class DrainingServer(uvicorn.Server):
         # never scanned again; what requests allocate is collected as before.
         gc.collect()  # what is garbage already goes first: frozen objects are never collected
         gc.freeze()
+
+    async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        cut = asyncio.get_running_loop().call_later(self._shutdown_grace_s, self._cut_streams)
+        try:
+            await super().shutdown(sockets)  # waits up to the grace + STREAM_CUT_S, then cancels what is left
+        finally:
+            cut.cancel()
+
+    def _cut_streams(self) -> None:
+        if count := self._lifecycle.cut_streams():
+            log.warning("shutdown grace ended; open streams end with an error event", streams=count,
+                        grace_s=self._shutdown_grace_s)  # fmt: skip
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Replaces uvicorn's handler rather than extending it: uvicorn would re-raise the signal
@@ -78,10 +101,10 @@ def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None
         lifespan="on",
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=server.shutdown_grace_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=server.shutdown_grace_s + STREAM_CUT_S,  # type: ignore[arg-type]
         timeout_keep_alive=30,
         backlog=4096,
         ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
-    DrainingServer(config, lifecycle, server.drain_delay_s).run()
+    DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s).run()

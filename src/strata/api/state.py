@@ -16,16 +16,30 @@ from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuMonitor
 from strata.observability.request_metrics import RequestMetrics
 from strata.serving.chat import ChatService
-from strata.serving.errors import BackendNotReadyError
+from strata.serving.errors import BackendNotReadyError, ServerShuttingDownError
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router
+from strata.serving.stream_relay import ChatStreamRelay
 
 
 @dataclass
 class Lifecycle:
-    """Set by the server runner when shutdown begins, so /readyz can tell load balancers to go away."""
+    """Set by the server runner when shutdown begins, so /readyz can tell load balancers to go away.
+
+    `streams` are the chat streams being relayed now; when the shutdown grace runs out, the runner ends
+    them with an error event (`cut_streams`) rather than letting the server cancel them mid-write.
+    """
 
     draining: bool = False
+    streams: set[ChatStreamRelay] = field(default_factory=set)
+
+    def cut_streams(self) -> int:
+        """End every open stream with a `server_shutting_down` error event; returns how many there were."""
+        error = ServerShuttingDownError("Strata is shutting down and its grace period ended; retry the request")
+        streams = list(self.streams)
+        for relay in streams:
+            relay.interrupt(error)
+        return len(streams)
 
 
 @dataclass

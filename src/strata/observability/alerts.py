@@ -4,7 +4,8 @@ For setups without Prometheus (the shipped `deploy/prometheus/alerts.yml` is the
 Every `alerts.interval_s` the alerter reads the app's metric registry (the same numbers `/metrics`
 shows) and evaluates its rules:
 
-- `error_rate`: the share of 5xx answers among the requests of the last `window_s`;
+- `error_rate`: the share of failed requests among those of the last `window_s`: 5xx answers, and chat
+  streams cut short after their 200 went out (`strata_stream_errors_total`);
 - `p95_latency`: the 95th percentile of request durations over `window_s`, interpolated within
   the buckets of `strata_request_duration_seconds` as PromQL's `histogram_quantile` does;
 - `breaker_open`: one alert per deployment whose circuit breaker is open;
@@ -53,6 +54,7 @@ log = structlog.get_logger("strata.alerts")
 # Routes left out of error_rate and p95_latency unless a rule names them: scrapes, probes, and the
 # run-events stream (an SSE connection that lasts as long as its run).
 EXCLUDED_ROUTES = frozenset({"/metrics", "/healthz", "/readyz", "/v1/runs/{run_id}/events"})
+STREAM_ROUTE = "/v1/chat/completions"  # the route whose failed streams strata_stream_errors_total counts
 QUEUE_SIZE = 256  # notifications waiting per webhook; the oldest is dropped beyond
 MAX_BUDGETS = 10_000
 _ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt of an alert still firing
@@ -321,7 +323,7 @@ class Alerter:
             if delta is None or delta[0] < rule.min_requests:
                 return [_Observation({}, None)]
             total, errors = delta
-            return [_Observation({}, errors / total, f"{errors:.0f} of {total:.0f} requests failed with 5xx")]
+            return [_Observation({}, errors / total, f"{errors:.0f} of {total:.0f} requests failed")]
         bounds, cumulative = families.duration_buckets(wanted)
         delta = window.delta(now, rule.window_s, cumulative)
         if delta is None or not delta or delta[-1] < rule.min_requests:
@@ -443,21 +445,27 @@ class _Families:
         self.requests: list[tuple[dict[str, str], float]] = []
         self.buckets: list[tuple[dict[str, str], float]] = []
         self.breakers: list[tuple[dict[str, str], float]] = []
+        self.stream_errors = 0.0
         for family in registry.collect():
             if family.name == "strata_requests":
                 self.requests = [(s.labels, s.value) for s in family.samples if s.name == "strata_requests_total"]
+            elif family.name == "strata_stream_errors":
+                self.stream_errors = sum(s.value for s in family.samples if s.name == "strata_stream_errors_total")
             elif family.name == "strata_request_duration_seconds":
                 self.buckets = [(s.labels, s.value) for s in family.samples if s.name.endswith("_bucket")]
             elif family.name == "strata_deployment_breaker_state":
                 self.breakers = [(s.labels, s.value) for s in family.samples]
 
     def request_totals(self, wanted: Callable[[str], bool]) -> tuple[float, float]:
+        """Requests and failed ones: 5xx answers, and streams that broke off after their 200 (counted as 200s)."""
         total = errors = 0.0
         for labels, value in self.requests:
             if wanted(labels.get("route", "")):
                 total += value
                 if labels.get("status", "").startswith("5"):
                     errors += value
+        if wanted(STREAM_ROUTE):
+            errors += self.stream_errors
         return total, errors
 
     def duration_buckets(self, wanted: Callable[[str], bool]) -> tuple[list[float], tuple[float, ...]]:

@@ -108,6 +108,13 @@ class RequestMetrics:
             buckets=GEN_AI_DURATION_BUCKETS,
             registry=registry,
         )
+        self.stream_errors = Counter(
+            "strata_stream_errors",
+            "Streamed chat completions that failed after their response started (status 200 already sent; "
+            "the client got an error event and no [DONE]), by requested model and error type.",
+            ["model", "error_type"],
+            registry=registry,
+        )
         self.cost = Counter(
             "strata_cost_usd",
             "Cost of model usage in US dollars, by model and API key id.",
@@ -210,6 +217,10 @@ class RequestMetrics:
     ) -> None:
         """Duration of one model operation; `error_type` is a bounded code (e.g. "upstream_timeout")."""
         self.operation_duration.labels(operation, self.model_label(model), error_type).observe(duration_s)
+
+    def stream_failed(self, model: str | None, error_type: str) -> None:
+        """A stream cut short after its 200 went out; `error_type` is a bounded code (e.g. "upstream_timeout")."""
+        self.stream_errors.labels(self.model_label(model), error_type).inc()
 
     def observe_cost(self, model: str | None, key: str | None, usd: float) -> None:
         """Spend in USD; `key` is the API key id (bounded by the keys that exist), "" for none (JWT)."""

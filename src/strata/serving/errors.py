@@ -33,6 +33,12 @@ class BackendNotReadyError(ServingError):
         self.retry_after_s = retry_after_s
 
 
+class ServerShuttingDownError(BackendNotReadyError):
+    """Strata itself is stopping: its shutdown grace ran out while the request was still being answered."""
+
+    code = "server_shutting_down"
+
+
 class UpstreamUnavailableError(ServingError):
     """Could not connect, or the connection broke before a response arrived."""
 

@@ -3,6 +3,10 @@
 Events pass through as the bytes the backend sent; only events that mention `usage` are parsed
 (Strata always asks the backend for usage so it can meter, and hides that event from clients that
 did not ask). Backends that never report usage in streams are counted here instead.
+
+A stream that fails after the response started (the backend dies or stalls, or Strata's shutdown grace
+runs out: `interrupt()`) ends with an OpenAI-style error event and no `[DONE]`; `stats.error` keeps
+the failure for the caller's metrics and log.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from strata.serving.client import UpstreamStream
-from strata.serving.errors import ServingError, UpstreamUnavailableError
+from strata.serving.errors import BackendNotReadyError, ServingError, UpstreamUnavailableError
 from strata.serving.usage import TOKENS_PER_MESSAGE, TOKENS_REPLY_PRIMER, TokenCounter, Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -39,6 +43,7 @@ class StreamStats:
     first_chunk_at: float | None = None
     last_chunk_at: float | None = None
     chunks: int = 0
+    error: ServingError | None = None  # why the stream ended without [DONE] (not set when the client left)
 
     def ttft_s(self, started_at: float) -> float | None:
         """Time to first token from `started_at` (a perf_counter reading: when the request arrived)."""
@@ -77,6 +82,20 @@ class ChatStreamRelay:
         self._counter = counter
         self.stats = StreamStats()
         self.model = ""  # the model that answers (set by the chat service: a fallback may stand in)
+        self._interrupted: ServingError | None = None
+
+    @property
+    def deployment(self) -> str:
+        return self._stream.deployment
+
+    def interrupt(self, error: ServingError) -> None:
+        """End the stream now with `error` as its error event (e.g. Strata is shutting down).
+
+        Closing the upstream response fails the pending read at once, so this costs the relay's hot loop nothing.
+        """
+        if self._interrupted is None:
+            self._interrupted = error
+            self._stream.close()
 
     @property
     def busy_s(self) -> float:
@@ -111,11 +130,15 @@ class ChatStreamRelay:
             cut = UpstreamUnavailableError(
                 "the backend ended the stream before it was complete", deployment=self._stream.deployment
             )
-            yield _error_event(cut)
+            yield self._fail(cut)
         except ServingError as exc:
-            yield _error_event(exc)
+            yield self._fail(exc)
         finally:
             self._stream.close()
+
+    def _fail(self, error: ServingError) -> bytes:
+        error = self.stats.error = self._interrupted or error  # an interruption is why the read failed
+        return _error_event(error)
 
     def _on_event(self, payload: bytes) -> bytes | None:
         stats = self.stats
@@ -199,7 +222,8 @@ def _sse(payload: bytes) -> bytes:
 
 
 def _error_event(exc: ServingError) -> bytes:
-    error = {"message": exc.message, "type": "upstream_error", "code": exc.code, "param": None}
+    kind = "server_error" if isinstance(exc, BackendNotReadyError) else "upstream_error"  # Strata's own failure
+    error = {"message": exc.message, "type": kind, "code": exc.code, "param": None}
     if exc.deployment:
         error["deployment"] = exc.deployment
     return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

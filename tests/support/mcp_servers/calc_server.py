@@ -2,12 +2,14 @@
 
 Its tools cover what the client must handle: a plain result, a tool error, a slow call, non-text content,
 and a view of the server's own process (pid, environment) so tests can check isolation and clean-up.
+While the file named by CALC_DOWN_PATH exists, the server exits at start (a server that cannot come back).
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import sys
 from pathlib import Path
 
 import anyio
@@ -68,4 +70,6 @@ def whoami() -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    if os.environ.get("CALC_DOWN_PATH") and Path(os.environ["CALC_DOWN_PATH"]).exists():
+        sys.exit("calc server: told to stay down")
     server.run("stdio")

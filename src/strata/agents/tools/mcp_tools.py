@@ -5,13 +5,16 @@ same task, and a transport failure cancels the task that hosts them. So each con
 its own background task, which the engine's tasks never share: tools send requests to the session
 from the caller's task, and `close()` asks the host task to unwind, which closes the server's stdin
 and, if it lingers, kills its process group (the SDK's bounded shutdown).
+
+A connection is one session: once lost it stays lost. `mcp_supervisor.McpSupervisor` keeps a server
+connected by replacing lost connections, and hands out tools bound to itself rather than to one connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -39,6 +42,20 @@ class McpConnectError(Exception):
     """The server could not be started, reached or initialised; its tools are unavailable."""
 
 
+class McpNotConnected(ToolError):
+    """The call was not sent: the connection was already lost (or not yet made)."""
+
+
+class McpCaller(Protocol):
+    """What an `McpTool` calls through: one connection, or a supervisor that outlives connections."""
+
+    config: McpServerConfig
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], timeout_s: float, idempotency_key: str
+    ) -> ToolResult: ...
+
+
 class McpServerConnection:
     """One MCP server's session, hosted by a background task from `start()` to `close()`."""
 
@@ -62,6 +79,37 @@ class McpServerConnection:
         """False before `start()`, after `close()`, and once the transport has failed."""
         return self._client is not None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the connection failed or was lost, if it was."""
+        return describe(self._failure) if self._failure is not None else None
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the connection to end (lost or closed); True if it has."""
+        task = self._task
+        if task is None or task.done():
+            return True
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        return bool(done)
+
+    async def probe(self, timeout_s: float) -> None:
+        """Is the server still there? Raises (`TimeoutError` after `timeout_s`, or the transport's error) if not.
+
+        It asks for the tool list's first page: `ping` is gone from newer protocol versions. Any answer counts,
+        an MCP error too: the server is there to give it."""
+        client = self._client
+        if client is None:
+            raise ConnectionError(self.failure or "not connected")
+        try:
+            with anyio.fail_after(timeout_s):
+                await client.list_tools()
+        except MCPError as exc:
+            if exc.code == mcp_types.REQUEST_TIMEOUT:
+                raise TimeoutError(exc.message) from None
+            if exc.code == mcp_types.CONNECTION_CLOSED:
+                self._lost()
+                raise
+
     async def start(self) -> None:
         """Connect, initialise and list the tools. Raises `McpConnectError` (and cleans up) on failure."""
         if self._task is not None:
@@ -76,7 +124,7 @@ class McpServerConnection:
                 await self.close()
         if self._client is None:
             self._tools = []
-            reason = _describe(self._failure) if self._failure else f"no answer within {self._connect_timeout_s:g}s"
+            reason = describe(self._failure) if self._failure else f"no answer within {self._connect_timeout_s:g}s"
             raise McpConnectError(f"MCP server {self.name!r} did not start: {reason}")
         log.info("mcp server connected", server=self.name, tools=[tool.name for tool in self._tools])
 
@@ -95,8 +143,8 @@ class McpServerConnection:
         """Call MCP tool `tool` (its name on the server). Raises `ToolError` on timeout or a lost server."""
         client = self._client
         if client is None:
-            why = f" ({_describe(self._failure)})" if self._failure else ""
-            raise ToolError(f"MCP server {self.name!r} is not connected{why}")
+            why = f" ({describe(self._failure)})" if self._failure else ""
+            raise McpNotConnected(f"MCP server {self.name!r} is not connected{why}")
         meta: mcp_types.RequestParamsMeta = {IDEMPOTENCY_META_KEY: idempotency_key}
         inject(meta)  # type: ignore[arg-type]  # W3C trace context in `_meta` (MCP SEP-414): the tool call's span
         try:
@@ -112,8 +160,8 @@ class McpServerConnection:
                 raise ToolError(f"MCP server {self.name!r} closed the connection") from None
             raise ToolError(f"MCP server {self.name!r} rejected the call to {tool!r}: {exc.message}") from None
         except Exception as exc:  # a malformed result or a transport fault: the model sees it, the log keeps it
-            log.warning("mcp call failed", server=self.name, tool=tool, error=_describe(exc))
-            raise ToolError(f"MCP tool {tool!r} on server {self.name!r} failed: {_describe(exc)}") from None
+            log.warning("mcp call failed", server=self.name, tool=tool, error=describe(exc))
+            raise ToolError(f"MCP tool {tool!r} on server {self.name!r} failed: {describe(exc)}") from None
         return _to_result(result)
 
     async def close(self) -> None:
@@ -145,7 +193,7 @@ class McpServerConnection:
         except Exception as exc:
             self._failure = exc
             if ready.is_set():
-                log.warning("mcp server connection lost", server=self.name, error=_describe(exc))
+                log.warning("mcp server connection lost", server=self.name, error=describe(exc))
         finally:
             self._client = None
             ready.set()
@@ -172,18 +220,18 @@ class McpServerConnection:
 
 
 class McpTool(Tool):
-    """One MCP tool. The connection owns the server, so closing a tool releases nothing."""
+    """One MCP tool. The connection (or supervisor) owns the server, so closing a tool releases nothing."""
 
     kind = "extension"
 
-    def __init__(self, spec: ToolSpec, mcp_name: str, connection: McpServerConnection) -> None:
+    def __init__(self, spec: ToolSpec, mcp_name: str, caller: McpCaller) -> None:
         self.spec = spec
         self.mcp_name = mcp_name
-        self._connection = connection
+        self._caller = caller
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         timeout_s = min(context.timeout_s, self.spec.timeout_s)
-        return await self._connection.call(self.mcp_name, arguments, timeout_s, context.idempotency_key)
+        return await self._caller.call(self.mcp_name, arguments, timeout_s, context.idempotency_key)
 
 
 async def _list_tools(client: Client) -> list[mcp_types.Tool]:
@@ -198,7 +246,7 @@ async def _list_tools(client: Client) -> list[mcp_types.Tool]:
     return tools
 
 
-def _adapt_tools(connection: McpServerConnection, listed: list[mcp_types.Tool]) -> list[McpTool]:
+def _adapt_tools(connection: McpCaller, listed: list[mcp_types.Tool]) -> list[McpTool]:
     """Namespace each tool as `<server>__<tool>`; characters models reject become `_`."""
     config = connection.config
     adapted: dict[str, McpTool] = {}
@@ -248,10 +296,10 @@ def _decoded_size(base64_data: str) -> int:
     return len(base64_data) * 3 // 4 - base64_data[-2:].count("=")
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """The innermost errors of an exception group, as `Type: message`."""
     if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(inner) for inner in exc.exceptions)
+        return "; ".join(describe(inner) for inner in exc.exceptions)
     if isinstance(exc, MCPError):
         return exc.message
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

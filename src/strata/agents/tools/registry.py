@@ -16,7 +16,7 @@ from strata.compute.offload import CpuPool
 from strata.config import AgentConfig, ToolsConfig
 
 if TYPE_CHECKING:
-    from strata.agents.tools.mcp_tools import McpServerConnection
+    from strata.agents.tools.mcp_supervisor import McpSupervisor
 
 log = structlog.get_logger("strata.tools")
 
@@ -26,9 +26,29 @@ class ToolUnavailable(LookupError):
 
 
 class ToolRegistry:
-    def __init__(self, tools: list[Tool], mcp: list[McpServerConnection] | None = None) -> None:
+    """Built-in and function tools are fixed at start; MCP servers' tools are those their supervisors
+    know now (a server first reached after start-up brings its tools then)."""
+
+    def __init__(self, tools: list[Tool], mcp: list[McpSupervisor] | None = None) -> None:
         self._tools = {tool.name: tool for tool in tools}
         self._mcp = mcp or []
+
+    @property
+    def mcp_servers(self) -> list[McpSupervisor]:
+        return list(self._mcp)
+
+    def reconnect_mcp_servers(self) -> None:
+        """MCP servers that are down try again now instead of after their backoff."""
+        for supervisor in self._mcp:
+            supervisor.retry_now()
+
+    def _all(self) -> dict[str, Tool]:
+        if not self._mcp:
+            return self._tools
+        tools = dict(self._tools)
+        for supervisor in self._mcp:
+            tools.update((tool.name, tool) for tool in supervisor.tools())
+        return tools
 
     @classmethod
     async def from_config(cls, config: ToolsConfig, cpu: CpuPool) -> ToolRegistry:
@@ -54,37 +74,39 @@ class ToolRegistry:
                     requires_approval=function.requires_approval,
                 )
             )
-        connections: list[McpServerConnection] = []
+        supervisors: list[McpSupervisor] = []
         if config.mcp_servers:  # the MCP SDK is imported only when used: it is ~0.4 s of `strata serve` start-up
-            from strata.agents.tools.mcp_tools import McpConnectError, McpServerConnection
+            from strata.agents.tools.mcp_supervisor import McpSupervisor
         for server in config.mcp_servers:
-            connection = McpServerConnection(server)
-            try:
-                await connection.start()
-            except McpConnectError as exc:
-                # One broken server must not take the others (or Strata) down; its tools are missing
-                # and runs of agents that need them fail with that reason.
-                log.error("MCP server unavailable; its tools are disabled", server=server.name, error=str(exc))
-                continue
-            connections.append(connection)
-            tools.extend(connection.tools())
-        return cls(tools, connections)
+            # One broken server must not take the others (or Strata) down: one that cannot be reached now
+            # is retried in the background, and runs of agents that need its tools fail with the reason.
+            supervisor = McpSupervisor(server)
+            await supervisor.start()
+            supervisors.append(supervisor)
+        return cls(tools, supervisors)
 
     def get(self, name: str) -> Tool | None:
-        return self._tools.get(name)
+        return self._all().get(name)
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._tools)
+        return sorted(self._all())
 
     def for_agent(self, agent: AgentConfig) -> list[Tool]:
-        missing = [name for name in agent.tools if name not in self._tools]
+        tools = self._all()
+        missing = [name for name in agent.tools if name not in tools]
         if missing:
-            raise ToolUnavailable(f"agent {agent.name!r} needs tools that are not available: {', '.join(missing)}")
-        return [self._tools[name] for name in agent.tools]
+            down = [
+                f"MCP server {s.name!r} is {s.state.value}: {s.last_error}"
+                for s in self._mcp
+                if s.state.value != "ready" and any(name.startswith(f"{s.name}__") for name in missing)
+            ]
+            why = f" ({'; '.join(down)})" if down else ""
+            raise ToolUnavailable(f"agent {agent.name!r} needs tools that are not available: {', '.join(missing)}{why}")
+        return [tools[name] for name in agent.tools]
 
     async def close(self) -> None:
-        for connection in self._mcp:
-            await connection.close()
+        for supervisor in self._mcp:
+            await supervisor.close()
         for tool in self._tools.values():
             await tool.close()
