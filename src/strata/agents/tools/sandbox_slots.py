@@ -47,10 +47,6 @@ class CallSlots:
         finally:
             self._leave(run_id)
 
-    def running(self, run_id: str) -> int:
-        """Calls of `run_id` holding or waiting for a slot."""
-        return self._runs.get(run_id, (None, 0))[1]
-
     def _join(self, run_id: str) -> asyncio.Semaphore:
         slots, users = self._runs.get(run_id) or (asyncio.Semaphore(self.per_run), 0)
         self._runs[run_id] = (slots, users + 1)
