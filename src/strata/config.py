@@ -322,9 +322,24 @@ class PythonToolConfig(_Strict):
     enabled: bool = True
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     cpu_s: int = Field(default=5, ge=1, le=600)
-    memory_mb: int = Field(default=256, ge=16, le=65536)
-    max_processes: int = Field(default=16, ge=1, le=4096)
+    memory_mb: int = Field(
+        default=256, ge=16, le=65536, description="Memory of one call: all its processes and /tmp together."
+    )
+    max_processes: int = Field(default=16, ge=1, le=4096, description="Processes and threads of one call.")
     max_output_bytes: int = Field(default=64_000, ge=1, le=10_000_000)
+    cgroup: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description="A cgroup per call caps memory_mb (and max_processes) for the whole call. auto: when the "
+        "cgroup filesystem is writable, else per-process limits only; required: disable the tool without one; "
+        "off: per-process limits only.",
+    )
+    max_parallel: int = Field(default=4, ge=1, le=256, description="Calls one agent run may have running at once.")
+    max_parallel_total: int = Field(
+        default=8, ge=1, le=4096, description="Calls this process runs at once, all runs together."
+    )
+    queue_timeout_s: float = Field(
+        default=30.0, ge=0, le=600, description="How long a call over either bound waits for a slot before it fails."
+    )
 
 
 class ReadDocumentConfig(_Strict):

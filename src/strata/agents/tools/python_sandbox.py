@@ -12,6 +12,11 @@ of reach). So when Strata runs as root, root bwrap builds the mounts and keeps o
 CAP_SETGID, and the program drops to a fresh unprivileged host uid per run, which loses those too
 (bwrap also sets no_new_privs and mounts everything nosuid). The per-run uid gives each run its own
 process count. As any other user, bwrap runs unprivileged in a user namespace of its own.
+
+Per-process limits do not bound a call that forks, so each call also gets a cgroup capping the
+memory (and tasks) of all its processes together where the host allows one (sandbox_cgroup), a
+seccomp filter denying namespaces, mounts, ptrace and other kernel attack surface
+(sandbox_seccomp), and a slot among the calls that may run at once (sandbox_slots).
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import EllipsisType
 from typing import Any
 
+import structlog
+
 from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult, ToolRisk, ToolSpec
+from strata.agents.tools.sandbox_cgroup import CallGroup, Cgroups
+from strata.agents.tools.sandbox_seccomp import SeccompUnavailable, build_filter
+from strata.agents.tools.sandbox_slots import CallSlots, NoSlot
 from strata.config import PythonToolConfig
+
+log = structlog.get_logger("strata.tools")
 
 CODE_PATH = "/sandbox/main.py"  # what tracebacks show the model
 MAX_CODE_BYTES = 1_000_000
@@ -108,6 +120,8 @@ class _Outcome:
     stderr: bytes
     truncated: bool
     duration_s: float
+    oom_kills: int = 0  # processes the call's cgroup killed for memory
+    memory_peak_bytes: int | None = None  # the call's cgroup's peak, where the kernel reports it
 
 
 class _Capture:
@@ -211,18 +225,25 @@ class PythonSandboxTool(Tool):
         self._interpreter = os.path.realpath(sys.executable)
         self._running: set[_Sandbox] = set()
         self._uids_in_use: set[int] = set()
+        self._slots = CallSlots(config.max_parallel, config.max_parallel_total)
+        self._seccomp = b""
+        self.cgroups = Cgroups("rlimit", reason="disabled in the configuration (tools.python.cgroup: off)")
         self.unavailable_reason: str | None = self._check_available()
+        if self.unavailable_reason is None:
+            log.info("python sandbox ready", limits=self.cgroups.mode, why_not_cgroup=self.cgroups.reason)
+        memory = f"{config.memory_mb} MB memory " + ("in all" if self.cgroups.mode != "rlimit" else "per process")
         self.spec = ToolSpec(
             name="python",
             description=(
                 "Run a Python 3 program in an isolated sandbox and get its stdout, stderr and exit status. "
                 "No network; only /tmp is writable and it is emptied after every call. "
-                f"Limits: {config.timeout_s:g}s wall clock, {config.cpu_s}s CPU, {config.memory_mb} MB memory, "
+                f"Limits: {config.timeout_s:g}s wall clock, {config.cpu_s}s CPU, {memory}, "
                 f"{config.max_processes} processes or threads, {config.max_output_bytes} bytes of output. "
                 "Print the results you need."
             ),
             parameters=PARAMETERS,
-            timeout_s=config.timeout_s + KILL_GRACE_S,
+            # A call may first wait for a slot; the caller's timeout must not end it while it waits.
+            timeout_s=config.timeout_s + config.queue_timeout_s + KILL_GRACE_S,
             risk=ToolRisk.MEDIUM,
         )
 
@@ -238,6 +259,17 @@ class PythonSandboxTool(Tool):
             found = ".".join(map(str, version)) if version else "an unknown version"
             wanted = ".".join(map(str, MIN_BWRAP_VERSION))
             return f"the python tool is disabled: it needs bubblewrap {wanted} or newer, found {found}"
+        try:
+            self._seccomp = build_filter()
+        except SeccompUnavailable as error:
+            return f"the python tool is disabled: its seccomp filter needs libseccomp: {error}"
+        if self._config.cgroup != "off":
+            self.cgroups = Cgroups.detect()
+            if self.cgroups.mode == "rlimit" and self._config.cgroup == "required":
+                return (
+                    "the python tool is disabled: tools.python.cgroup is 'required' and no cgroup can be made "
+                    f"for its calls ({self.cgroups.reason})"
+                )
         return None
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
@@ -249,16 +281,28 @@ class PythonSandboxTool(Tool):
         source = code.encode("utf-8", errors="surrogatepass")
         if len(source) > MAX_CODE_BYTES:
             raise ToolError(f"the program is too long ({len(source)} bytes; at most {MAX_CODE_BYTES})")
-        wall_s = self._config.timeout_s
-        if context.timeout_s > 0:
-            wall_s = min(wall_s, context.timeout_s)
-        uid = self._claim_uid() if os.geteuid() == 0 else None
         try:
-            outcome = await self._run(source, wall_s, uid)
-        finally:
-            if uid is not None:
-                self._uids_in_use.discard(uid)
-        return self._result(outcome, wall_s)
+            async with self._slots.hold(context.run_id, self._config.queue_timeout_s) as waited_s:
+                wall_s = self._config.timeout_s
+                if context.timeout_s > 0:
+                    wall_s = min(wall_s, context.timeout_s - waited_s)
+                uid = self._claim_uid() if os.geteuid() == 0 else None
+                try:
+                    outcome = await self._run(source, wall_s, uid)
+                finally:
+                    if uid is not None:
+                        self._uids_in_use.discard(uid)
+        except NoSlot as full:
+            raise ToolError(self._busy(full)) from None
+        return self._result(outcome, wall_s, waited_s)
+
+    def _busy(self, full: NoSlot) -> str:
+        config = self._config
+        if full.bound == "run":
+            bound = f"this run already has {config.max_parallel} python calls running (tools.python.max_parallel)"
+        else:
+            bound = f"{config.max_parallel_total} python calls already run here (tools.python.max_parallel_total)"
+        return f"not run: {bound} and none finished within {config.queue_timeout_s:g}s; call it again later"
 
     async def close(self) -> None:
         for sandbox in list(self._running):
@@ -271,23 +315,47 @@ class PythonSandboxTool(Tool):
         return uid
 
     async def _run(self, source: bytes, wall_s: float, uid: int | None) -> _Outcome:
+        group = self._new_group()
+        try:
+            outcome = await self._start(source, wall_s, uid, group)
+            if group is not None:
+                outcome = replace(outcome, oom_kills=group.oom_kills(), memory_peak_bytes=group.peak_bytes())
+            return outcome
+        finally:
+            if group is not None:
+                await Cgroups.remove(group)
+
+    def _new_group(self) -> CallGroup | None:
+        if self.cgroups.mode == "rlimit":
+            return None
+        config = self._config
+        try:  # the group also holds bwrap and the sandbox's pid 1
+            return self.cgroups.create(config.memory_mb * _MIB, config.max_processes + 2)
+        except OSError as error:
+            raise ToolError(f"the python sandbox failed to start: cannot make its cgroup: {error}") from error
+
+    async def _start(self, source: bytes, wall_s: float, uid: int | None, group: CallGroup | None) -> _Outcome:
         code_fd = os.memfd_create("strata-python-code")
+        seccomp_fd = os.memfd_create("strata-python-seccomp")
         info_read, info_write = os.pipe()
         try:
             os.write(code_fd, source)
             os.lseek(code_fd, 0, os.SEEK_SET)
+            os.write(seccomp_fd, self._seccomp)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
             os.set_blocking(info_read, False)
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
-                *self.command(code_fd, info_write, uid),
+                *self.command(code_fd, info_write, uid, seccomp_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env={},
-                pass_fds=(code_fd, info_write),
+                pass_fds=(code_fd, info_write, seccomp_fd),
                 start_new_session=True,
+                preexec_fn=group.join if group is not None else None,  # born inside the call's cgroup
             )
-        except OSError as error:
+        except (OSError, subprocess.SubprocessError) as error:
             os.close(info_read)
             raise ToolError(f"the python sandbox failed to start: {error}") from error
         except BaseException:
@@ -295,6 +363,7 @@ class PythonSandboxTool(Tool):
             raise
         finally:
             os.close(code_fd)
+            os.close(seccomp_fd)
             os.close(info_write)
         sandbox = _Sandbox(process, info_read)
         self._running.add(sandbox)
@@ -339,8 +408,12 @@ class PythonSandboxTool(Tool):
             duration_s=time.monotonic() - started,
         )
 
-    def command(self, code_fd: int, info_fd: int, uid: int | None) -> list[str]:
-        """The bwrap command line. `uid`: the host uid to drop to when we are root, else None."""
+    def command(self, code_fd: int, info_fd: int, uid: int | None, seccomp_fd: int) -> list[str]:
+        """The bwrap command line. `uid`: the host uid to drop to when we are root, else None.
+
+        Root bwrap makes no user namespace, so `--disable-userns` cannot apply there; the seccomp
+        filter denies new namespaces in both cases.
+        """
         assert self._bwrap is not None
         config = self._config
         if uid is None:  # unprivileged bwrap: a user namespace of its own, no nested ones
@@ -356,6 +429,7 @@ class PythonSandboxTool(Tool):
             *identity,
             *("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"),
             *("--hostname", "sandbox", "--as-pid-1", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)),
+            *("--seccomp", str(seccomp_fd)),
             *("--clearenv", "--setenv", "PATH", f"{os.path.dirname(self._interpreter)}:/usr/bin:/bin"),
             *("--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp"),
             *("--ro-bind", "/usr", "/usr"),
@@ -371,7 +445,7 @@ class PythonSandboxTool(Tool):
             *(str(-1 if uid is None else uid), str(config.cpu_s), memory, str(processes), memory, CODE_PATH),
         ]
 
-    def _result(self, outcome: _Outcome, wall_s: float) -> ToolResult:
+    def _result(self, outcome: _Outcome, wall_s: float, waited_s: float) -> ToolResult:
         status, failed = self._status(outcome, wall_s)
         parts = [status]
         if outcome.stdout:
@@ -382,11 +456,17 @@ class PythonSandboxTool(Tool):
             parts.append("(no output)")
         if outcome.truncated:
             parts.append(f"[output truncated: more than {self._config.max_output_bytes} bytes]")
+        if outcome.oom_kills and self._memory_exceeded() not in status:
+            parts.append(f"[{outcome.oom_kills} process(es) killed: {self._memory_exceeded()}]")
         metadata = {
             "exit_code": outcome.exit_code,
             "stopped_for": outcome.stopped_for,
             "truncated": outcome.truncated,
             "duration_s": round(outcome.duration_s, 3),
+            "waited_s": round(waited_s, 3),
+            "limits": self.cgroups.mode,  # cgroup2/cgroup1: memory capped for the whole call; rlimit: per process
+            "oom_kills": outcome.oom_kills,
+            "memory_peak_bytes": outcome.memory_peak_bytes,
         }
         return ToolResult(content="\n".join(parts), is_error=failed, metadata=metadata)
 
@@ -407,7 +487,7 @@ class PythonSandboxTool(Tool):
             # bwrap reports a program killed by signal N as exit status 128 + N.
             reason = {
                 "SIGXCPU": f"exceeded the CPU time limit ({config.cpu_s}s)",
-                "SIGKILL": "a resource limit was exceeded",
+                "SIGKILL": self._memory_exceeded() if outcome.oom_kills else "a resource limit was exceeded",
                 "SIGXFSZ": f"exceeded the file size limit ({config.memory_mb} MB)",
             }.get(name)
             return (f"killed: {reason} [{name}]" if reason else f"killed by {name}"), True
@@ -416,6 +496,9 @@ class PythonSandboxTool(Tool):
             if marker in last_line:
                 return f"exit status {code}: " + hint.format(**config.model_dump()), True
         return f"exit status {code}", True
+
+    def _memory_exceeded(self) -> str:
+        return f"the call's processes and /tmp together exceeded its memory limit ({self._config.memory_mb} MB)"
 
 
 async def _readable(fd: int) -> None:
