@@ -197,18 +197,19 @@ async def test_a_retry_waiting_through_a_hot_swap_goes_to_the_new_version(tmp_pa
         try:
             async with httpx.AsyncClient(timeout=60, headers=strata.headers) as client:
                 url = f"{strata.base_url}/chat/completions"
-                waiting = [asyncio.create_task(client.post(url, json=BODY)) for _ in range(5)]
+                # Four: fewer than the failures in a row that would open the breaker at this low traffic.
+                waiting = [asyncio.create_task(client.post(url, json=BODY)) for _ in range(4)]
                 deadline = time.monotonic() + 10
-                while old.chat_attempts < 5 and time.monotonic() < deadline:
+                while old.chat_attempts < 4 and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
-                assert old.chat_attempts >= 5
+                assert old.chat_attempts >= 4
                 # The new version comes in while they wait; the old one drains at once (nothing in flight).
                 deployed = await client.post(
                     f"{strata.url}/admin/models/llm/deploy", json={"kind": "openai", "base_url": new.url}
                 )
                 assert deployed.status_code == 200, deployed.text
                 responses = await asyncio.gather(*waiting)
-            assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+            assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
             assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {"new version"}
         finally:
             strata.stop()

@@ -171,8 +171,7 @@ class Dispatcher:
             if wait > 0:
                 # It asked this request to come back later, and no other deployment can take it now.
                 if wait > pool.retry.retry_after_cap_s or wait >= remaining:
-                    assert isinstance(last, ServingError)
-                    raise last  # too long to hold the client: it gets the backend's answer and Retry-After
+                    raise _nothing_left(model, last, pool)  # too long to hold the client: it gets the Retry-After
                 await asyncio.sleep(wait)
                 tried.discard(deployment.name)
                 continue  # pick again: another deployment may have come back meanwhile
@@ -212,6 +211,9 @@ class Dispatcher:
                 if retry_after:
                     deployment.pause(retry_after)  # other requests try the other deployments first, too
                     asked_to_wait[deployment.name] = time.monotonic() + retry_after
+                    too_long = retry_after > min(pool.retry.retry_after_cap_s, deadline - time.monotonic())
+                    if too_long and pool.pick(exclude={deployment.name}, panic=panic) is None:
+                        raise  # nobody else to ask, and too long to hold the client: it gets the Retry-After
                 if not pool.retry.should_retry(attempt):
                     raise
                 pool.stats.retries += 1
