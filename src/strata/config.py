@@ -69,32 +69,96 @@ class TimeoutsConfig(_Strict):
     total_s: float = Field(default=600.0, gt=0, le=86400, description="Whole non-streaming request.")
 
 
+# A 500 answer whose error message matches one of these was caused by the request, not by the backend.
+DEFAULT_CLIENT_ERROR_PATTERNS = (
+    r"^$",  # llama-cpp-python answers a failed `assert` on the input (e.g. tool_choice "required") this way
+    r"AssertionError",
+    r"validation error",  # pydantic: "1 validation error for ..."
+    r"not found in tools",  # llama-cpp-python: tool_choice names a tool the request does not offer
+    r"unsupported role",
+    r"not supported",  # llama-cpp-python: logprobs, vision, streaming with automatic tool choice
+    r"exceeds? (the )?(context window|context length|batch size)",
+)
+
+
 class RetryConfig(_Strict):
     """Retries of retryable failures (connect errors, 429, 5xx, timeouts before the first byte)."""
 
     max_attempts: int = Field(default=3, ge=1, le=10, description="Attempts in all, the first included.")
     backoff_initial_s: float = Field(default=0.1, gt=0, le=60)
-    backoff_max_s: float = Field(default=5.0, gt=0, le=600)
+    backoff_max_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Longest backoff, and the longest upstream Retry-After waited out when no other deployment "
+        "can take the request (a longer one is passed on to the client).",
+    )
     budget_ratio: float = Field(
-        default=0.2, ge=0, le=1, description="Retries may add at most this fraction of the requests in the window."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Retries may add at most this fraction of the requests in the window. 0.5 lets 3 attempts "
+        "absorb replicas failing a third of their requests, and caps a total outage at 1.5x the load.",
     )
     budget_window_s: float = Field(default=10.0, gt=0, le=3600)
     budget_min_per_s: float = Field(
         default=1.0, ge=0, le=10_000, description="Retries always allowed per second, whatever the ratio."
     )
+    client_error_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CLIENT_ERROR_PATTERNS),
+        description="Regular expressions (case-insensitive, searched in the backend's error message): a 500 "
+        "answer that matches one was caused by the request, so it is answered 400 with the backend's message, "
+        "never retried and not counted by the breaker. A 4xx answer is always the request's fault.",
+    )
+
+    @field_validator("client_error_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
 
 class BreakerConfig(_Strict):
-    """A circuit breaker per deployment: open after consecutive failures or a failure rate."""
+    """A circuit breaker per deployment, tripped by its failure rate, plus the model's panic threshold."""
 
-    consecutive_failures: int = Field(default=5, ge=1, le=10_000)
-    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    failure_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Opens when this share of the requests in window_s failed, once min_requests were seen; "
+        "also the share of failed half-open probes that re-opens it.",
+    )
     min_requests: int = Field(
         default=20, ge=1, le=1_000_000, description="Requests in the window before the rate counts."
     )
-    window_s: float = Field(default=30.0, gt=0, le=3600)
-    open_s: float = Field(default=10.0, gt=0, le=3600, description="How long it stays open before a probe.")
-    half_open_probes: int = Field(default=1, ge=1, le=1000, description="Requests let through at once when half-open.")
+    window_s: float = Field(default=10.0, gt=0, le=3600, description="The sliding window of the failure rate.")
+    consecutive_failures: int = Field(
+        default=5,
+        ge=1,
+        le=10_000,
+        description="At low traffic only (fewer than min_requests in the window): this many failures in a row open it.",
+    )
+    open_s: float = Field(default=5.0, gt=0, le=3600, description="How long it stays open before probes.")
+    half_open_probes: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Probe requests after open_s, at most this many at once. It closes or re-opens on their "
+        "failure rate: re-opens after ceil(failure_rate * half_open_probes) failed probes, closes after the "
+        "rest succeeded.",
+    )
+    panic_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="When fewer than this share of a model's deployments have a closed breaker, requests go "
+        "to all of them again, open ones included (Envoy's panic mode), so breakers never shut a model out "
+        "altogether. Not for a model with fallbacks (it fails over to them instead). 0: never.",
+    )
 
 
 class AdmissionConfig(_Strict):

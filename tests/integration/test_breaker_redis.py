@@ -16,7 +16,14 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from strata.config import BreakerConfig
-from strata.resilience.breaker import BreakerState, CircuitBreaker, ProbeClaim, RedisBreakerStore, SharedState
+from strata.resilience.breaker import (
+    BreakerState,
+    CircuitBreaker,
+    ProbeClaim,
+    ProbeVerdict,
+    RedisBreakerStore,
+    SharedState,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 OPEN_S = 0.4
@@ -191,9 +198,10 @@ async def test_redis_store_transitions_are_atomic_and_tokened(replicas: tuple[Re
     assert again.trip == "t1", "an open breaker is not re-tripped by another replica"
     assert 0 < again.open_remaining_s <= 30.0
     assert (await two.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.OPEN
-    await two.close("dep", "stale-trip")
-    assert (await one.read("dep")).trip == "t1", "a close for an older trip is ignored"
-    await two.close("dep", "t1")
+    close = ProbeVerdict(True, close_after=1, reopen_after=1, reopen_token="never", open_s=30.0)
+    assert (await two.probe_verdict("dep", "stale-trip", close)).trip == "t1", "an older trip's verdict is ignored"
+    assert (await one.read("dep")).trip == "t1"
+    assert await two.probe_verdict("dep", "t1", close) == SharedState()
     assert await one.read("dep") == SharedState()
     # Half-open right away (a 1 ms open period), then one probe slot in all.
     await one.trip("dep", "t3", 0.001)
@@ -206,3 +214,39 @@ async def test_redis_store_transitions_are_atomic_and_tokened(replicas: tuple[Re
     assert (await two.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.FULL, "a release for an older trip is ignored"
     await one.release_probe("dep", "t3")
     assert (await two.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.GRANTED
+
+
+async def test_redis_store_counts_probe_verdicts_of_both_replicas(replicas: tuple[RedisBreakerStore, ...]) -> None:
+    one, two = replicas
+
+    def verdict(ok: bool) -> ProbeVerdict:
+        return ProbeVerdict(ok, close_after=3, reopen_after=3, reopen_token="t2", open_s=30.0)
+
+    await one.trip("dep", "t1", 0.001)
+    await asyncio.sleep(0.01)
+    for store in (one, two, one, two, one):
+        assert (await store.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.GRANTED
+    assert (await two.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.FULL
+    for store, ok in ((one, False), (two, True), (two, False), (one, True)):
+        assert (await store.probe_verdict("dep", "t1", verdict(ok))).trip == "t1"
+    assert (await two.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.GRANTED, "verdicts free their slots"
+    reopened = await one.probe_verdict("dep", "t1", verdict(False))  # the third failure, of two replicas
+    assert reopened.trip == "t2" and 0 < reopened.open_remaining_s <= 30.0
+    assert (await two.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.OPEN
+    assert (await two.probe_verdict("dep", "t1", verdict(True))).trip == "t2", "a late verdict of t1 changes nothing"
+
+
+async def test_several_probes_close_it_for_both_replicas(replicas: tuple[RedisBreakerStore, ...]) -> None:
+    a, b = pair(replicas, half_open_probes=4, failure_rate=0.5)
+    await fail(a, 3)
+    await wait_half_open(a, b)
+    assert [await a.allow() for _ in range(2)] == [True, True]
+    assert [await b.allow() for _ in range(3)] == [True, True, False], "four probes in all"
+    await a.record_failure()  # ceil(0.5 * 4) = 2 failures re-open it; so 3 successes close it
+    await b.record_success()
+    await a.record_success()
+    assert (await b.snapshot()).state is BreakerState.HALF_OPEN
+    await b.record_success()
+    assert b.state is BreakerState.CLOSED
+    assert await a.allow()
+    assert a.state is BreakerState.CLOSED

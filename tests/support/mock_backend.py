@@ -3,6 +3,9 @@
 Each request takes the next scripted `Reply` (or the default one): fixed text or tool calls,
 chunked streaming with chosen inter-chunk delays, latency, error statuses with `Retry-After`, hangs,
 connection resets before the headers or mid-stream, and streams cut off without `[DONE]`.
+Faults for chaos tests come before the script: `when({...}, reply)` answers requests whose body has
+those values (a request-caused error, e.g. `llama_cpp_assertion()` for `tool_choice: "required"`),
+and `error_rate` fails a seeded share of the rest (with `error_status` and `error_retry_after`).
 
 In-process (tests): `with MockBackend() as mock: mock.script(Reply(...)); ... mock.requests`.
 Separate process (benchmarks): `python -m tests.support.mock_backend --port 9100`, scripted over
@@ -50,6 +53,7 @@ class Reply:
     status: int = 200
     error_message: str = "mock failure"
     error_param: str | None = None
+    error_body: dict[str, Any] | None = None  # answered as it is instead of the mock's own error shape
     retry_after: str | None = None
     latency_s: float = 0.0  # before the response headers
     chunks: int | None = None  # streaming: split the content into this many chunks (default: per word)
@@ -85,6 +89,8 @@ class MockBackend:
         # Fault knobs for chaos tests, applied before the script: a seeded share of requests fail.
         self.error_rate = 0.0
         self.error_status = 500
+        self.error_retry_after: str | None = None
+        self.rules: list[tuple[dict[str, Any], Reply]] = []  # (body values to match, what to answer)
         self._rng = random.Random(1234)
         self.chat_attempts = 0  # every chat request that reached the mock, failed or not
         self._script: deque[Reply] = deque()
@@ -100,6 +106,11 @@ class MockBackend:
         with self._lock:
             self._script.extend(replies)
 
+    def when(self, match: dict[str, Any], reply: Reply) -> None:
+        """Answer `reply` to every request whose body has these values, whatever else is scripted."""
+        with self._lock:
+            self.rules.append((match, reply))
+
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
@@ -108,10 +119,19 @@ class MockBackend:
             self.disconnects = 0
             self.completed_streams = 0
             self.error_rate = 0.0
+            self.error_retry_after = None
+            self.rules.clear()
             self.chat_attempts = 0
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, body: dict[str, Any]) -> Reply:
         with self._lock:
+            for match, reply in self.rules:
+                if all(body.get(key) == value for key, value in match.items()):
+                    return reply
+            if self.error_rate and self._rng.random() < self.error_rate:
+                return Reply(
+                    status=self.error_status, error_message="injected fault", retry_after=self.error_retry_after
+                )
             return self._script.popleft() if self._script else self.default
 
     @property
@@ -221,9 +241,7 @@ class MockBackend:
         self.chat_attempts += 1
         if not self._authorised(request):
             return _error(401, "invalid api key")
-        if self.error_rate and self._rng.random() < self.error_rate:
-            return _error(self.error_status, "injected fault")
-        reply = self._next_reply()
+        reply = self._next_reply(body)
         self.in_flight += 1
         try:
             return await self._answer(request, body, reply)
@@ -243,6 +261,8 @@ class MockBackend:
             return web.Response()
         if reply.status >= 400:
             headers = {"Retry-After": reply.retry_after} if reply.retry_after else None
+            if reply.error_body is not None:
+                return web.json_response(reply.error_body, status=reply.status, headers=headers)
             return _error(reply.status, reply.error_message, reply.error_param, headers)
         messages = body.get("messages") or [{}]
         if reply.answer_after_tool is not None and messages[-1].get("role") == "tool":
@@ -320,6 +340,24 @@ class MockBackend:
 
     async def _control_requests(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps([asdict(r) for r in self.requests]), content_type="application/json")
+
+
+def llama_cpp_assertion() -> Reply:
+    """What llama-cpp-python's server (0.3.x) answers when an `assert` on the input fails, e.g. its
+    chatml-function-calling handler given `tool_choice: "required"`: 500, and str(AssertionError()) is ""."""
+    body = {"error": {"message": "", "type": "internal_server_error", "param": None, "code": None}}
+    return Reply(status=500, error_body=body)
+
+
+def llama_cpp_value_error(message: str) -> Reply:
+    """llama-cpp-python's answer to a ValueError on the input, e.g. "Tool with name 'g' not found in tools"."""
+    error = {"message": message, "type": "internal_server_error", "param": None, "code": None}
+    return Reply(status=500, error_body={"error": error})
+
+
+def fastapi_validation_error(loc: list[str | int], msg: str) -> Reply:
+    """A FastAPI server's 422 for a body that fails its schema (vLLM, TGI and many proxies are FastAPI)."""
+    return Reply(status=422, error_body={"detail": [{"type": "value_error", "loc": ["body", *loc], "msg": msg}]})
 
 
 def _abort(request: web.Request) -> None:

@@ -105,7 +105,7 @@ def exported_registry() -> CollectorRegistry:
         admission=SimpleNamespace(in_flight=1, queued=0),
         breaker=SimpleNamespace(state=BreakerState.CLOSED),
     )
-    pool = SimpleNamespace(stats=PoolStats(), budget=SimpleNamespace(refused=0))
+    pool = SimpleNamespace(stats=PoolStats(), budget=SimpleNamespace(refused=0), panicking=False)
     router = SimpleNamespace(deployments=[deployment], models=["m"], is_model=lambda _: True, pool=lambda _: pool)
     registry.register(ServingCollector(router))  # type: ignore[arg-type]
     gpu = GpuInfo(0, "GPU-0", "NVIDIA H100", 80 << 30, 1 << 30, 50, 40, 300.0, 700.0)

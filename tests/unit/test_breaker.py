@@ -13,6 +13,7 @@ from strata.resilience.breaker import (
     CircuitBreaker,
     MemoryBreakerStore,
     ProbeClaim,
+    ProbeVerdict,
     SharedState,
 )
 
@@ -320,7 +321,175 @@ async def test_memory_store_claims_are_atomic_and_tokened() -> None:
     assert (await store.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.FULL
     clock.advance(10.0)  # the probe's holder vanished: its lease expires
     assert (await store.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.GRANTED
-    await store.close("dep", "stale-trip")
-    assert (await store.read("dep")).trip == "t1", "a close for an older trip is ignored"
-    await store.close("dep", "t1")
+    success = ProbeVerdict(True, close_after=1, reopen_after=1, reopen_token="t3", open_s=5.0)
+    assert (await store.probe_verdict("dep", "stale-trip", success)).trip == "t1", "an older trip's verdict is ignored"
+    assert (await store.claim_probe("dep", 1, 10.0))[0] is ProbeClaim.FULL, "... and frees no slot"
+    assert await store.probe_verdict("dep", "t1", success) == SharedState()
     assert await store.read("dep") == SharedState()
+
+
+async def test_memory_store_counts_verdicts_of_one_open_period_to_a_decision() -> None:
+    clock = FakeClock()
+    store = MemoryBreakerStore(clock)
+    await store.trip("dep", "t1", 5.0)
+    clock.advance(5.0)
+
+    def verdict(ok: bool) -> ProbeVerdict:
+        return ProbeVerdict(ok, close_after=3, reopen_after=3, reopen_token="t2", open_s=7.0)
+
+    for _ in range(5):
+        assert (await store.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.GRANTED
+    for ok in (False, True, False, True):
+        assert await store.probe_verdict("dep", "t1", verdict(ok)) == SharedState("t1", 0.0)
+    assert (await store.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.GRANTED, "each verdict freed its slot"
+    assert await store.probe_verdict("dep", "t1", verdict(False)) == SharedState("t2", 7.0), "3rd failure"
+    assert (await store.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.OPEN
+    clock.advance(7.0)
+    assert (await store.claim_probe("dep", 5, 10.0))[0] is ProbeClaim.GRANTED, "the new period counts afresh"
+    for _ in range(2):
+        assert (await store.probe_verdict("dep", "t2", verdict(True))).trip == "t2"
+    assert await store.probe_verdict("dep", "t2", verdict(True)) == SharedState()
+
+
+# -- the failure rate, not a run of bad luck, trips it at traffic; probes decide by their rate ---------------
+
+
+async def test_a_run_of_failures_at_traffic_does_not_trip_it_below_the_failure_rate() -> None:
+    clock = FakeClock()
+    b = breaker(clock, consecutive_failures=3, min_requests=10, failure_rate=0.5)
+    upstream = Upstream()
+    for _ in range(10):
+        assert await upstream.call(b, True)
+    for _ in range(9):  # nine in a row: 9 of 19 is still below half
+        assert await upstream.call(b, False)
+    assert b.state is BreakerState.CLOSED
+    assert await upstream.call(b, False)  # 10 of 20
+    assert b.state is BreakerState.OPEN
+
+
+async def test_a_replica_failing_30_percent_under_load_stays_closed() -> None:
+    clock = FakeClock()
+    b = breaker(clock, consecutive_failures=5, min_requests=20, failure_rate=0.5, window_s=10.0)
+    upstream = Upstream()
+    # 170 requests a second for a minute, failing in runs of six out of every twenty: 30%.
+    for i in range(170 * 60):
+        clock.advance(1 / 170)
+        assert await upstream.call(b, i < 20 or i % 20 >= 6)
+    assert b.state is BreakerState.CLOSED
+    snapshot = await b.snapshot()
+    assert 0.25 < snapshot.window_failures / snapshot.window_requests < 0.35
+
+
+async def test_a_run_of_failures_trips_it_only_at_low_traffic() -> None:
+    clock = FakeClock()
+    b = breaker(clock, consecutive_failures=3, min_requests=10, failure_rate=0.5, window_s=10.0)
+    upstream = Upstream()
+    for _ in range(10):
+        assert await upstream.call(b, True)
+    for _ in range(3):
+        assert await upstream.call(b, False)
+    assert b.state is BreakerState.CLOSED, "at traffic the rate decides: 3 of 13"
+    clock.advance(11.0)  # the traffic is gone from the window: low traffic again, runs count
+    assert await upstream.call(b, True)
+    for _ in range(2):
+        assert await upstream.call(b, False)
+    assert b.state is BreakerState.CLOSED
+    assert await upstream.call(b, False)
+    assert b.state is BreakerState.OPEN
+
+
+async def test_half_open_lets_several_probes_through_and_closes_on_their_successes() -> None:
+    clock = FakeClock()
+    b = breaker(clock, half_open_probes=5, failure_rate=0.5, open_s=5.0)
+    await trip(b)
+    clock.advance(5.0)
+    assert [await b.allow() for _ in range(6)] == [True] * 5 + [False]
+    # ceil(0.5 * 5) = 3 failed probes would re-open it; so 3 successful ones close it.
+    for ok in (True, False, True):
+        await (b.record_success() if ok else b.record_failure())
+    assert b.state is BreakerState.HALF_OPEN
+    assert await b.allow(), "a slot freed by a verdict takes the next probe"
+    await b.record_success()
+    assert b.state is BreakerState.CLOSED
+    assert all([await b.allow() for _ in range(20)])
+
+
+async def test_one_failed_probe_does_not_re_open_a_backend_that_mostly_works() -> None:
+    clock = FakeClock()
+    b = breaker(clock, half_open_probes=5, failure_rate=0.5)
+    await trip(b)
+    clock.advance(5.0)
+    upstream = Upstream()
+    for ok in (False, True, False, True, True):
+        assert await upstream.call(b, ok)
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_probes_failing_at_the_failure_rate_re_open_it_for_another_period() -> None:
+    clock = FakeClock()
+    b = breaker(clock, half_open_probes=5, failure_rate=0.5, open_s=5.0)
+    await trip(b)
+    clock.advance(5.0)
+    upstream = Upstream()
+    for ok in (False, True, False, True, False):
+        assert await upstream.call(b, ok)
+    assert b.state is BreakerState.OPEN
+    assert b.retry_in_s == 5.0
+    assert not await upstream.call(b, True)
+    clock.advance(5.0)
+    # The new period starts its count afresh: three successes close it.
+    for _ in range(3):
+        assert await upstream.call(b, True)
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_retry_in_s_says_when_the_next_probe_is_due() -> None:
+    clock = FakeClock()
+    b = breaker(clock, half_open_probes=2, open_s=5.0)
+    assert b.retry_in_s == 0.0
+    await trip(b)
+    assert b.retry_in_s == 5.0
+    clock.advance(3.5)
+    assert abs(b.retry_in_s - 1.5) < 1e-9
+    clock.advance(1.5)
+    assert b.retry_in_s == 0.0, "half-open with a free probe slot: now"
+    assert await b.allow() and await b.allow()
+    assert 0 < b.retry_in_s <= 1.0, "every slot taken: shortly"
+    assert (await b.snapshot()).retry_in_s == b.retry_in_s
+
+
+async def test_probes_of_two_replicas_add_up_to_one_decision() -> None:
+    clock = FakeClock()
+    store = MemoryBreakerStore(clock)
+    a = CircuitBreaker("dep", config(half_open_probes=5), store, clock, sync_interval_s=0.5)
+    b = CircuitBreaker("dep", config(half_open_probes=5), store, clock, sync_interval_s=0.5)
+    await trip(a)
+    clock.advance(5.0)
+    assert [await a.allow() for _ in range(3)] == [True] * 3
+    assert [await b.allow() for _ in range(3)] == [True, True, False], "five probes in all"
+    await a.record_success()
+    await b.record_success()
+    assert a.state is BreakerState.HALF_OPEN
+    await a.record_success()  # the third success, of two replicas
+    assert a.state is BreakerState.CLOSED
+    clock.advance(0.5)
+    assert await b.allow()
+    assert b.state is BreakerState.CLOSED
+    await b.record_failure()  # its last probe's late verdict: a failure of the closed breaker now
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_with_the_store_down_this_replicas_probes_decide() -> None:
+    clock = FakeClock()
+    store = FlakyStore(MemoryBreakerStore(clock))
+    b = CircuitBreaker("dep", config(half_open_probes=3, failure_rate=0.5), store, clock, sync_interval_s=0.1)
+    await trip(b)
+    store.down = True
+    clock.advance(5.0)
+    upstream = Upstream()
+    for ok in (False, True):
+        assert await upstream.call(b, ok)
+    assert b.state is BreakerState.HALF_OPEN
+    assert await upstream.call(b, False)  # ceil(0.5 * 3) = 2 failures
+    assert b.state is BreakerState.OPEN
+    assert not (await b.snapshot()).store_ok

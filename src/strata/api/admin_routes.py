@@ -42,12 +42,16 @@ async def list_deployments(request: Request) -> Response:
                 "state": deployment.state,
                 "in_flight": deployment.admission.in_flight,
                 "queued": deployment.admission.queued,
+                # Too few of the model's breakers are closed: every deployment takes requests, open ones too.
+                "panic": state.router.pool(deployment.model).panicking,
+                "paused_s": round(deployment.paused_for_s, 3),  # what is left of the Retry-After it gave
                 "breaker": {
                     "state": breaker.state.value,
                     "consecutive_failures": breaker.consecutive_failures,
                     "window_failures": breaker.window_failures,
                     "window_requests": breaker.window_requests,
                     "retry_in_s": round(breaker.retry_in_s, 3),
+                    "probes_in_flight": breaker.probes_in_flight,
                     "shared_store_ok": breaker.store_ok,
                 },
             }

@@ -49,6 +49,17 @@ class ServingCollector(Collector):
         circuit_open = CounterMetricFamily(
             "strata_circuit_open_rejections", "Requests refused with 503: every breaker open.", labels=["model"]
         )
+        panic = GaugeMetricFamily(
+            "strata_model_panic",
+            "1 while too few of the model's breakers are closed (breaker.panic_threshold): every deployment "
+            "takes requests, open ones too.",
+            labels=["model"],
+        )
+        panic_attempts = CounterMetricFamily(
+            "strata_panic_attempts",
+            "Attempts sent to a deployment whose breaker refused, because the model was in panic.",
+            labels=["model"],
+        )
         for name in self._router.models:
             if not self._router.is_model(name):
                 continue
@@ -58,4 +69,6 @@ class ServingCollector(Collector):
             fallbacks.add_metric([name], pool.stats.fallbacks)
             overloaded.add_metric([name], pool.stats.overloaded)
             circuit_open.add_metric([name], pool.stats.circuit_open)
-        yield from (retries, refused, fallbacks, overloaded, circuit_open)
+            panic.add_metric([name], 1.0 if pool.panicking else 0.0)
+            panic_attempts.add_metric([name], pool.stats.panic)
+        yield from (retries, refused, fallbacks, overloaded, circuit_open, panic, panic_attempts)

@@ -1,15 +1,20 @@
 """Circuit breaker per deployment: stop calling a backend that keeps failing, probe it, then recover.
 
-CLOSED -> OPEN after `consecutive_failures` failures in a row, or a failure rate of at least `failure_rate`
-over the last `window_s` once `min_requests` were seen. OPEN refuses at once for `open_s`; then HALF_OPEN
-lets `half_open_probes` requests through at a time: a probe success closes it, a probe failure re-opens it.
+CLOSED -> OPEN on a failure rate of at least `failure_rate` over the last `window_s`, once `min_requests`
+were seen there. A breaker never trips on a short run of bad luck at high traffic: `consecutive_failures`
+failures in a row count only while the window holds fewer than `min_requests` (low traffic, where a rate
+means nothing). OPEN refuses at once for `open_s`; then HALF_OPEN lets up to `half_open_probes` probe
+requests through at a time and judges them like the window: `ceil(failure_rate * half_open_probes)` failed
+probes re-open it, the rest succeeding closes it. So a recovered backend closes after a few quick probes,
+and one unlucky probe of a backend that is mostly well does not keep it open for another period.
 
 Sharing across replicas (the consistency model). Each replica counts its own outcomes in memory, so the
 hot path (allow/record on a closed breaker) does no I/O. Only transitions go through a `BreakerStore`:
 the trip (with how long it stays open), probe slots while half-open, and the close. Replicas read the
 shared state at most every `sync_interval_s` (and on every `snapshot()`), so a breaker one replica opens
 refuses on the others within that interval. Probe slots are claimed atomically in the store, so
-`half_open_probes` bounds probes across all replicas. Failure counts are not shared: each replica trips on
+`half_open_probes` bounds probes across all replicas, and probe verdicts are counted there, so every
+replica's probes add up to one decision. Failure counts of the closed breaker are not shared: each replica trips on
 what it sees, and the first trip opens the breaker for all. Open periods travel as remaining time (Redis
 TTLs), never as timestamps, so replicas' clocks need not agree. If the store fails, the breaker keeps
 working on local state and warns once; a trip made meanwhile is published when the store is back.
@@ -18,6 +23,7 @@ working on local state and warns once; a trip made meanwhile is published when t
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,6 +44,7 @@ Clock = Callable[[], float]
 
 # A tripped breaker nobody probes for this long is forgotten (closed): no state lingers for removed deployments.
 FORGET_AFTER_S = 3600.0
+_EPSILON = 1e-9  # so that 0.5 * 10 failures is 5, not 5.000000001, despite float rounding
 
 
 class BreakerState(StrEnum):
@@ -57,7 +64,7 @@ class BreakerSnapshot:
     window_requests: int
     probes_in_flight: int  # held by this replica
     opened_at: float | None  # on the breaker's clock; estimated for a trip made by another replica
-    retry_in_s: float  # until the next probe is allowed; 0 when closed or half-open
+    retry_in_s: float  # until the next probe is allowed; 0 when closed, or half-open with a free slot
     store_ok: bool  # False while the shared store is unreachable and the breaker runs on local state
 
 
@@ -95,9 +102,22 @@ class BreakerStore(Protocol):
 
     async def release_probe(self, name: str, trip: str) -> None: ...
 
-    async def close(self, name: str, trip: str) -> None:
-        """Close, unless a newer trip than `trip` has happened since."""
+    async def probe_verdict(self, name: str, trip: str, verdict: ProbeVerdict) -> SharedState:
+        """Count one probe's outcome for open period `trip` and free its slot; close or re-open on the count.
+
+        A verdict for an older open period than the current one changes nothing."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeVerdict:
+    """One half-open probe's outcome, and what the counts must reach to decide."""
+
+    ok: bool
+    close_after: int  # successful probes that close it
+    reopen_after: int  # failed probes that re-open it ...
+    reopen_token: str  # ... as this new open period
+    open_s: float
 
 
 @dataclass(slots=True)
@@ -107,6 +127,8 @@ class _Entry:
     forget_at: float
     probes: int = 0
     probes_until: float = 0.0
+    successes: int = 0
+    failures: int = 0
 
 
 class MemoryBreakerStore:
@@ -158,16 +180,30 @@ class MemoryBreakerStore:
         if entry is not None and entry.trip == trip and entry.probes > 0:
             entry.probes -= 1
 
-    async def close(self, name: str, trip: str) -> None:
-        entry = self._entry(name, self._clock())
-        if entry is not None and entry.trip == trip:
-            del self._entries[name]
+    async def probe_verdict(self, name: str, trip: str, verdict: ProbeVerdict) -> SharedState:
+        now = self._clock()
+        entry = self._entry(name, now)
+        if entry is None or entry.trip != trip:
+            return self._view(entry, now)
+        entry.probes = max(0, entry.probes - 1)
+        if verdict.ok:
+            entry.successes += 1
+            if entry.successes >= verdict.close_after:
+                del self._entries[name]
+                return SharedState()
+        else:
+            entry.failures += 1
+            if entry.failures >= verdict.reopen_after:
+                until = now + verdict.open_s
+                entry = self._entries[name] = _Entry(verdict.reopen_token, until, until + FORGET_AFTER_S)
+        return self._view(entry, now)
 
 
 # Keys per breaker (one hash tag, so Redis Cluster keeps them in one slot):
 #   open   -> trip token, PX = the open period; its PTTL is the time left open
 #   trip   -> trip token, PX = open period + FORGET_AFTER_S; present while open or half-open
 #   probes -> probe slots taken while half-open, PX = the probe lease
+#   ok, failed -> probe verdicts counted in this open period
 _READ = """
 local trip = redis.call('GET', KEYS[2])
 if not trip then return {'', 0} end
@@ -181,7 +217,7 @@ local trip = redis.call('GET', KEYS[2])
 if ttl > 0 and trip then return {trip, ttl} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 return {ARGV[1], tonumber(ARGV[2])}
 """
 _CLAIM = """
@@ -199,11 +235,34 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
 return 1
 """
-_CLOSE = """
+# ARGV: trip, ok (1/0), close_after, reopen_after, reopen token, open ms, forget ms
+_VERDICT = """
 local trip = redis.call('GET', KEYS[2])
-if trip and trip ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-return 1
+if not trip then return {'', 0} end
+if trip ~= ARGV[1] then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then ttl = 0 end
+  return {trip, ttl}
+end
+if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
+if ARGV[2] == '1' then
+  local ok = redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+  if ok >= tonumber(ARGV[3]) then
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+    return {'', 0}
+  end
+else
+  local failed = redis.call('INCR', KEYS[5])
+  redis.call('PEXPIRE', KEYS[5], ARGV[7])
+  if failed >= tonumber(ARGV[4]) then
+    redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
+    redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[7])
+    redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+    return {ARGV[5], tonumber(ARGV[6])}
+  end
+end
+return {trip, 0}
 """
 _CLAIMS = {0: ProbeClaim.CLOSED, 1: ProbeClaim.OPEN, 2: ProbeClaim.FULL, 3: ProbeClaim.GRANTED}
 
@@ -240,13 +299,13 @@ class RedisBreakerStore:
         self._op_timeout_s = op_timeout_s
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
-        self._read, self._trip, self._claim, self._release, self._close = (
-            redis.register_script(script) for script in (_READ, _TRIP, _CLAIM, _RELEASE, _CLOSE)
+        self._read, self._trip, self._claim, self._release, self._verdict = (
+            redis.register_script(script) for script in (_READ, _TRIP, _CLAIM, _RELEASE, _VERDICT)
         )
 
     def _keys(self, name: str) -> list[str]:
         base = f"{self._prefix}{{{name}}}"
-        return [f"{base}:open", f"{base}:trip", f"{base}:probes"]
+        return [f"{base}:open", f"{base}:trip", f"{base}:probes", f"{base}:ok", f"{base}:failed"]
 
     async def _run(self, script: Any, name: str, *args: object) -> Any:
         if time.monotonic() < self._down_until:
@@ -273,8 +332,20 @@ class RedisBreakerStore:
     async def release_probe(self, name: str, trip: str) -> None:
         await self._run(self._release, name, trip)
 
-    async def close(self, name: str, trip: str) -> None:
-        await self._run(self._close, name, trip)
+    async def probe_verdict(self, name: str, trip: str, verdict: ProbeVerdict) -> SharedState:
+        open_ms = _ms(verdict.open_s)
+        token, ttl = await self._run(
+            self._verdict,
+            name,
+            trip,
+            1 if verdict.ok else 0,
+            verdict.close_after,
+            verdict.reopen_after,
+            verdict.reopen_token,
+            open_ms,
+            open_ms + _ms(FORGET_AFTER_S),
+        )
+        return _shared(token, ttl)
 
 
 class _SlidingWindow:
@@ -359,6 +430,12 @@ class CircuitBreaker:
         self._refuse_until = 0.0  # half-open with every slot taken elsewhere: ask the store again after this
         self._next_sync = float("-inf")
         self._store_ok = True
+        # Half-open verdicts: this many failed probes re-open it, this many successful ones close it (the
+        # window's rule applied to half_open_probes requests: the first count to be reached decides).
+        self._reopen_after = max(1, math.ceil(config.failure_rate * config.half_open_probes - _EPSILON))
+        self._close_after = config.half_open_probes - self._reopen_after + 1
+        self._probe_ok = 0  # this replica's verdicts in this open period: they decide while the store is down
+        self._probe_failed = 0
 
     @property
     def state(self) -> BreakerState:
@@ -366,6 +443,19 @@ class CircuitBreaker:
         if self._trip is None:
             return BreakerState.CLOSED
         return BreakerState.OPEN if self._clock() < self._open_until else BreakerState.HALF_OPEN
+
+    @property
+    def retry_in_s(self) -> float:
+        """Until the next probe may go, as far as this replica knows (no I/O): what a refusal's Retry-After
+        says. 0 when closed or half-open with a free slot; while every slot is taken, a short while."""
+        if self._trip is None:
+            return 0.0
+        now = self._clock()
+        if now < self._open_until:
+            return self._open_until - now
+        if now < self._refuse_until or self._probes >= self._config.half_open_probes:
+            return max(self._refuse_until - now, self._sync_interval_s)
+        return 0.0
 
     async def allow(self) -> bool:
         """May a request go upstream now? When half-open, True means a probe slot was claimed."""
@@ -383,23 +473,18 @@ class CircuitBreaker:
         if self._trip is None:
             self._consecutive = 0
             self._window.add(self._clock(), failed=False)
-            return
-        if self._probes == 0:
-            return
-        trip = self._trip
-        self._close_local()
-        await self._call(self._store.close(self.name, trip))
+        elif self._probes > 0:
+            await self._judge(ok=True)
 
     async def record_failure(self) -> None:
         now = self._clock()
         if self._trip is None:
             self._consecutive += 1
             self._window.add(now, failed=True)
-            if self._consecutive >= self._config.consecutive_failures or self._rate_exceeded():
+            if self._should_trip():
                 await self._open(now)
-            return
-        if self._probes > 0:
-            await self._open(now)
+        elif self._probes > 0:
+            await self._judge(ok=False)
 
     async def release_probe(self) -> None:
         """Give back a probe slot whose request ended without telling whether the backend works."""
@@ -421,13 +506,38 @@ class CircuitBreaker:
             window_requests=requests,
             probes_in_flight=self._probes,
             opened_at=self._opened_at,
-            retry_in_s=max(0.0, self._open_until - now) if self._trip is not None else 0.0,
+            retry_in_s=self.retry_in_s,
             store_ok=self._store_ok,
         )
 
-    def _rate_exceeded(self) -> bool:
-        failures, requests = self._window.failures, self._window.requests
-        return requests >= self._config.min_requests and failures / requests >= self._config.failure_rate
+    def _should_trip(self) -> bool:
+        """The rate once the window holds `min_requests`; below that (low traffic) a run of failures."""
+        failures, requests = self._window.failures, self._window.requests  # current: a failure was just added
+        if requests < self._config.min_requests:
+            return self._consecutive >= self._config.consecutive_failures
+        return failures / requests >= self._config.failure_rate - _EPSILON
+
+    async def _judge(self, *, ok: bool) -> None:
+        """One probe's outcome, counted where every replica's probes are counted; follow the decision."""
+        trip = self._trip
+        assert trip is not None
+        self._probes -= 1
+        if ok:
+            self._probe_ok += 1
+        else:
+            self._probe_failed += 1
+        verdict = ProbeVerdict(ok, self._close_after, self._reopen_after, uuid.uuid4().hex, self._config.open_s)
+        shared = await self._call(self._store.probe_verdict(self.name, trip, verdict)) if self._published else None
+        if self._trip != trip:  # closed or re-opened meanwhile, by another verdict or a sync
+            return
+        if shared is not None:
+            self._adopt(shared)
+            return
+        # The store is unreachable, or does not know this open period yet: this replica's probes decide.
+        if self._probe_ok >= self._close_after:
+            self._close_local()
+        elif self._probe_failed >= self._reopen_after:
+            self._open_local(verdict.reopen_token, self._config.open_s, self._clock(), published=False)
 
     async def _open(self, now: float) -> None:
         token = uuid.uuid4().hex
@@ -491,11 +601,13 @@ class CircuitBreaker:
     def _open_local(self, trip: str, open_s: float, now: float, *, published: bool) -> None:
         if self._trip is None:
             log.warning("circuit breaker opened", deployment=self.name, open_s=round(open_s, 3), by_us=not published)
+        elif self._trip != trip:
+            log.info("circuit breaker re-opened: probes failed", deployment=self.name, open_s=round(open_s, 3))
         self._trip = trip
         self._published = published
         self._opened_at = now - max(0.0, self._config.open_s - open_s)
         self._open_until = now + open_s
-        self._probes = 0
+        self._probes = self._probe_ok = self._probe_failed = 0
         self._refuse_until = 0.0
         self._consecutive = 0
         self._window.clear()
@@ -506,7 +618,7 @@ class CircuitBreaker:
         self._published = True
         self._opened_at = None
         self._open_until = 0.0
-        self._probes = 0
+        self._probes = self._probe_ok = self._probe_failed = 0
         self._refuse_until = 0.0
         self._consecutive = 0
         self._window.clear()

@@ -14,7 +14,9 @@ import aiohttp
 import orjson
 
 from strata.config import TimeoutsConfig
+from strata.config_loader import format_path
 from strata.serving.errors import (
+    DeploymentStoppedError,
     ServingError,
     UpstreamStatusError,
     UpstreamTimeoutError,
@@ -132,7 +134,7 @@ class OpenAIClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise UpstreamUnavailableError("the backend client is not started", deployment=self.deployment)
+            raise DeploymentStoppedError("the backend client is not started", deployment=self.deployment)
         return self._session
 
     async def post_json(
@@ -221,19 +223,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _status_error(response: aiohttp.ClientResponse, body: bytes, deployment: str) -> UpstreamStatusError:
-    message, param, code = f"the backend answered HTTP {response.status}", None, None
-    try:
-        parsed = orjson.loads(body)
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict):
-            message = str(error.get("message") or message)
-            param = error.get("param")
-            code = error.get("code")
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
-            message = parsed["detail"]
-    except (orjson.JSONDecodeError, AttributeError):
+    upstream_message, param, code = error_fields(body)
+    message = upstream_message or f"the backend answered HTTP {response.status}"
+    if upstream_message is None:
         snippet = body[:200].decode("utf-8", "replace").strip()
         if snippet:
             message = f"{message}: {snippet}"
@@ -241,7 +233,40 @@ def _status_error(response: aiohttp.ClientResponse, body: bytes, deployment: str
         message,
         status=response.status,
         deployment=deployment,
-        param=param if isinstance(param, str) else None,
-        upstream_code=code if isinstance(code, str) else None,
+        param=param,
+        upstream_code=code,
         retry_after=response.headers.get("Retry-After"),
+        upstream_message=upstream_message,
     )
+
+
+def error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(message, param, code) of an error body in the shapes model servers answer; message None if it has none."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, None
+    if not isinstance(parsed, dict):
+        return None, None, None
+    error = parsed.get("error")
+    if isinstance(error, dict):  # OpenAI, llama-cpp-python, vLLM
+        return _text(error.get("message")), _text(error.get("param")), _text(error.get("code"))
+    if isinstance(error, str):  # TGI, some proxies
+        return error, None, None
+    detail = parsed.get("detail")
+    if isinstance(detail, str):  # FastAPI's HTTPException
+        return detail, None, None
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):  # FastAPI's validation errors
+        first = detail[0]
+        loc = first.get("loc")
+        path = tuple(loc[1:] if loc and loc[0] == "body" else loc) if isinstance(loc, list) else ()
+        param = format_path(path) or None
+        text = str(first.get("msg") or "invalid value")
+        return (f"{param}: {text}" if param else text), param, None
+    if isinstance(parsed.get("message"), str):  # older vLLM: {"object": "error", "message", "type", "param", "code"}
+        return parsed["message"], _text(parsed.get("param")), _text(parsed.get("code"))
+    return None, None, None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

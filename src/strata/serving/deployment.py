@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ class Deployment(ABC):
         self.admission = guards.admission
         self.breaker = guards.breaker
         self.weight = weight
+        #: Monotonic time until which the backend asked (Retry-After) for no requests: others go first.
+        self.paused_until = 0.0
         self._probe_ok = False
 
     @property
@@ -66,6 +69,14 @@ class Deployment(ABC):
     def load(self) -> float:
         """Outstanding requests (running and queued) per unit of weight, for load balancing."""
         return (self.admission.in_flight + self.admission.queued) / self.weight
+
+    def pause(self, seconds: float) -> None:
+        """The backend said `Retry-After: seconds`: prefer the other deployments until then."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    @property
+    def paused_for_s(self) -> float:
+        return max(0.0, self.paused_until - time.monotonic())
 
     @abstractmethod
     async def start(self) -> None: ...

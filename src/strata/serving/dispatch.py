@@ -3,7 +3,15 @@ circuit breaker, call it, and on a retryable failure try again (another replica 
 and within the retry budget and the request's deadline), then the model's fallbacks.
 
 Retryable: connection failures, timeouts before the first byte, 429 and 5xx. Never after a stream
-has started: a stream is only handed to the relay once its first chunk has arrived.
+has started: a stream is only handed to the relay once its first chunk has arrived. Never an answer
+the request caused (4xx, and a 500 that `serving.faults` recognises): that goes to the client as it
+is, and the breaker does not count it, so one client's bad requests cannot shut the others out.
+
+A `Retry-After` from a deployment sends the retry to another deployment at once (and other requests
+to the others first, until it has passed); it is waited out only when no other deployment can take
+the request. Each attempt picks from the model's version in service, so a retry after a hot swap
+goes to the new deployments. When too few breakers of a model without fallbacks are closed, the
+model panics (see `serving.pool`): attempts go to deployments whose breaker refuses, too.
 
 Retries, fallbacks, breaker refusals and trips, admission queue waits and refusals are events of the
 current span (the call's `chat {model}` span); on the happy path none of that costs anything.
@@ -12,6 +20,7 @@ current span (the call's `chat {model}` span); on the happy path none of that co
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -30,12 +39,14 @@ from strata.serving.deployment import Deployment
 from strata.serving.errors import (
     BackendNotReadyError,
     CircuitOpenError,
+    DeploymentStoppedError,
     OverloadedError,
     ServingError,
     UpstreamStatusError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from strata.serving.pool import ModelPool
 from strata.serving.router import Router
 
 log = structlog.get_logger("strata.dispatch")
@@ -46,7 +57,7 @@ QUEUE_EVENT_MIN_S = 0.001  # an admission wait shorter than this is no queue wai
 
 def retryable(exc: ServingError) -> bool:
     if isinstance(exc, UpstreamStatusError):
-        return exc.status == 429 or exc.status >= 500
+        return not exc.caused_by_request and (exc.status == 429 or exc.status >= 500)
     return isinstance(exc, UpstreamUnavailableError | UpstreamTimeoutError)
 
 
@@ -128,12 +139,17 @@ class Dispatcher:
         pool = self._router.pool(model)
         pool.budget.record_request()
         tried: set[str] = set()
+        asked_to_wait: dict[str, float] = {}  # deployment -> when the Retry-After it gave this request ends
         attempt = 0
         last: ServingError | Overloaded | None = None
         while True:
-            deployment = pool.pick(exclude=tried)
+            if (current := self._router.pool(model)) is not pool:
+                # A hot swap while we waited: retries go to the version in service (the old one is stopping).
+                pool, tried, asked_to_wait = current, set(), {}
+            panic = pool.panicking
+            deployment = pool.pick(exclude=tried, panic=panic)
             if deployment is None:
-                error = _nothing_left(model, last)
+                error = _nothing_left(model, last, pool)
                 if isinstance(error, OverloadedError):
                     pool.stats.overloaded += 1
                 elif isinstance(error, CircuitOpenError):
@@ -151,32 +167,57 @@ class Dispatcher:
                 last = exc
                 attempts.append({"deployment": deployment.name, "error": exc.message})
                 continue
-            if not await deployment.breaker.allow():
-                attempts.append({"deployment": deployment.name, "error": "circuit open"})
-                add_event(genai.EVENT_BREAKER_OPEN, {"deployment": deployment.name})
-                continue
+            wait = asked_to_wait.get(deployment.name, 0.0) - time.monotonic()
+            if wait > 0:
+                # It asked this request to come back later, and no other deployment can take it now.
+                if wait > pool.retry.retry_after_cap_s or wait >= remaining:
+                    raise _nothing_left(model, last, pool)  # too long to hold the client: it gets the Retry-After
+                await asyncio.sleep(wait)
+                tried.discard(deployment.name)
+                continue  # pick again: another deployment may have come back meanwhile
+            admitted = await deployment.breaker.allow()  # False in panic: the breaker gets no verdict
+            if not admitted:
+                if not panic:
+                    attempts.append({"deployment": deployment.name, "error": "circuit open"})
+                    add_event(genai.EVENT_BREAKER_OPEN, {"deployment": deployment.name})
+                    continue
+                pool.stats.panic += 1
             attempt += 1
             try:
                 result = await call(deployment, remaining)
             except Overloaded as exc:
-                await deployment.breaker.release_probe()
+                await _no_verdict(deployment, admitted)
                 last = exc
                 attempts.append({"deployment": deployment.name, "error": f"overloaded ({exc.reason})"})
                 add_event(genai.EVENT_OVERLOADED, {"deployment": deployment.name, "reason": exc.reason})
                 continue  # another replica may have room; being full is no failure of the backend
+            except DeploymentStoppedError as exc:
+                await _no_verdict(deployment, admitted)
+                attempt -= 1  # nothing reached a backend
+                last = exc
+                attempts.append({"deployment": deployment.name, "error": exc.message})
+                continue  # the next pick is from the version in service, if a hot swap stopped this one
             except ServingError as exc:
+                pool.faults.classify(exc)
                 exc.deployment = exc.deployment or deployment.name
                 attempts.append({"deployment": deployment.name, "error": exc.message})
                 last = exc
                 if not retryable(exc):
-                    await deployment.breaker.record_success()  # it answered; the request was at fault
+                    await _no_verdict(deployment, admitted)  # it answered; the request was at fault
                     raise
-                await _record_failure(deployment)
+                if admitted:
+                    await _record_failure(deployment)
                 retry_after = parse_retry_after(exc.retry_after) if isinstance(exc, UpstreamStatusError) else None
-                if not pool.retry.should_retry(attempt, retry_after):
+                if retry_after:
+                    deployment.pause(retry_after)  # other requests try the other deployments first, too
+                    asked_to_wait[deployment.name] = time.monotonic() + retry_after
+                    too_long = retry_after > min(pool.retry.retry_after_cap_s, deadline - time.monotonic())
+                    if too_long and pool.pick(exclude={deployment.name}, panic=panic) is None:
+                        raise  # nobody else to ask, and too long to hold the client: it gets the Retry-After
+                if not pool.retry.should_retry(attempt):
                     raise
                 pool.stats.retries += 1
-                delay = min(pool.retry.delay(attempt, retry_after), max(0.0, deadline - time.monotonic()))
+                delay = min(pool.retry.delay(attempt), max(0.0, deadline - time.monotonic()))
                 log.info("retrying", model=model, deployment=deployment.name, attempt=attempt,
                          delay_s=round(delay, 3), error=exc.message)  # fmt: skip
                 add_event(
@@ -194,9 +235,10 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                await deployment.breaker.release_probe()
+                await _no_verdict(deployment, admitted)
                 raise
-            await deployment.breaker.record_success()
+            if admitted:
+                await deployment.breaker.record_success()
             return deployment, result
 
 
@@ -207,6 +249,12 @@ async def _admit(deployment: Deployment) -> None:
     waited = time.perf_counter() - started
     if waited >= QUEUE_EVENT_MIN_S:
         add_event(genai.EVENT_QUEUE_WAIT, {"deployment": deployment.name, "wait_s": round(waited, 4)})
+
+
+async def _no_verdict(deployment: Deployment, admitted: bool) -> None:
+    """The attempt says nothing about the backend's health: give back a probe slot it may hold."""
+    if admitted:
+        await deployment.breaker.release_probe()
 
 
 async def _record_failure(deployment: Deployment) -> None:
@@ -224,7 +272,7 @@ def _error(exc: BaseException | None) -> str:
     return str(getattr(exc, "message", None) or exc)[:512]
 
 
-def _nothing_left(model: str, last: ServingError | Overloaded | None) -> ServingError:
+def _nothing_left(model: str, last: ServingError | Overloaded | None, pool: ModelPool) -> ServingError:
     """The error to report when no deployment is left to try."""
     if isinstance(last, Overloaded):
         return OverloadedError(
@@ -234,8 +282,10 @@ def _nothing_left(model: str, last: ServingError | Overloaded | None) -> Serving
         )
     if last is not None:
         return last
+    # Retry-After: when the first of them lets a probe through (whole seconds, as the header has them).
+    next_probe = min((d.breaker.retry_in_s for d in pool.deployments), default=1.0)
     return CircuitOpenError(
         f"no deployment of {model!r} can take requests now: their circuit breakers are open",
         deployment=model,
-        retry_after_s=1.0,
+        retry_after_s=max(1, math.ceil(next_probe)),
     )

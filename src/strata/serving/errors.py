@@ -45,6 +45,10 @@ class UpstreamUnavailableError(ServingError):
     code = "upstream_unavailable"
 
 
+class DeploymentStoppedError(UpstreamUnavailableError):
+    """The deployment was stopped (a hot swap drained it, or shutdown): nothing was sent to the backend."""
+
+
 class UpstreamTimeoutError(ServingError):
     code = "upstream_timeout"
 
@@ -61,12 +65,25 @@ class UpstreamStatusError(ServingError):
         param: str | None = None,
         upstream_code: str | None = None,
         retry_after: str | None = None,
+        upstream_message: str | None = None,
     ) -> None:
         super().__init__(message, deployment=deployment)
         self.status = status
         self.param = param
         self.upstream_code = upstream_code
         self.retry_after = retry_after
+        #: The error message as the backend wrote it ("" if empty); None when its body held no message.
+        self.upstream_message = upstream_message
+        #: The status the backend answered; `status` is what the client gets (see `blame_request`).
+        self.upstream_status = status
+        #: The request, not the backend, is at fault: no retry, not counted by the breaker.
+        self.caused_by_request = 400 <= status < 500 and status not in (401, 403, 408, 429)
+
+    def blame_request(self, message: str) -> None:
+        """A 5xx the request caused: the client gets it as the 400 it is, with `message`."""
+        self.status = 400
+        self.message = message
+        self.caused_by_request = True
 
 
 class OverloadedError(BackendNotReadyError):

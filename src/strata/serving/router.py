@@ -19,6 +19,7 @@ from strata.resilience.retry import RetryBudget, RetryPolicy
 from strata.serving.deployment import Deployment, DeploymentInfo, Guards, RemoteDeployment
 from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
+from strata.serving.faults import FaultClassifier
 from strata.serving.pool import ModelPool
 from strata.serving.usage import ApproximateTokenCounter, TokenCounter
 from strata.serving.vllm import VllmDeployment
@@ -63,6 +64,8 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, coun
         fallbacks=list(config.fallbacks),
         total_timeout_s=config.timeouts.total_s,
         config=config,
+        panic_threshold=config.breaker.panic_threshold,
+        faults=FaultClassifier(config.retry.client_error_patterns),
     )
 
 
