@@ -22,10 +22,13 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
         "models": [
             {"kind": "openai", "name": "m1", "base_url": "http://127.0.0.1:9/v1"},  # nothing listens: it fails
             mock_model(mock_backend, "m2"),
+            # A model-level fallback (the serving layer's, not the agent's): dead, then m2.
+            {"kind": "openai", "name": "m3", "base_url": "http://127.0.0.1:9/v1", "fallbacks": ["m2"]},
         ],
         "agents": [
             {"name": "on-m2", "model": "m2"},
             {"name": "m1-first", "model": "m1", "fallback_model": "m2"},
+            {"name": "on-m3", "model": "m3"},
         ],
         "runs": {"lease_s": 2, "poll_s": 0.1},
         "server": {"drain_delay_s": 0, "shutdown_grace_s": 5},
@@ -81,3 +84,24 @@ def test_a_fallback_the_key_may_use_takes_over(strata: StrataProcess, mock_backe
     run = start(strata, key, "m1-first").json()
     assert (run["status"], run["output"]) == ("completed", "answered by m2"), run
     assert [r.body["model"] for r in mock_backend.chat_requests()] == ["upstream-m2"]
+
+
+def test_a_models_own_fallback_holds_to_the_key_too(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    """`models[].fallbacks` is followed by the serving layer, for chat and agent steps alike: never past the key."""
+    chat = {"model": "m3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    only_m3 = strata.create_key("user", name="only-m3", models=["m3"])
+    with strata.client(only_m3, timeout=30) as client:
+        refused = client.post("/v1/chat/completions", json=chat)
+    assert refused.status_code >= 500, refused.text  # m3 is down and its fallback is not this key's to use
+    run = start(strata, only_m3, "on-m3").json()
+    assert run["status"] == "failed", run
+    assert mock_backend.chat_requests() == [], "a request made with an m3-only key reached m2"
+    # A key that may use both gets m2's answer.
+    mock_backend.script(Reply(content="m2 stood in"), Reply(content="m2 stood in"))
+    both = strata.create_key("user", name="m3-and-m2", models=["m3", "m2"])
+    with strata.client(both, timeout=30) as client:
+        answered = client.post("/v1/chat/completions", json=chat)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["choices"][0]["message"]["content"] == "m2 stood in"
+    run = start(strata, both, "on-m3").json()
+    assert (run["status"], run["output"]) == ("completed", "m2 stood in"), run

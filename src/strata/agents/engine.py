@@ -133,6 +133,7 @@ class _Job:
         # The models this run may call: its key's allow-list holds for every step and for the fallback.
         self.models, refused = permitted_models(spec, run.allowed_models)
         self.refused_model = spec.model if spec.model in refused else None
+        self.allowed = None if run.allowed_models is None else frozenset(run.allowed_models)
         self.fallback_note = "".join(
             f" (fallback {m!r} not tried: this run's API key may not use it)" for m in refused if m != spec.model
         )
@@ -224,6 +225,7 @@ class _Job:
         outcome = await self.engine.caller.call(
             agent=self.spec.name,
             models=self.models,
+            allowed=self.allowed,
             messages=messages,
             tools=[tool.spec.openai_schema() for tool in self.tools.values()] if offered else [],
             temperature=self.spec.temperature,

@@ -110,6 +110,7 @@ class ModelCaller:
         *,
         agent: str,
         models: list[str],
+        allowed: frozenset[str] | None = None,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         temperature: float | None,
@@ -134,7 +135,7 @@ class ModelCaller:
                 add_event(genai.EVENT_RUN_FALLBACK, {"from": models[index - 1], "to": model, "error": str(last_error)})
                 await on_fallback(models[index - 1], model, str(last_error))
             try:
-                return await self._with_retries(agent, model, payload, deadline, call_id, on_delta, on_wait)
+                return await self._with_retries(agent, model, payload, deadline, call_id, on_delta, on_wait, allowed)
             except ModelStepError as exc:
                 last_error = exc
         raise ModelStepError(str(last_error))
@@ -148,11 +149,12 @@ class ModelCaller:
         call_id: str,
         on_delta: DeltaHook,
         on_wait: WaitHook,
+        allowed: frozenset[str] | None,
     ) -> ModelOutcome:
         failures = waits = 0
         while True:
             try:
-                return await self._stream_once(agent, model, payload, call_id, on_delta)
+                return await self._stream_once(agent, model, payload, call_id, on_delta, allowed)
             except (ModelNotFoundError, CircuitOpenError) as exc:
                 # Nothing to wait for when every breaker is open: the fallback model, if any, takes over.
                 raise ModelStepError(exc.message) from None
@@ -184,14 +186,20 @@ class ModelCaller:
                 await asyncio.sleep(delay)
 
     async def _stream_once(
-        self, agent: str, model: str, payload: dict[str, Any], call_id: str, on_delta: DeltaHook
+        self,
+        agent: str,
+        model: str,
+        payload: dict[str, Any],
+        call_id: str,
+        on_delta: DeltaHook,
+        allowed: frozenset[str] | None,
     ) -> ModelOutcome:
         body = {**payload, "model": model}
         if body.get("tools") and not self._chat.streams_tool_calls(model):
-            return await self._complete_once(agent, body, model, call_id, on_delta)
+            return await self._complete_once(agent, body, model, call_id, on_delta, allowed)
         request = ChatCompletionRequest.model_validate(body)
         with activate(self._chat.start_span(model, body)) as span:
-            relay = await self._chat.open_stream(ChatCall(request, body, agent=agent), {}, span=span)
+            relay = await self._chat.open_stream(ChatCall(request, body, agent=agent, allowed=allowed), {}, span=span)
             assembly = _Assembly()
             buffer = b""
             pieces = relay.__aiter__()
@@ -214,13 +222,19 @@ class ModelCaller:
             raise _stream_error({"message": "the stream ended without [DONE]"})
 
     async def _complete_once(
-        self, agent: str, body: dict[str, Any], model: str, call_id: str, on_delta: DeltaHook
+        self,
+        agent: str,
+        body: dict[str, Any],
+        model: str,
+        call_id: str,
+        on_delta: DeltaHook,
+        allowed: frozenset[str] | None,
     ) -> ModelOutcome:
         """For backends that cannot stream while choosing tools: one answer, one delta."""
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         request = ChatCompletionRequest.model_validate(body)
         with activate(self._chat.start_span(model, body)) as span:  # the chat service records the reply on it
-            completion = await self._chat.complete(ChatCall(request, body, agent=agent), {}, span=span)
+            completion = await self._chat.complete(ChatCall(request, body, agent=agent, allowed=allowed), {}, span=span)
         reply = orjson.loads(completion.body)
         choice = (reply.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": ""})

@@ -7,6 +7,7 @@ response serialisation would cost more than the rest of the request path togethe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import orjson
 import structlog
@@ -75,8 +76,11 @@ async def chat_completions(request: Request) -> Response:
     call = parse_chat(await request.body(), request.headers.get("x-strata-tag"), state.config.limits)
     model = call.request.model
     structlog.contextvars.bind_contextvars(model=model)
-    if not principal(request).may_use_model(model):
+    who = principal(request)
+    if not who.may_use_model(model):
         raise ApiError(403, f"this key may not use model {model!r}", type_="permission_error", code="model_not_allowed")
+    if who.models is not None:
+        call = replace(call, allowed=who.models)
     account = ChatAccount(request, model)
     await account.admit()
     request_id = current_request_id()

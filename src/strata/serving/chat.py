@@ -31,12 +31,15 @@ CHAT_PATH = "/chat/completions"
 class ChatCall:
     """A validated request plus the client's JSON as sent, which is what gets forwarded.
 
-    `agent` and `tag` feed route rules (a request from an agent's run, or tagged by its client)."""
+    `agent` and `tag` feed route rules (a request from an agent's run, or tagged by its client). `allowed`: the
+    models the caller's key may use (None: any); the model asked for was checked by the caller, a fallback is tried
+    only when it is allowed too, so a key's allow-list holds for every model that answers on its behalf."""
 
     request: ChatCompletionRequest
     payload: dict[str, Any]
     agent: str | None = None
     tag: str | None = None
+    allowed: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,9 @@ class ChatService:
     async def _complete(self, call: ChatCall, headers: Mapping[str, str], span: Span | None) -> Completion:
         model = self._model(call)
         headers = with_trace_headers(headers, span)
-        deployment, reply = await self._dispatcher.complete(model, self._body(call, stream=False), CHAT_PATH, headers)
+        deployment, reply = await self._dispatcher.complete(
+            model, self._body(call, stream=False), CHAT_PATH, headers, allowed=call.allowed
+        )
         try:
             body = orjson.loads(reply.body)
         except orjson.JSONDecodeError:
@@ -138,12 +143,16 @@ class ChatService:
             span = own = self.start_span(call.request.model, call.payload)
         body, headers = self._body(call, stream=True), with_trace_headers(headers, span)
         if own is None:
-            deployment, stream = await self._dispatcher.open_stream(self._model(call), body, CHAT_PATH, headers)
+            deployment, stream = await self._dispatcher.open_stream(
+                self._model(call), body, CHAT_PATH, headers, allowed=call.allowed
+            )
         else:
             try:
                 with activate(own, end=False):  # current: retries and fallbacks become its events
                     model = self._model(call)
-                    deployment, stream = await self._dispatcher.open_stream(model, body, CHAT_PATH, headers)
+                    deployment, stream = await self._dispatcher.open_stream(
+                        model, body, CHAT_PATH, headers, allowed=call.allowed
+                    )
             except BaseException:
                 own.end()
                 raise

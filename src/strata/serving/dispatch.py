@@ -67,7 +67,8 @@ class Dispatcher:
         self._gpu_time = gpu_time or GpuTimeShares()
 
     async def complete(self, model: str, payload: Callable[[Deployment], bytes], path: str,
-                       headers: Mapping[str, str]) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
+                       headers: Mapping[str, str], *,
+                       allowed: frozenset[str] | None = None) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
         busy = 0.0  # every attempt's share of its deployment's time, failed ones included
 
         async def call(deployment: Deployment, remaining: float) -> UpstreamReply:
@@ -80,11 +81,12 @@ class Dispatcher:
                 busy += share.finish()
                 deployment.admission.release()
 
-        deployment, reply = await self._run(model, call)
+        deployment, reply = await self._run(model, call, allowed)
         return deployment, replace(reply, busy_s=busy)
 
     async def open_stream(self, model: str, payload: Callable[[Deployment], bytes], path: str,
-                          headers: Mapping[str, str]) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
+                          headers: Mapping[str, str], *,
+                          allowed: frozenset[str] | None = None) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
         async def call(deployment: Deployment, remaining: float) -> UpstreamStream:
             await _admit(deployment)
             share = self._gpu_time.start(deployment.name)
@@ -111,10 +113,15 @@ class Dispatcher:
                 raise
             return stream
 
-        return await self._run(model, call)
+        return await self._run(model, call, allowed)
 
-    async def _run(self, model: str, call: Operation[T]) -> tuple[Deployment, T]:
+    async def _run(self, model: str, call: Operation[T], allowed: frozenset[str] | None) -> tuple[Deployment, T]:
         chain = [model, *self._router.pool(model).fallbacks]
+        if allowed is not None:  # a fallback the caller's key may not use is never tried
+            refused = [name for name in chain[1:] if name not in allowed]
+            if refused:
+                add_event(genai.EVENT_FALLBACK, {"from": model, "skipped": ",".join(refused), "reason": "not allowed"})
+                chain = [chain[0], *(name for name in chain[1:] if name in allowed)]
         deadline = time.monotonic() + self._router.pool(model).total_timeout_s
         attempts: list[dict[str, str]] = []
         last: ServingError | None = None
