@@ -59,6 +59,7 @@ from strata.observability.tracing import Tracing
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.security.admin_key import ensure_admin_key
+from strata.security.audit_checkpoint import Checkpointer, checkpoint_file
 from strata.security.audit_log import AuditLog
 from strata.security.authenticator import Authenticator
 from strata.security.encryption import load_keyring
@@ -239,7 +240,9 @@ def build_app(
 async def _start_guard(
     config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy], metrics: RequestMetrics
 ) -> Guard:
-    audit = AuditLog(AuditStore(db))
+    store = AuditStore(db)
+    checkpoints = Checkpointer(store, checkpoint_file(config), config.security.audit.checkpoint_interval_s)
+    audit = AuditLog(store, checkpointer=checkpoints)  # signs the chain's head at start, periodically and at stop
     await audit.start()
     jwt = JwtVerifier(config.security.jwt) if config.security.jwt is not None else None
     auth = Authenticator(KeyStore(db), ttl_s=config.security.key_cache_ttl_s, jwt=jwt, redis=redis)

@@ -1,11 +1,14 @@
 """The audit trail on SQLite and on PostgreSQL: nothing lost on shutdown, tampering named by row id,
-one intact chain with several writers (replicas), and the `strata audit` commands as a real process."""
+one intact keyed chain with several writers (replicas), rows from before the chain was keyed, and the
+`strata audit` commands as a real process."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -18,13 +21,17 @@ import yaml
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from strata.security.audit import AuditRecord, AuditRow, verify_chain
+from strata.security.audit import GENESIS, AuditRecord, AuditRow, ChainKeys, chain_hash, normalized, verify_chain
 from strata.security.audit_log import AuditBacklogFull, AuditLog
+from strata.security.encryption import EncryptionError, Keyring
 from strata.store.audit import AuditStore
 from strata.store.database import Database
+from strata.store.tables import AuditEvent
 from tests.support.databases import fresh_postgres, sqlite_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+KEY = secrets.token_bytes(32)
+KEYRING = Keyring.from_keys(KEY)  # the chain's HMAC key derives from it, as a server's does
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,7 +46,7 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
 
 @pytest.fixture
 async def db(url: str) -> AsyncIterator[Database]:
-    database = Database(url)
+    database = Database(url, keyring=KEYRING)
     await database.upgrade()
     yield database
     await database.dispose()
@@ -119,6 +126,36 @@ async def test_a_deleted_row_is_named(db: Database) -> None:
     assert "row 7 does not follow row 5" in result.message and "missing: row 6" in result.message
 
 
+async def test_rows_from_before_the_chain_was_keyed_verify_as_unkeyed(db: Database) -> None:
+    prev, values = GENESIS, []
+    for n in range(1, 4):  # what the unkeyed scheme wrote: plain SHA-256, no key id
+        record = normalized(event(n))
+        digest = chain_hash(prev, record)
+        values.append({**record.__dict__, "id": n, "prev_hash": prev, "hash": digest, "kid": None})
+        prev = digest
+    async with db.transaction() as tx:
+        await tx.execute(AuditEvent.__table__.insert(), values)
+    store = AuditStore(db)
+    await store.append([event(4), event(5)])  # the first keyed row signs the unkeyed head
+    result = await store.verify()
+    assert result.ok and (result.legacy_rows, result.keyed_rows) == (3, 2), result.message
+    assert any(line.startswith("3 unkeyed rows") and "row 4" in line for line in result.checked)
+    await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 2")
+    assert ((await store.verify()).first_bad_id, (await store.verify()).problem) == (2, "changed")
+
+
+async def test_a_store_without_the_keyring_reads_but_does_not_append(db: Database, url: str) -> None:
+    await seeded(db, 3)
+    blind = Database(url)
+    try:
+        with pytest.raises(EncryptionError, match="keyed"):
+            await AuditStore(blind).append([event(4)])
+        result = await AuditStore(blind).verify()
+        assert (result.ok, result.problem, result.first_bad_id) == (False, "unverifiable", 1)
+    finally:
+        await blind.dispose()
+
+
 async def test_swapped_rows_are_named(db: Database) -> None:
     store = await seeded(db)
     third, fourth = (await store.rows(after_id=2, limit=2))[:2]
@@ -151,7 +188,7 @@ async def put(db: Database, row_id: int, content: AuditRow) -> None:
 
 
 async def test_two_replicas_appending_at_once_keep_one_chain(url: str) -> None:
-    first, second = Database(url), Database(url)  # two engines, as two replicas would have
+    first, second = Database(url, keyring=KEYRING), Database(url, keyring=KEYRING)  # two replicas' engines
     try:
         await first.upgrade()
         logs = [AuditLog(AuditStore(d), batch=7, flush_interval_s=0.005) for d in (first, second)]
@@ -183,6 +220,7 @@ async def test_two_replicas_appending_at_once_keep_one_chain(url: str) -> None:
             assert mine == list(range(300))
         result = await store.verify()
         assert result.ok, result.message
+        assert (result.keyed_rows, result.key_ids) == (len(rows), (KEYRING.current,))
     finally:
         await first.dispose()
         await second.dispose()
@@ -281,6 +319,7 @@ def strata_audit(tmp_path: Path, database_url: str, *args: str) -> subprocess.Co
     config.write_text(yaml.safe_dump({"database_url": database_url, "data_dir": str(tmp_path / "data")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
     env["COLUMNS"] = "80"
+    env["STRATA_ENCRYPTION_KEY"] = base64.b64encode(KEY).decode()  # the server's key: it checks the HMACs
     command = [sys.executable, "-m", "strata", "audit", *args, "--config", str(config)]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
 
@@ -297,7 +336,7 @@ async def test_cli_verify_and_export(db: Database, url: str, tmp_path: Path) -> 
     assert len(lines) == 25
     parsed = [json.loads(line) for line in lines]
     assert set(parsed[0]) >= {"id", "ts", "actor", "action", "outcome", "details", "prev_hash", "hash"}
-    assert verify_chain(AuditRow.from_json(obj) for obj in parsed).ok  # an export verifies on its own
+    assert verify_chain((AuditRow.from_json(obj) for obj in parsed), ChainKeys(KEYRING)).ok  # an export verifies alone
 
     to_stdout = await asyncio.to_thread(strata_audit, tmp_path, url, "export", "--out", "-")
     assert to_stdout.returncode == 0, to_stdout.stderr
@@ -306,7 +345,7 @@ async def test_cli_verify_and_export(db: Database, url: str, tmp_path: Path) -> 
     await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 17")
     broken = await asyncio.to_thread(strata_audit, tmp_path, url, "verify")
     assert broken.returncode == 1, broken.stderr
-    assert "audit chain broken: row 17 was changed" in broken.stdout
+    assert "audit chain broken (changed): row 17 was changed" in broken.stdout
     assert (await store.verify()).first_bad_id == 17
 
 

@@ -160,7 +160,8 @@ class ApiKey(Base):
 
 
 class AuditEvent(Base):
-    """One security-relevant event. Append-only; `hash` chains each row to the one before it."""
+    """One security-relevant event. Append-only; `hash` chains each row to the one before it, an HMAC under a
+    key derived from encryption key `kid` (None: an unkeyed row from before the chain was keyed)."""
 
     __tablename__ = "audit_events"
 
@@ -176,6 +177,7 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kid: Mapped[str | None] = mapped_column(String(64))
 
 
 class Usage(Base):
