@@ -63,9 +63,10 @@ from strata.security.audit_checkpoint import Checkpointer, checkpoint_file
 from strata.security.audit_log import AuditLog
 from strata.security.authenticator import Authenticator
 from strata.security.encryption import load_keyring
+from strata.security.file_modes import private_data_dir
 from strata.security.jwt_auth import JwtVerifier
 from strata.security.rate_limit import RateLimiter
-from strata.security.redaction import Redactor
+from strata.security.redaction import Redactor, upstream_key_envs
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
@@ -90,8 +91,13 @@ def build_app(
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
+    private_data_dir(config.data_dir)  # 0700, and what an older install left readable tightened to 0600
     keyring = load_keyring(config, os.environ)  # before listening: a bad key must stop the start
-    tracing = Tracing.from_config(config.tracing)  # the app's own provider; the chat service carries it
+    # Credentials by shape and the configured secrets: masked in logs, error bodies and whatever is stored.
+    redactor = redactor or Redactor.from_environ(
+        config.security.redact_patterns, os.environ, upstream_key_envs(config.models)
+    )
+    tracing = Tracing.from_config(config.tracing, redactor=redactor)  # the app's own provider
     registry = _metrics_registry(router, gpus)
     gpu_time = GpuTimeShares()  # each request's share of its deployment's time: the basis of GPU-hour prices
     request_metrics = RequestMetrics(registry, is_known_model=lambda name: name in router.models)
@@ -133,7 +139,9 @@ def build_app(
             raise
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
-            state.runtime = await AgentRuntime.start(config, state.chat, cpu, keyring=keyring.keyring)
+            state.runtime = await AgentRuntime.start(
+                config, state.chat, cpu, keyring=keyring.keyring, redactor=redactor
+            )
         except Exception as exc:
             log.error("cannot start the agent runtime", error=str(exc))
             await router.stop(grace_s=5.0)
@@ -222,7 +230,7 @@ def build_app(
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
-    install_error_handlers(app, redactor or Redactor(config.security.redact_patterns))
+    install_error_handlers(app, redactor)
     app.add_middleware(ChatFastPath)  # inside authentication: the route's own permission check runs in it
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)

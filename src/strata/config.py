@@ -536,7 +536,9 @@ class SecurityConfig(_Strict):
     encryption: EncryptionConfig = EncryptionConfig()
     audit: AuditConfig = AuditConfig()
     redact_patterns: list[str] = Field(
-        default_factory=list, description="Extra regular expressions masked in logs and error bodies."
+        default_factory=list,
+        description="Extra regular expressions masked in logs, error bodies and stored text (audit rows, usage, "
+        "spans, run status reasons).",
     )
 
     @field_validator("redact_patterns")

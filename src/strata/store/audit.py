@@ -8,7 +8,8 @@ a gap can only mean a deleted row. Rows must therefore only be written through `
 
 Each row is signed with the HMAC key derived from the database's encryption keyring (`ChainKeys`): a store
 opened without a keyring can read and verify unkeyed rows, but refuses to append (an unkeyed row written
-now would read as a forgery).
+now would read as a forgery). Credentials in a record (by shape, or the configured secrets) are masked
+before it is signed, so what is stored and hashed holds none.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from strata.security.audit import (
     chain_hash,
     keyed_hash,
     normalized,
+    redacted,
 )
 from strata.security.encryption import EncryptionError, UnknownKeyError
 from strata.store.database import Database
@@ -67,7 +69,7 @@ class AuditStore:
             next_id, prev = (newest[0] + 1, newest[1]) if newest else (1, GENESIS)
             values: list[dict[str, Any]] = []
             for offset, raw in enumerate(records):
-                record = normalized(raw)
+                record = normalized(redacted(raw, self.db.redactor))
                 digest = keyed_hash(key, kid, prev, record)
                 values.append(_values(next_id + offset, record, prev, digest, kid))
                 prev = digest
