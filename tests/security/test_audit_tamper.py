@@ -37,6 +37,7 @@ from tests.support.strata_process import StrataProcess
 
 T = TypeVar("T")
 CHECKPOINTS = "strata-data/audit-checkpoints.jsonl"
+FORGED_HEAD = "the audit chain's newest row was not written by Strata"
 
 
 @dataclass
@@ -123,6 +124,15 @@ def checkpointed_head(trail: Trail, timeout_s: float = 20.0) -> list[AuditRow]:
         time.sleep(0.2)
 
 
+def logged_after(trail: Trail, event: str, before: int, timeout_s: float = 15.0) -> dict[str, Any]:
+    """The server's newest log line for `event`, once there are more than `before` of them."""
+    deadline = time.monotonic() + timeout_s
+    while trail.server.logs().count(event) <= before:
+        assert time.monotonic() < deadline, f"no {event!r} in the log"
+        time.sleep(0.2)
+    return [json.loads(line) for line in trail.server.logs().splitlines() if event in line][-1]  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def trail(
     request: pytest.FixtureRequest, mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory
@@ -200,8 +210,10 @@ def test_deleting_the_newest_rows_is_named_truncation(trail: Trail) -> None:
 def test_an_edited_row_with_every_later_hash_recomputed_fails(trail: Trail, keep_kid: bool) -> None:
     rows = checkpointed_head(trail)
     target = next(i for i, row in enumerate(rows) if row.record.action == "auth.failed" and i > 0)
-    edited = [*rows[:target], replace(rows[target], record=replace(rows[target].record, outcome="success"))]
+    outcome = "success" if keep_kid else "denied"  # each variant forges a head of its own
+    edited = [*rows[:target], replace(rows[target], record=replace(rows[target].record, outcome=outcome))]
     forged = recomputed(edited + rows[target + 1 :], target, keep_kid=keep_kid)
+    alarms = trail.server.logs().count(FORGED_HEAD)
     on_db(trail, lambda db: rewrite(db, forged))
     try:
         result = cli_verify(trail)
@@ -209,6 +221,8 @@ def test_an_edited_row_with_every_later_hash_recomputed_fails(trail: Trail, keep
         assert f"audit chain broken (recomputed): row {rows[target].id}" in result.stdout
         report = api_verify(trail)
         assert (report["ok"], report["problem"], report["first_bad_id"]) == (False, "recomputed", rows[target].id)
+        alarm = logged_after(trail, FORGED_HEAD, alarms)
+        assert alarm["row"] == rows[-1].id  # the replica noticed on its own, and signed no checkpoint of it
     finally:
         on_db(trail, lambda db: rewrite(db, rows))
 

@@ -304,11 +304,7 @@ def test_checkpoints_are_signed_and_read_back_from_a_file_or_a_log(tmp_path: Pat
     logged = json.dumps({"event": "audit checkpoint", "level": "info", **line})
     log.write_text(f'{{"event": "strata started"}}\nnot json\n{logged}\n')
     anchors = read_anchors([path, log, tmp_path / "missing.jsonl"], KEYS)
-    assert [(a.head_id, a.head_hash) for a in anchors.anchors] == [
-        (2, rows[1].hash),
-        (4, rows[3].hash),
-        (4, rows[3].hash),
-    ]
+    assert [(a.head_id, a.head_hash) for a in anchors.anchors] == [(2, rows[1].hash), (4, rows[3].hash)]
     assert anchors.problems == () and anchors.sources[-1].endswith("(missing)")
     assert verify_chain(rows, KEYS, anchors).ok
     assert verify_chain(rows[:3], KEYS, anchors).problem == "truncated"
@@ -335,4 +331,18 @@ def test_a_checkpoint_signed_with_a_key_not_in_the_ring_is_a_problem(tmp_path: P
     append_checkpoint(path, Checkpoint.sign(stranger, 3, rows[2].hash, "r"))
     anchors = read_anchors([path], KEYS)
     assert f"signed with encryption key {stranger.current!r}, which is not in the keyring" in anchors.problems[0]
+    assert verify_chain(rows, KEYS, anchors).problem == "bad checkpoint"
+
+
+def test_checkpoints_that_disagree_about_a_row_are_a_problem_and_old_ones_are_thinned(tmp_path: Path) -> None:
+    rows = chain(6)
+    path = tmp_path / "checkpoints.jsonl"
+    for row in rows:
+        append_checkpoint(path, Checkpoint.sign(KEYS, row.id, row.hash, "r"))
+    thinned = read_anchors([path], KEYS, limit=2)
+    assert [a.head_id for a in thinned.anchors] == [5, 6] and thinned.problems == ()
+    append_checkpoint(path, Checkpoint.sign(KEYS, 5, "e" * 64, "r"))  # row 5 written again after a cut
+    anchors = read_anchors([path], KEYS)
+    assert "signs another hash for row 5 than the checkpoint of" in anchors.problems[0]
+    assert anchors.problems[0].startswith(f"{path}:7 ")
     assert verify_chain(rows, KEYS, anchors).problem == "bad checkpoint"

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("strata.audit")
 CHECKPOINT_FILE = "audit-checkpoints.jsonl"
 LOG_EVENT = "audit checkpoint"
+MAX_ANCHORS = 20_000  # the newest rows checkpointed that one verification compares (some two weeks of minutes)
+_MAX_PROBLEMS = 20
 _FIELDS = ("v", "ts", "head_id", "head_hash", "replica", "kid", "mac")
 
 
@@ -112,43 +114,61 @@ def append_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     tighten(path, PRIVATE_FILE)
 
 
-def read_anchors(paths: Iterable[Path], keys: ChainKeys | None) -> Anchors:
+def read_anchors(paths: Iterable[Path], keys: ChainKeys | None, *, limit: int = MAX_ANCHORS) -> Anchors:
     """The authentic checkpoints in `paths` (checkpoint files or saved log files) as anchors for a verification.
 
-    Lines that are not checkpoints are skipped; a checkpoint that fails authentication, or whose key is not
-    in the ring, is a problem: someone edited or forged it, or the verification lacks a key."""
-    anchors: list[Anchor] = []
+    Lines that are not checkpoints are skipped. A problem: a checkpoint that fails authentication (edited or
+    forged), whose key is not in the ring, or that signs another hash for a row than an earlier one did (the
+    chain was cut back and written again in between, or restored from a backup). Files are read a line at a
+    time and only the `limit` newest rows checkpointed are kept, so years of checkpoints cost bounded memory
+    (the newest are what truncation is measured against; older rows are held by their HMACs and links)."""
+    kept: dict[int, Anchor] = {}
     sources: list[str] = []
     problems: list[str] = []
     for path in paths:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            handle = path.open(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             sources.append(f"{path} (missing)")
             continue
         sources.append(str(path))
-        for number, line in enumerate(text.splitlines(), start=1):
-            checkpoint = _parse(line)
-            if checkpoint is None:
-                continue
-            where = f"{path}:{number}"
-            if keys is None:
-                problems.append(f"{where} cannot be authenticated: no encryption keyring is configured")
-                continue
-            try:
-                authentic = checkpoint.authentic(keys)
-            except UnknownKeyError:
-                problems.append(
-                    f"{where} is signed with encryption key {checkpoint.kid!r}, which is not in the keyring"
-                )
-                continue
-            if not authentic:
-                problems.append(f"{where} fails authentication: it was edited, or not written by Strata")
-                continue
-            anchors.append(
-                Anchor(checkpoint.head_id, checkpoint.head_hash, f"the checkpoint of {checkpoint.ts} ({where})")
-            )
-    return Anchors(tuple(anchors), tuple(sources), tuple(problems))
+        with handle:
+            for number, line in enumerate(handle, start=1):
+                checkpoint = _parse(line)
+                if checkpoint is None:
+                    continue
+                anchor = Anchor(checkpoint.head_id, checkpoint.head_hash, f"the checkpoint of {checkpoint.ts} "
+                                f"({path}:{number})")  # fmt: skip
+                problem = _trust(checkpoint, keys, anchor, kept.get(checkpoint.head_id))
+                if problem is not None:
+                    if len(problems) < _MAX_PROBLEMS:
+                        problems.append(f"{path}:{number} {problem}")
+                    continue
+                kept[anchor.head_id] = anchor
+                if len(kept) > 2 * limit:
+                    kept = _newest(kept, limit)
+    return Anchors(tuple(_newest(kept, limit).values()), tuple(sources), tuple(problems))
+
+
+def _trust(checkpoint: Checkpoint, keys: ChainKeys | None, anchor: Anchor, earlier: Anchor | None) -> str | None:
+    """Why the checkpoint cannot serve as an anchor, or None."""
+    if keys is None:
+        return "cannot be authenticated: no encryption keyring is configured"
+    try:
+        if not checkpoint.authentic(keys):
+            return "fails authentication: it was edited, or not written by Strata"
+    except UnknownKeyError:
+        return f"is signed with encryption key {checkpoint.kid!r}, which is not in the keyring"
+    if earlier is not None and earlier.head_hash != anchor.head_hash:
+        return (
+            f"signs another hash for row {anchor.head_id} than {earlier.seen}: the chain was cut back and "
+            "written again in between (or restored from a backup)"
+        )
+    return None
+
+
+def _newest(anchors: dict[int, Anchor], limit: int) -> dict[int, Anchor]:
+    return {head_id: anchors[head_id] for head_id in sorted(anchors)[-limit:]}
 
 
 def _parse(line: str) -> Checkpoint | None:
@@ -194,10 +214,13 @@ class Checkpointer:
         head = await self.store.head()
         if keys is None or head is None or (head.id, head.hash) == self._last:
             return None
-        if not await self.store.head_is_authentic(head):
-            if self._last != (head.id, head.hash):
+        problem = await self.store.head_problem(head)
+        if problem is not None:
+            if problem.startswith("forged"):
                 log.error("the audit chain's newest row was not written by Strata: run `strata audit verify`",
-                          row=head.id)  # fmt: skip
+                          row=head.id, problem=problem)  # fmt: skip
+            else:
+                log.warning("cannot checkpoint the audit chain's head", row=head.id, problem=problem)
             self._last = (head.id, head.hash)
             return None
         checkpoint = Checkpoint.sign(keys, head.id, head.hash, self.replica)

@@ -81,20 +81,25 @@ class AuditStore:
             newest = (await session.execute(select(_TABLE).order_by(_TABLE.c.id.desc()).limit(1))).first()
         return None if newest is None else _row(newest)
 
-    async def head_is_authentic(self, head: AuditRow) -> bool:
-        """Whether `head` is a row Strata wrote: signed with a key of the ring (an unkeyed head only while no
-        keyed row exists). A checkpoint must never vouch for a row someone forged in the database."""
+    async def head_problem(self, head: AuditRow) -> str | None:
+        """Why `head` cannot be vouched for by a checkpoint, or None if Strata wrote it: it is signed with a key
+        of the ring (an unkeyed head only while no keyed row exists). A checkpoint must never vouch for a row
+        someone forged in the database."""
         if self.keys is None:
-            return False
+            return "no encryption keyring"
         if head.kid is None:
             async with self.db.sessions() as session:
                 keyed = (await session.execute(select(_TABLE.c.id).where(_TABLE.c.kid.is_not(None)).limit(1))).first()
-            return keyed is None and chain_hash(head.prev_hash, head.record) == head.hash
+            if keyed is None and chain_hash(head.prev_hash, head.record) == head.hash:
+                return None
+            return "forged: an unkeyed row after keyed ones, or a hash that does not match"
         try:
             key = self.keys.chain_key(head.kid)
         except UnknownKeyError:
-            return False
-        return hmac.compare_digest(keyed_hash(key, head.kid, head.prev_hash, head.record), head.hash)
+            return f"signed with encryption key {head.kid!r}, which this replica's keyring lacks"
+        if hmac.compare_digest(keyed_hash(key, head.kid, head.prev_hash, head.record), head.hash):
+            return None
+        return "forged: its hash is not the HMAC Strata signs"
 
     async def rows(self, after_id: int = 0, limit: int = 1000) -> list[AuditRow]:
         """Rows with id > after_id, oldest first: one page for keyset pagination."""
