@@ -91,7 +91,10 @@ def build_app(
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
-    private_data_dir(config.data_dir)  # 0700, and what an older install left readable tightened to 0600
+    try:
+        private_data_dir(config.data_dir)  # 0700, and what an older install left readable tightened to 0600
+    except OSError as exc:  # a read-only root file system on PostgreSQL: nothing of Strata's is kept there
+        log.warning("cannot create or tighten the data dir", path=str(config.data_dir), error=str(exc))
     keyring = load_keyring(config, os.environ)  # before listening: a bad key must stop the start
     # Credentials by shape and the configured secrets: masked in logs, error bodies and whatever is stored.
     redactor = redactor or Redactor.from_environ(

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from strata.security.audit import GENESIS, AuditRecord, AuditRow, ChainKeys, chain_hash, normalized, verify_chain
+from strata.security.audit_checkpoint import Checkpointer, read_anchors
 from strata.security.audit_log import AuditBacklogFull, AuditLog
 from strata.security.encryption import EncryptionError, Keyring
 from strata.store.audit import AuditStore
@@ -353,3 +354,36 @@ async def test_cli_on_a_database_without_the_table(url: str, tmp_path: Path) -> 
     result = await asyncio.to_thread(strata_audit, tmp_path, url, "verify")
     assert result.returncode == 2
     assert "strata db upgrade" in result.stderr
+
+
+async def test_checkpoints_follow_the_head_and_never_vouch_for_a_forged_one(db: Database, tmp_path: Path) -> None:
+    store = await seeded(db, 3)
+    path = tmp_path / "data" / "audit-checkpoints.jsonl"
+    log = AuditLog(store, flush_interval_s=0.01, checkpointer=Checkpointer(store, path, interval_s=3600))
+    with structlog.testing.capture_logs() as logs:
+        await log.start()  # a checkpoint of row 3 at start
+        log.record(event(4))
+        await log.stop()  # and of row 4 at stop, once it is written
+    heads = [(c.head_id, c.head_hash) for c in read_anchors([path], ChainKeys(KEYRING)).anchors]
+    rows = await store.rows()
+    assert heads == [(3, rows[2].hash), (4, rows[3].hash)]
+    assert [entry["head_id"] for entry in logs if entry["event"] == "audit checkpoint"] == [3, 4]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+
+    await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 4")
+    checkpointer = Checkpointer(store, path, interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        assert await checkpointer.checkpoint() is None
+    assert [entry["row"] for entry in logs if "not written by Strata" in entry["event"]] == [4]
+    assert len(path.read_text().splitlines()) == 2
+
+
+async def test_a_checkpoint_is_logged_when_its_file_cannot_be_written(db: Database, tmp_path: Path) -> None:
+    store = await seeded(db, 2)
+    (tmp_path / "not-a-dir").write_text("")
+    checkpointer = Checkpointer(store, tmp_path / "not-a-dir" / "checkpoints.jsonl", interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        checkpoint = await checkpointer.checkpoint()
+    assert checkpoint is not None and checkpoint.head_id == 2
+    events = [entry["event"] for entry in logs]
+    assert events == ["audit checkpoint", "cannot append the audit checkpoint to its file"]
