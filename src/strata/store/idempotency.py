@@ -47,7 +47,8 @@ def is_hashed(value: str) -> bool:
 
 async def hash_plaintext_keys(db: Database) -> int:
     """Replace plaintext idempotency keys (rows from before hashing) with their hash; returns how many.
-    Safe to run on every replica at once: a row is rewritten only while it still holds the plain key."""
+    Safe to run on every replica at once: a row is rewritten only while it still holds the plain key. Only
+    rows not holding a hash are read, so once an install is converted this costs one scan at each start."""
     if db.keyring is None:
         return 0
     done, after = 0, ""
@@ -56,7 +57,7 @@ async def hash_plaintext_keys(db: Database) -> int:
             rows = (
                 await tx.execute(
                     select(Run.id, Run.idempotency_key)
-                    .where(Run.idempotency_key.is_not(None), Run.id > after)
+                    .where(Run.idempotency_key.is_not(None), ~Run.idempotency_key.startswith("ik1:"), Run.id > after)
                     .order_by(Run.id)
                     .limit(_BATCH)
                 )
