@@ -60,12 +60,14 @@ from strata.observability.tracing import Tracing
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.security.admin_key import ensure_admin_key
+from strata.security.audit_checkpoint import Checkpointer, checkpoint_file
 from strata.security.audit_log import AuditLog
 from strata.security.authenticator import Authenticator
 from strata.security.encryption import load_keyring
+from strata.security.file_modes import private_data_dir
 from strata.security.jwt_auth import JwtVerifier
 from strata.security.rate_limit import RateLimiter
-from strata.security.redaction import Redactor
+from strata.security.redaction import Redactor, upstream_key_envs
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
@@ -90,8 +92,16 @@ def build_app(
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
     router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
     gpus = GpuMonitor()
+    try:
+        private_data_dir(config.data_dir)  # 0700, and what an older install left readable tightened to 0600
+    except OSError as exc:  # a read-only root file system on PostgreSQL: nothing of Strata's is kept there
+        log.warning("cannot create or tighten the data dir", path=str(config.data_dir), error=str(exc))
     keyring = load_keyring(config, os.environ)  # before listening: a bad key must stop the start
-    tracing = Tracing.from_config(config.tracing)  # the app's own provider; the chat service carries it
+    # Credentials by shape and the configured secrets: masked in logs, error bodies and whatever is stored.
+    redactor = redactor or Redactor.from_environ(
+        config.security.redact_patterns, os.environ, upstream_key_envs(config.models)
+    )
+    tracing = Tracing.from_config(config.tracing, redactor=redactor)  # the app's own provider
     registry = _metrics_registry(router, gpus)
     gpu_time = GpuTimeShares()  # each request's share of its deployment's time: the basis of GPU-hour prices
     request_metrics = RequestMetrics(registry, is_known_model=lambda name: name in router.models)
@@ -133,7 +143,9 @@ def build_app(
             raise
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
         try:
-            state.runtime = await AgentRuntime.start(config, state.chat, cpu, keyring=keyring.keyring)
+            state.runtime = await AgentRuntime.start(
+                config, state.chat, cpu, keyring=keyring.keyring, redactor=redactor
+            )
         except Exception as exc:
             log.error("cannot start the agent runtime", error=str(exc))
             await router.stop(grace_s=5.0)
@@ -222,7 +234,7 @@ def build_app(
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start
-    install_error_handlers(app, redactor or Redactor(config.security.redact_patterns))
+    install_error_handlers(app, redactor)
     app.add_middleware(ChatFastPath)  # inside authentication: the route's own permission check runs in it
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
@@ -240,7 +252,9 @@ def build_app(
 async def _start_guard(
     config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy], metrics: RequestMetrics
 ) -> Guard:
-    audit = AuditLog(AuditStore(db))
+    store = AuditStore(db)
+    checkpoints = Checkpointer(store, checkpoint_file(config), config.security.audit.checkpoint_interval_s)
+    audit = AuditLog(store, checkpointer=checkpoints)  # signs the chain's head at start, periodically and at stop
     await audit.start()
     jwt = JwtVerifier(config.security.jwt) if config.security.jwt is not None else None
     auth = Authenticator(KeyStore(db), ttl_s=config.security.key_cache_ttl_s, jwt=jwt, redis=redis)

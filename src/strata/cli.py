@@ -89,6 +89,7 @@ def serve(
             raise typer.Exit(2)
     redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, upstream_key_envs(loaded.models))
     configure_logging(loaded.logging, redactor)
+    os.umask(0o077)  # what the server (and a model server it launches) creates is its user's alone
     lifecycle = Lifecycle()
     try:
         application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ), redactor)

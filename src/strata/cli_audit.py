@@ -1,8 +1,10 @@
-"""`strata audit verify` and `strata audit export`: check the hash chain, copy the trail out as JSON Lines."""
+"""`strata audit verify` and `strata audit export`: check the keyed hash chain against the signed checkpoints,
+copy the trail out as JSON Lines."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
 from strata.security.audit import VerifyResult
+from strata.security.audit_checkpoint import checkpoint_file, read_anchors
+from strata.security.encryption import EncryptionError, Keyring, load_keyring
 from strata.store.audit import AuditStore
 
 audit_app = typer.Typer(
@@ -31,19 +35,50 @@ ConfigOption = Annotated[
 
 
 @audit_app.command("verify")
-def verify(config: ConfigOption = None) -> None:
-    """Check every row's hash and link; exit 1 naming the first row that was changed, deleted or reordered."""
+def verify(
+    config: ConfigOption = None,
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--checkpoints",
+            help="Checkpoint files, or saved server logs with `audit checkpoint` lines, to check the chain against "
+            "(repeatable; default: the server's checkpoint file, security.audit.checkpoint_file).",
+        ),
+    ] = None,
+) -> None:
+    """Check every row's HMAC and link, and the chain against the signed checkpoints of its head; exit 1 naming
+    the first row that was changed, recomputed, deleted or reordered, or the rows truncated from the end."""
+    loaded = load_or_exit(config)
+    keyring = _keyring(loaded)
+    paths = checkpoints or [checkpoint_file(loaded)]
 
     async def run(store: AuditStore) -> VerifyResult:
+        anchors = read_anchors(paths, store.keys)
         with err.status("verifying the audit chain...") as status:
-            return await store.verify(lambda n: status.update(f"verifying the audit chain... {n:,} rows"))
+            return await store.verify(lambda n: status.update(f"verifying the audit chain... {n:,} rows"), anchors)
 
-    result = _with_store(load_or_exit(config), run)
+    result = on_database(
+        loaded, lambda db: run(AuditStore(db)), what="read the audit trail", table="audit_events", keyring=keyring
+    )
     if not result.ok:
-        out.print(f"[bold red]audit chain broken:[/] {result.message}", highlight=False)
+        out.print(f"[bold red]audit chain broken ({result.problem}):[/] {result.message}", highlight=False)
+    else:
+        out.print(f"[bold green]audit chain intact:[/] {result.rows_checked:,} rows", highlight=False)
+        out.print(f"head: row {result.head_id}, hash {result.head_hash}", highlight=False)
+    out.print("checked:", highlight=False)
+    for line in result.checked:
+        out.print(f"  - {line}", highlight=False)
+    if not result.ok:
         raise typer.Exit(1)
-    out.print(f"[bold green]audit chain intact:[/] {result.rows_checked:,} rows", highlight=False)
-    out.print(f"head hash: {result.head_hash}", highlight=False)  # keep it elsewhere: it reveals truncation
+
+
+def _keyring(config: StrataConfig) -> Keyring | None:
+    """The server's keyring, never created here: without one, keyed rows are reported as unverifiable."""
+    try:
+        return load_keyring(config, os.environ, create=False).keyring
+    except EncryptionError as exc:
+        err.print(f"[yellow]no encryption keyring, keyed rows cannot be checked:[/] {exc}", highlight=False)
+        return None
 
 
 @audit_app.command("export")

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from strata.cli_support import load_or_exit, on_database
+from strata.cli_support import keyring_or_exit, load_or_exit, on_database
 from strata.config import StrataConfig
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and the encryption key.")
@@ -56,8 +56,14 @@ def _with_store(config: StrataConfig, work: Callable[..., Awaitable[T]]) -> T:
     from strata.store.audit import AuditStore
     from strata.store.keys import KeyStore
 
+    keyring = keyring_or_exit(config)  # the audit rows it writes are signed with a key derived from it
     return on_database(
-        config, lambda db: work(KeyStore(db), AuditStore(db)), what="manage keys", table="api_keys", upgrade=True
+        config,
+        lambda db: work(KeyStore(db), AuditStore(db)),
+        what="manage keys",
+        table="api_keys",
+        upgrade=True,
+        keyring=keyring,
     )
 
 
@@ -229,4 +235,7 @@ def rotate_encryption_key(config: ConfigOption = None) -> None:
     for name, count in report.reencrypted.tables.items():
         table.add_row(name, str(count.scanned), str(count.rewritten))
     out.print(table)
-    out.print(f"key {report.previous_kid} -> {report.reencrypted.kid}; restart servers to seal new data with it")
+    retired = ", ".join(sorted(report.retired_kids)) or "none"
+    out.print(f"now sealing with key {report.reencrypted.kid} (retired: {retired}); restart servers to seal with it")
+    if report.retired_kids:
+        out.print("keep the retired keys: the audit rows they signed are verified with them", highlight=False)

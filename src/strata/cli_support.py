@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from strata.config import StrataConfig
 from strata.config_loader import ConfigError, load_config, resolve_config_path
+from strata.security.encryption import EncryptionError, Keyring, load_keyring
 from strata.store.database import Database
 
 T = TypeVar("T")
@@ -39,12 +40,14 @@ def on_database(
     what: str,
     table: str,
     upgrade: bool = False,
+    keyring: Keyring | None = None,
 ) -> T:
-    """Open the configured database (migrated first with `upgrade`), run `work`, close it. A database
-    error exits 2 with one line naming `what` could not be done, and a hint when `table` is missing."""
+    """Open the configured database (migrated first with `upgrade`; with `keyring`, as the server opens it), run
+    `work`, close it. A database error exits 2 with one line naming `what` could not be done, and a hint when
+    `table` is missing."""
 
     async def main() -> T:
-        db = Database(config.effective_database_url)
+        db = Database(config.effective_database_url, keyring=keyring)
         try:
             if upgrade:
                 await db.upgrade()
@@ -58,4 +61,14 @@ def on_database(
         hint = " (run `strata db upgrade` first?)" if table in str(exc) else ""
         reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
         err.print(f"[red]cannot {what}{hint}:[/] {reason}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def keyring_or_exit(config: StrataConfig, *, create: bool = True) -> Keyring:
+    """The server's encryption keyring (the key file is created on a new SQLite install unless `create` is
+    False); a missing or unusable key exits 2 with the reason."""
+    try:
+        return load_keyring(config, os.environ, create=create).keyring
+    except EncryptionError as exc:
+        err.print(f"[red]cannot load the encryption keys:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -611,6 +611,22 @@ class EncryptionConfig(_Strict):
     )
 
 
+class AuditConfig(_Strict):
+    """Signed checkpoints of the audit chain's head, kept outside the database (they reveal truncation)."""
+
+    checkpoint_interval_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=86400,
+        description="How often a replica signs the chain's head (when it moved); also at start and at shutdown.",
+    )
+    checkpoint_file: Path | None = Field(
+        default=None,
+        description="Where checkpoints are appended (0600; default: <data_dir>/audit-checkpoints.jsonl). "
+        "Each is also logged as an `audit checkpoint` line.",
+    )
+
+
 class SecurityConfig(_Strict):
     public_metrics: bool = Field(default=False, description="Serve /metrics without credentials.")
     key_cache_ttl_s: float = Field(
@@ -618,8 +634,11 @@ class SecurityConfig(_Strict):
     )
     jwt: JwtConfig | None = None
     encryption: EncryptionConfig = EncryptionConfig()
+    audit: AuditConfig = AuditConfig()
     redact_patterns: list[str] = Field(
-        default_factory=list, description="Extra regular expressions masked in logs and error bodies."
+        default_factory=list,
+        description="Extra regular expressions masked in logs, error bodies and stored text (audit rows, usage, "
+        "spans, run status reasons).",
     )
 
     @field_validator("redact_patterns")

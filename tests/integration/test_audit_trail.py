@@ -1,11 +1,14 @@
 """The audit trail on SQLite and on PostgreSQL: nothing lost on shutdown, tampering named by row id,
-one intact chain with several writers (replicas), and the `strata audit` commands as a real process."""
+one intact keyed chain with several writers (replicas), rows from before the chain was keyed, and the
+`strata audit` commands as a real process."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -18,13 +21,18 @@ import yaml
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from strata.security.audit import AuditRecord, AuditRow, verify_chain
+from strata.security.audit import GENESIS, AuditRecord, AuditRow, ChainKeys, chain_hash, normalized, verify_chain
+from strata.security.audit_checkpoint import Checkpointer, read_anchors
 from strata.security.audit_log import AuditBacklogFull, AuditLog
+from strata.security.encryption import EncryptionError, Keyring
 from strata.store.audit import AuditStore
 from strata.store.database import Database
+from strata.store.tables import AuditEvent
 from tests.support.databases import fresh_postgres, sqlite_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+KEY = secrets.token_bytes(32)
+KEYRING = Keyring.from_keys(KEY)  # the chain's HMAC key derives from it, as a server's does
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,7 +47,7 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
 
 @pytest.fixture
 async def db(url: str) -> AsyncIterator[Database]:
-    database = Database(url)
+    database = Database(url, keyring=KEYRING)
     await database.upgrade()
     yield database
     await database.dispose()
@@ -119,6 +127,36 @@ async def test_a_deleted_row_is_named(db: Database) -> None:
     assert "row 7 does not follow row 5" in result.message and "missing: row 6" in result.message
 
 
+async def test_rows_from_before_the_chain_was_keyed_verify_as_unkeyed(db: Database) -> None:
+    prev, values = GENESIS, []
+    for n in range(1, 4):  # what the unkeyed scheme wrote: plain SHA-256, no key id
+        record = normalized(event(n))
+        digest = chain_hash(prev, record)
+        values.append({**record.__dict__, "id": n, "prev_hash": prev, "hash": digest, "kid": None})
+        prev = digest
+    async with db.transaction() as tx:
+        await tx.execute(AuditEvent.__table__.insert(), values)
+    store = AuditStore(db)
+    await store.append([event(4), event(5)])  # the first keyed row signs the unkeyed head
+    result = await store.verify()
+    assert result.ok and (result.legacy_rows, result.keyed_rows) == (3, 2), result.message
+    assert any(line.startswith("3 unkeyed rows") and "row 4" in line for line in result.checked)
+    await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 2")
+    assert ((await store.verify()).first_bad_id, (await store.verify()).problem) == (2, "changed")
+
+
+async def test_a_store_without_the_keyring_reads_but_does_not_append(db: Database, url: str) -> None:
+    await seeded(db, 3)
+    blind = Database(url)
+    try:
+        with pytest.raises(EncryptionError, match="keyed"):
+            await AuditStore(blind).append([event(4)])
+        result = await AuditStore(blind).verify()
+        assert (result.ok, result.problem, result.first_bad_id) == (False, "unverifiable", 1)
+    finally:
+        await blind.dispose()
+
+
 async def test_swapped_rows_are_named(db: Database) -> None:
     store = await seeded(db)
     third, fourth = (await store.rows(after_id=2, limit=2))[:2]
@@ -151,7 +189,7 @@ async def put(db: Database, row_id: int, content: AuditRow) -> None:
 
 
 async def test_two_replicas_appending_at_once_keep_one_chain(url: str) -> None:
-    first, second = Database(url), Database(url)  # two engines, as two replicas would have
+    first, second = Database(url, keyring=KEYRING), Database(url, keyring=KEYRING)  # two replicas' engines
     try:
         await first.upgrade()
         logs = [AuditLog(AuditStore(d), batch=7, flush_interval_s=0.005) for d in (first, second)]
@@ -183,6 +221,7 @@ async def test_two_replicas_appending_at_once_keep_one_chain(url: str) -> None:
             assert mine == list(range(300))
         result = await store.verify()
         assert result.ok, result.message
+        assert (result.keyed_rows, result.key_ids) == (len(rows), (KEYRING.current,))
     finally:
         await first.dispose()
         await second.dispose()
@@ -281,6 +320,7 @@ def strata_audit(tmp_path: Path, database_url: str, *args: str) -> subprocess.Co
     config.write_text(yaml.safe_dump({"database_url": database_url, "data_dir": str(tmp_path / "data")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
     env["COLUMNS"] = "80"
+    env["STRATA_ENCRYPTION_KEY"] = base64.b64encode(KEY).decode()  # the server's key: it checks the HMACs
     command = [sys.executable, "-m", "strata", "audit", *args, "--config", str(config)]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
 
@@ -297,7 +337,7 @@ async def test_cli_verify_and_export(db: Database, url: str, tmp_path: Path) -> 
     assert len(lines) == 25
     parsed = [json.loads(line) for line in lines]
     assert set(parsed[0]) >= {"id", "ts", "actor", "action", "outcome", "details", "prev_hash", "hash"}
-    assert verify_chain(AuditRow.from_json(obj) for obj in parsed).ok  # an export verifies on its own
+    assert verify_chain((AuditRow.from_json(obj) for obj in parsed), ChainKeys(KEYRING)).ok  # an export verifies alone
 
     to_stdout = await asyncio.to_thread(strata_audit, tmp_path, url, "export", "--out", "-")
     assert to_stdout.returncode == 0, to_stdout.stderr
@@ -306,7 +346,7 @@ async def test_cli_verify_and_export(db: Database, url: str, tmp_path: Path) -> 
     await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 17")
     broken = await asyncio.to_thread(strata_audit, tmp_path, url, "verify")
     assert broken.returncode == 1, broken.stderr
-    assert "audit chain broken: row 17 was changed" in broken.stdout
+    assert "audit chain broken (changed): row 17 was changed" in broken.stdout
     assert (await store.verify()).first_bad_id == 17
 
 
@@ -314,3 +354,36 @@ async def test_cli_on_a_database_without_the_table(url: str, tmp_path: Path) -> 
     result = await asyncio.to_thread(strata_audit, tmp_path, url, "verify")
     assert result.returncode == 2
     assert "strata db upgrade" in result.stderr
+
+
+async def test_checkpoints_follow_the_head_and_never_vouch_for_a_forged_one(db: Database, tmp_path: Path) -> None:
+    store = await seeded(db, 3)
+    path = tmp_path / "data" / "audit-checkpoints.jsonl"
+    log = AuditLog(store, flush_interval_s=0.01, checkpointer=Checkpointer(store, path, interval_s=3600))
+    with structlog.testing.capture_logs() as logs:
+        await log.start()  # a checkpoint of row 3 at start
+        log.record(event(4))
+        await log.stop()  # and of row 4 at stop, once it is written
+    heads = [(c.head_id, c.head_hash) for c in read_anchors([path], ChainKeys(KEYRING)).anchors]
+    rows = await store.rows()
+    assert heads == [(3, rows[2].hash), (4, rows[3].hash)]
+    assert [entry["head_id"] for entry in logs if entry["event"] == "audit checkpoint"] == [3, 4]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+
+    await execute(db, "UPDATE audit_events SET outcome = 'denied' WHERE id = 4")
+    checkpointer = Checkpointer(store, path, interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        assert await checkpointer.checkpoint() is None
+    assert [entry["row"] for entry in logs if "not written by Strata" in entry["event"]] == [4]
+    assert len(path.read_text().splitlines()) == 2
+
+
+async def test_a_checkpoint_is_logged_when_its_file_cannot_be_written(db: Database, tmp_path: Path) -> None:
+    store = await seeded(db, 2)
+    (tmp_path / "not-a-dir").write_text("")
+    checkpointer = Checkpointer(store, tmp_path / "not-a-dir" / "checkpoints.jsonl", interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        checkpoint = await checkpointer.checkpoint()
+    assert checkpoint is not None and checkpoint.head_id == 2
+    events = [entry["event"] for entry in logs]
+    assert events == ["audit checkpoint", "cannot append the audit checkpoint to its file"]

@@ -21,6 +21,7 @@ from strata.config import StrataConfig
 from strata.security.encryption import EncryptionError, Keyring, key_id, load_keyring
 from strata.store.agents import AgentVersionStore
 from strata.store.database import Database
+from strata.store.idempotency import hash_plaintext_keys, is_hashed
 from strata.store.reencrypt import reencrypt_all, rotate_encryption
 from strata.store.run_journal import RunBatch
 from strata.store.runs import RunStore, finish
@@ -31,6 +32,7 @@ from tests.support.databases import fresh_postgres, sqlite_url
 ENCRYPTED = {
     "agent_versions": ["spec"],
     "messages": ["data"],
+    "sessions": ["metadata"],
     "runs": ["input", "output", "pending_approval", "approvals"],
     "steps": ["input", "output", "error"],
     "events": ["data"],
@@ -65,16 +67,16 @@ async def open_db(place: Place, keyring: Keyring | None) -> Database:
 
 
 async def write_conversation(db: Database, canary: str, control: str) -> tuple[str, str]:
-    """Everything a chat with a tool call writes, each piece carrying the canary; `control` goes in
-    session metadata, which is not encrypted, to prove the byte scans would see plaintext."""
+    """Everything a chat with a tool call writes, each piece carrying the canary (session metadata too);
+    `control` is the session's owner, which is not encrypted, to prove the byte scans would see plaintext."""
     store = RunStore(db)
     await AgentVersionStore(db).add("agent", {"instructions": f"You are a bot. {canary}"}, "api")
-    session = await store.create_session("agent", None, {"note": control})
+    session = await store.create_session("agent", control, {"note": canary})
     run, _ = await store.create_run(
         session_id=session.id,
         agent="agent",
         agent_version=1,
-        owner=None,
+        owner=control,
         input_message={"role": "user", "content": f"hello {canary}"},
         idempotency_key=None,
         timeout_s=60,
@@ -112,6 +114,8 @@ async def write_conversation(db: Database, canary: str, control: str) -> tuple[s
 
 async def assert_reads_back(db: Database, session_id: str, run_id: str, canary: str) -> None:
     store = RunStore(db)
+    session = await store.get_session(session_id)
+    assert session is not None and session.metadata_ == {"note": canary}
     message = (await store.messages(session_id))[0]
     assert message.data == {"role": "user", "content": f"hello {canary}"}
     run = await store.get_run(run_id)
@@ -279,3 +283,41 @@ async def test_rotate_encryption_rotates_the_key_file_or_follows_the_environment
     await assert_reads_back(db, session_id, run_id, canary)
     assert not any(source.keyring.current in value for value in await stored_values(db))
     await db.dispose()
+
+
+async def test_idempotency_keys_are_stored_hashed_and_plain_ones_from_before_are_found_then_hashed(
+    place: Place,
+) -> None:
+    canary = f"IDEM-{uuid.uuid4().hex}"
+
+    async def start(db: Database, key: str) -> tuple[str, bool]:
+        store = RunStore(db)
+        session = await store.create_session("agent", None)
+        run, created = await store.create_run(
+            session_id=session.id, agent="agent", agent_version=1, owner=None,
+            input_message={"role": "user", "content": "hi"}, idempotency_key=key, timeout_s=60,
+        )  # fmt: skip
+        await store.close()
+        return run.id, created
+
+    async def stored(db: Database) -> list[str]:
+        async with db.sessions() as tx:
+            return [key for (key,) in await tx.execute(text("SELECT idempotency_key FROM runs ORDER BY id"))]
+
+    plain = await open_db(place, None)  # an older version: the key as it came
+    old_run, _ = await start(plain, f"{canary}-old")
+    await plain.dispose()
+
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    db = await open_db(place, Keyring.from_keys(old))
+    assert await start(db, f"{canary}-old") == (old_run, False)  # found by the key itself
+    assert await hash_plaintext_keys(db) == 1 and await hash_plaintext_keys(db) == 0
+    assert await start(db, f"{canary}-old") == (old_run, False)  # and by its hash
+    sealed_run, created = await start(db, f"{canary}-sealed")
+    assert created and await start(db, f"{canary}-sealed") == (sealed_run, False)
+    assert all(is_hashed(key) and canary not in key for key in await stored(db))
+    await db.dispose()
+
+    rotated = await open_db(place, Keyring.from_keys(new, [old]))  # keys hashed before a rotation still match
+    assert await start(rotated, f"{canary}-sealed") == (sealed_run, False)
+    await rotated.dispose()

@@ -6,7 +6,7 @@ SQLite (the embedded default): every file under the data dir, the database with 
 server stopped; the key file the server made for itself. PostgreSQL (key from STRATA_ENCRYPTION_KEY): every
 table, TOAST and index file on disk after a CHECKPOINT, the current WAL segment, and a COPY of every table.
 
-A control string that Strata stores unencrypted on purpose (a session's metadata) proves the scans would see
+A control string that Strata stores unencrypted on purpose (an API key's name) proves the scans would see
 plaintext if there were any."""
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def chat_and_run(server: StrataProcess, canary: str, control: str) -> dict[str, 
         assert chat.status_code == 200, chat.text
         assert chat.json()["choices"][0]["message"]["content"] == canary  # the mock echoes it
 
-        session = client.post("/v1/sessions", json={"agent": "demo", "metadata": {"note": control}})
+        server.create_key(name=control)  # stored as it is: the control the scans must see
+        session = client.post("/v1/sessions", json={"agent": "demo", "metadata": {"note": canary}})
         assert session.status_code == 201, session.text
         session_id = session.json()["id"]
         run = client.post("/v1/agents/demo/runs", json={"input": canary, "session_id": session_id, "mode": "sync"})
@@ -92,7 +93,7 @@ def assert_reads_back(client: httpx.Client, canary: str, control: str, run_id: s
     assert [step["output"]["content"] for step in run["steps"] if step["kind"] == "model"] == [canary]
     messages = client.get(f"/v1/sessions/{session_id}/messages").json()["data"]
     assert [(m["role"], m["content"]) for m in messages] == [("user", canary), ("assistant", canary)]
-    assert client.get(f"/v1/sessions/{session_id}").json()["metadata"] == {"note": control}
+    assert client.get(f"/v1/sessions/{session_id}").json()["metadata"] == {"note": canary}
     events = sse_events(client.get(f"/v1/runs/{run_id}/events"))
     completed = [e for e in events if e["type"] == "run.completed"]
     assert completed and completed[0]["output"] == canary, events

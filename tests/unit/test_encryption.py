@@ -161,3 +161,23 @@ def test_keyring_rejects_bad_keys() -> None:
         Keyring({"k": b"short"}, "k")
     with pytest.raises(EncryptionError, match="not in the keyring"):
         Keyring({"k": secrets.token_bytes(32)}, "other")
+
+
+def test_subkeys_are_derived_per_purpose_and_key(tmp_path: Path) -> None:
+    key, other = secrets.token_bytes(32), secrets.token_bytes(32)
+    ring = Keyring.from_keys(key, [other])
+    chain, idempotency = ring.subkey("audit"), ring.subkey("idempotency")
+    assert len(chain) == 32 and chain != idempotency and key not in (chain, idempotency)
+    assert Keyring.from_keys(key).subkey("audit") == chain  # the same key gives every replica the same subkey
+    assert ring.subkey("audit", key_id(other)) not in (chain, other)  # a retired key still derives its own
+    with pytest.raises(UnknownKeyError):
+        ring.subkey("audit", "00000000")
+    running = load_keyring(config(tmp_path), {}).keyring  # started before another process rotated the file
+    rotated = rotate_key_file(tmp_path / "data" / "encryption.keys")
+    assert running.subkey("audit", rotated) == read_key_file(tmp_path / "data" / "encryption.keys").subkey("audit")
+
+
+def test_a_reading_tool_does_not_make_up_a_key_file(tmp_path: Path) -> None:
+    with pytest.raises(EncryptionError, match="no key file"):
+        load_keyring(config(tmp_path), {}, create=False)
+    assert not (tmp_path / "data" / "encryption.keys").exists()

@@ -16,9 +16,11 @@ from strata.config import StrataConfig
 from strata.cost.prices import PriceCatalog
 from strata.cost.run_accounting import RunAccounting
 from strata.security.encryption import Keyring
+from strata.security.redaction import Redactor
 from strata.serving.chat import ChatService
 from strata.store.agents import AgentVersionStore
 from strata.store.database import Database
+from strata.store.idempotency import hash_plaintext_keys
 from strata.store.runs import RunStore
 
 
@@ -35,10 +37,17 @@ class AgentRuntime:
 
     @classmethod
     async def start(
-        cls, config: StrataConfig, chat: ChatService, cpu: CpuPool, *, keyring: Keyring | None = None
+        cls,
+        config: StrataConfig,
+        chat: ChatService,
+        cpu: CpuPool,
+        *,
+        keyring: Keyring | None = None,
+        redactor: Redactor | None = None,
     ) -> AgentRuntime:
-        db = Database(config.effective_database_url, keyring=keyring)
+        db = Database(config.effective_database_url, keyring=keyring, redactor=redactor)
         await db.upgrade()
+        await hash_plaintext_keys(db)  # idempotency keys stored in plain by an older version
         bus = EventBus()
         store = RunStore(db, bus.publish_stored)
         catalog = AgentCatalog(AgentVersionStore(db))

@@ -1,4 +1,4 @@
-"""`/admin/audit`: read the audit trail and check its hash chain."""
+"""`/admin/audit`: read the audit trail and check its keyed hash chain against this replica's checkpoints."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from strata.api.auth import Guard
 from strata.api.errors import ApiError
+from strata.security.audit_checkpoint import checkpoint_file, read_anchors
 
 router = APIRouter(tags=["audit"])
 FLUSH_WAIT_S = 2.0
@@ -40,11 +41,17 @@ async def list_audit(
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get("/admin/audit/verify", summary="Walk the hash chain; name the first changed, deleted or moved row")
+@router.get(
+    "/admin/audit/verify",
+    summary="Walk the keyed hash chain and compare it with the signed checkpoints; name what was tampered with",
+)
 async def verify_audit(request: Request) -> Response:
     guard: Guard = request.app.state.strata.guard
     await _flush(guard)
-    result = await guard.audit.store.verify()
+    store = guard.audit.store
+    path = checkpoint_file(request.app.state.strata.config)
+    anchors = await asyncio.to_thread(read_anchors, [path], store.keys)
+    result = await store.verify(anchors=anchors)
     return Response(orjson.dumps(dataclasses.asdict(result)), media_type="application/json")
 
 

@@ -39,7 +39,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from strata import __version__
 from strata.config import TracingConfig
 from strata.observability import tracing_genai as genai
+from strata.observability.tracing_redact import RedactingExporter
 from strata.observability.tracing_store import LocalSpanProcessor, RunScopeProcessor, SpanWriter
+from strata.security.redaction import Redactor
 from strata.store.database import Database
 from strata.store.spans import SpanStore
 
@@ -75,8 +77,10 @@ class Tracing:
         config: TracingConfig,
         provider: TracerProvider | None,
         local: LocalSpanProcessor | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.config = config
+        self.redactor = redactor or Redactor()
         self.capture_content = config.capture_content and provider is not None
         self._provider = provider
         self._tracer: trace.Tracer = (
@@ -87,10 +91,14 @@ class Tracing:
         self.store: SpanStore | None = None  # the local trace store, once started (None if it is off)
 
     @classmethod
-    def from_config(cls, config: TracingConfig, *, exporters: Sequence[SpanExporter] = ()) -> Tracing:
-        """`exporters`: more exporters, each behind a synchronous processor (for tests)."""
+    def from_config(
+        cls, config: TracingConfig, *, exporters: Sequence[SpanExporter] = (), redactor: Redactor | None = None
+    ) -> Tracing:
+        """`exporters`: more exporters, each behind a synchronous processor (for tests). `redactor` masks
+        credentials in what is exported and stored (default: by shape)."""
+        redactor = redactor or Redactor()
         if not config.enabled:
-            return cls(config, None)
+            return cls(config, None, redactor=redactor)
         resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
         sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
         provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
@@ -102,14 +110,14 @@ class Tracing:
             exporter = OTLPSpanExporter(
                 endpoint=config.otlp_endpoint, headers=headers or None, timeout=_EXPORT_TIMEOUT_S
             )
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+            provider.add_span_processor(BatchSpanProcessor(RedactingExporter(exporter, redactor)))
             _quiet_sdk_warnings()
         local = LocalSpanProcessor() if config.local_store else None
         if local is not None:
             provider.add_span_processor(local)
         for extra in exporters:
-            provider.add_span_processor(SimpleSpanProcessor(extra))
-        return cls(config, provider, local)
+            provider.add_span_processor(SimpleSpanProcessor(RedactingExporter(extra, redactor)))
+        return cls(config, provider, local, redactor)
 
     @classmethod
     def disabled(cls) -> Tracing:
@@ -128,7 +136,9 @@ class Tracing:
         if self._local is None or self._writer is not None:
             return
         self.store = SpanStore(db)
-        self._writer = SpanWriter(self._local, self.store, retention_s=self.config.local_retention_hours * 3600)
+        self._writer = SpanWriter(
+            self._local, self.store, retention_s=self.config.local_retention_hours * 3600, redactor=self.redactor
+        )
         await self._writer.start()
 
     async def flush(self) -> None:

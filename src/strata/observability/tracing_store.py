@@ -26,6 +26,8 @@ from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.trace import StatusCode
 
 from strata.observability import tracing_genai as genai
+from strata.observability.tracing_redact import redact_span
+from strata.security.redaction import Redactor
 from strata.store.spans import SpanRecord, SpanStore
 
 log = structlog.get_logger("strata.tracing")
@@ -95,8 +97,10 @@ class SpanWriter:
         interval_s: float = 0.5,
         batch: int = 128,
         prune_every_s: float = 600.0,
+        redactor: Redactor | None = None,
     ) -> None:
         self.source = source
+        self.redactor = redactor or Redactor()  # credentials in names and attributes are masked before storing
         self.store = store
         self.retention_s = retention_s
         self.interval_s = interval_s
@@ -149,7 +153,7 @@ class SpanWriter:
 
     async def _write_batch(self, size: int) -> int:
         queue = self.source.queue
-        records = [to_record(queue.popleft()) for _ in range(min(size, len(queue)))]
+        records = [to_record(redact_span(queue.popleft(), self.redactor)) for _ in range(min(size, len(queue)))]
         try:
             await self.store.append(records)
         except Exception:

@@ -5,12 +5,14 @@ silently): `record()` queues and returns; a task writes batches, one transaction
 writes in order; `stop()` writes everything still queued. Past `max_queue` waiting events it keeps
 accepting (dropping an audit event is worse than using memory) and reports `overloaded`; past
 `max_backlog` it raises `AuditBacklogFull`: the caller fails loudly (503) rather than the process growing
-without limit.
+without limit. With a `Checkpointer`, the chain's head is signed and kept outside the database at start,
+periodically, and at `stop()` once everything queued is written.
 """
 
 from __future__ import annotations
 
 from strata.security.audit import AuditRecord, canonical_json, normalized
+from strata.security.audit_checkpoint import Checkpointer
 from strata.store.audit import AuditStore
 from strata.store.batch_writer import BacklogFull, BatchWriter
 
@@ -36,6 +38,7 @@ class AuditLog(BatchWriter[AuditRecord]):
         max_backlog: int | None = None,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         super().__init__(
             store.append,
@@ -50,6 +53,17 @@ class AuditLog(BatchWriter[AuditRecord]):
             retry_max_s=retry_max_s,
         )
         self.store = store
+        self.checkpointer = checkpointer
+
+    async def start(self) -> None:
+        await super().start()
+        if self.checkpointer is not None:
+            await self.checkpointer.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        await super().stop(timeout_s)
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
 
     def record(self, record: AuditRecord) -> None:
         """Queue an event; never blocks. Call it from the event loop's thread."""

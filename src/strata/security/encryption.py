@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
@@ -66,6 +68,9 @@ class Keyring:
 
     With `reload`, a record sealed by a key this ring has not seen (another process rotated the shared
     key file) makes it re-read its source once, at most every few seconds, instead of failing the read.
+
+    `subkey` derives keys for other purposes (the audit chain's HMAC, idempotency-key hashes) from the same
+    keys, so they live wherever the encryption keys live and never in the database.
     """
 
     def __init__(self, keys: Mapping[str, bytes], current: str, reload: Callable[[], Keyring] | None = None) -> None:
@@ -74,7 +79,9 @@ class Keyring:
         for kid, key in keys.items():
             if len(key) != KEY_BYTES:
                 raise EncryptionError(f"key {kid!r} is {len(key)} bytes; AES-256 needs exactly {KEY_BYTES}")
+        self._keys = dict(keys)
         self._ciphers = {kid: AESGCM(key) for kid, key in keys.items()}
+        self._subkeys: dict[tuple[str, str], bytes] = {}
         self.current = current
         self._reload = reload
         self._reloaded_at = float("-inf")
@@ -100,27 +107,44 @@ class Keyring:
         if match is None:
             raise EncryptionError("value is not an encryption envelope (enc:v1:<kid>:<data>)")
         kid, body = match.groups()
-        cipher = self._ciphers.get(kid) or self._reloaded(kid)
+        cipher = self._ciphers.get(kid)
+        if cipher is None:
+            self._reloaded(kid)  # replaces the dicts: read them after it
+            cipher = self._ciphers[kid]
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
             return cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], aad)
         except (InvalidTag, binascii.Error, ValueError):
             raise EncryptionError(f"a record sealed with key {kid!r} failed authentication (tampered?)") from None
 
-    def _reloaded(self, kid: str) -> AESGCM:
+    def subkey(self, label: str, kid: str | None = None) -> bytes:
+        """A 32-byte key for `label`'s purpose, HKDF-SHA256 from key `kid` (default: the current one).
+
+        Each label gives an unrelated key, so a MAC key never doubles as an encryption key. `UnknownKeyError`
+        if `kid` is not in the ring (after one reload, as for `decrypt`)."""
+        kid = self.current if kid is None else kid
+        cached = self._subkeys.get((label, kid))
+        if cached is None:
+            if kid not in self._keys:
+                self._reloaded(kid)
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label.encode())
+            cached = self._subkeys[(label, kid)] = hkdf.derive(self._keys[kid])
+        return cached
+
+    def _reloaded(self, kid: str) -> None:
+        """Make sure `kid` is in the ring, re-reading the key file once if it is not; else `UnknownKeyError`."""
         with self._lock:
-            if kid not in self._ciphers and self._reload and time.monotonic() - self._reloaded_at > _RELOAD_INTERVAL_S:
+            if kid not in self._keys and self._reload and time.monotonic() - self._reloaded_at > _RELOAD_INTERVAL_S:
                 self._reloaded_at = time.monotonic()
                 fresh = self._reload()
                 # Adopt new keys only: what this ring seals with stays put until the process restarts.
+                self._keys = {**fresh._keys, **self._keys}
                 self._ciphers = {**fresh._ciphers, **self._ciphers}
-        cipher = self._ciphers.get(kid)
-        if cipher is None:
+        if kid not in self._keys:
             raise UnknownKeyError(
-                f"encryption key {kid!r} is not configured (this ring has {', '.join(sorted(self._ciphers))}); "
+                f"encryption key {kid!r} is not configured (this ring has {', '.join(sorted(self._keys))}); "
                 f"add it to {ENV_OLD_KEYS} or restore it in the key file"
             )
-        return cipher
 
 
 @dataclass(frozen=True)
@@ -138,14 +162,17 @@ def default_key_file(config: StrataConfig) -> Path:
     return config.security.encryption.key_file or config.data_dir / "encryption.keys"
 
 
-def load_keyring(config: StrataConfig, environ: Mapping[str, str]) -> KeyringSource:
-    """The keyring from STRATA_ENCRYPTION_KEY, else the key file (created for the embedded SQLite default)."""
+def load_keyring(config: StrataConfig, environ: Mapping[str, str], *, create: bool = True) -> KeyringSource:
+    """The keyring from STRATA_ENCRYPTION_KEY, else the key file (created for the embedded SQLite default,
+    unless `create` is False: a tool that only reads, such as `strata audit verify`, must not make up a key)."""
     if environ.get(ENV_KEY, "").strip():
         current = decode_key(environ[ENV_KEY], ENV_KEY)
         old = [decode_key(k, ENV_OLD_KEYS) for k in environ.get(ENV_OLD_KEYS, "").split(",") if k.strip()]
         return KeyringSource(Keyring.from_keys(current, old), origin="environment")
     path = default_key_file(config)
     created = None
+    if not path.exists() and not create:
+        raise EncryptionError(f"no encryption key: {ENV_KEY} is not set and there is no key file at {path}")
     if not path.exists():
         if make_url(config.effective_database_url).get_backend_name() != "sqlite":
             raise EncryptionError(

@@ -1,9 +1,14 @@
-"""The async engine and its migrations. Migrations run at start (and with `strata db upgrade`)."""
+"""The async engine and its migrations. Migrations run at start (and with `strata db upgrade`).
+
+A SQLite database holds everything Strata keeps, so its file is created 0600 (SQLite gives its -wal and
+-shm files the database file's mode) and a looser mode left by an older install is tightened on open.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,10 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from strata.security.encryption import Keyring
+from strata.security.file_modes import PRIVATE_DIR, PRIVATE_FILE, tighten
+from strata.security.redaction import Redactor
 from strata.store.encrypted import attach_keyring
+from strata.store.redacted import SHAPES, attach_redactor
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant will do: it serialises concurrent upgrades of replicas starting together on PostgreSQL.
@@ -20,20 +28,25 @@ _MIGRATION_LOCK_ID = 0x5354524154
 
 
 class Database:
-    def __init__(self, url: str, *, echo: bool = False, keyring: Keyring | None = None) -> None:
-        """`keyring` encrypts conversation data at rest; without one it is written (and read) as plaintext."""
+    def __init__(
+        self, url: str, *, echo: bool = False, keyring: Keyring | None = None, redactor: Redactor | None = None
+    ) -> None:
+        """`keyring` encrypts conversation data at rest; without one it is written (and read) as plaintext.
+        `redactor` masks credentials in the columns that could catch one (default: by shape only)."""
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             database = self.url.database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if database and database != ":memory:" and not database.startswith("file:"):
+                private_sqlite_files(Path(database))
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self.keyring = keyring
+        self.redactor = redactor or SHAPES
         attach_keyring(self.engine, keyring)
+        attach_redactor(self.engine, self.redactor)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
@@ -55,6 +68,16 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def private_sqlite_files(database: Path) -> None:
+    """Create the database file 0600 (in a new folder 0700) before SQLite does; tighten existing ones."""
+    if not database.parent.exists():
+        database.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    with suppress(FileExistsError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        tighten(database.with_name(database.name + suffix), PRIVATE_FILE)
 
 
 def _upgrade(connection: Connection) -> None:

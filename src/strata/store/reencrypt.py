@@ -46,7 +46,9 @@ class ReencryptReport:
 class RotationReport:
     source: KeyringSource  # as loaded before rotating: tell the operator about a created file or a warning
     rotated_file: bool  # False when the keys come from the environment (the operator rotated them there)
-    retired_kids: frozenset[str]  # every other key: droppable once no replica still seals with one of them
+    # Every other key: no data needs it once no replica still seals with it, but the audit rows it signed are
+    # verified with it (`strata audit verify`): keep it in the ring.
+    retired_kids: frozenset[str]
     reencrypted: ReencryptReport
 
 

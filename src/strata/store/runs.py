@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from strata.store.database import Database
+from strata.store.idempotency import lookup_forms, stored_form
 from strata.store.run_journal import JournalWriter, LeaseLost, RunBatch
 from strata.store.tables import Event, Message, Run, Session, Step
 
@@ -238,7 +239,7 @@ class RunStore:
             agent_version=agent_version,
             owner=owner,
             status="queued",
-            idempotency_key=idempotency_key,
+            idempotency_key=stored_form(self.db.keyring, idempotency_key) if idempotency_key else None,
             input=input_message,
             approvals={},
             created_at=now,
@@ -273,9 +274,13 @@ class RunStore:
         return run, True
 
     async def by_idempotency_key(self, agent: str, key: str) -> Run | None:
+        """The run `agent` created with this Idempotency-Key (stored as a keyed hash: see `store.idempotency`)."""
+        forms = lookup_forms(self.db.keyring, key)
         async with self.db.sessions() as tx:
-            rows = await tx.execute(select(Run).where(Run.agent == agent, Run.idempotency_key == key))
-            return rows.scalar_one_or_none()
+            rows = await tx.execute(
+                select(Run).where(Run.agent == agent, Run.idempotency_key.in_(forms)).order_by(Run.created_at)
+            )
+            return rows.scalars().first()
 
     async def get_run(self, run_id: str) -> Run | None:
         async with self.db.sessions() as tx:

@@ -1,7 +1,9 @@
 """The schema. Changing it means a new Alembic migration under `store/migrations/versions/`.
 
-Conversation data (messages, run and step inputs and outputs, events, agent specs) is encrypted at rest
-by the Encrypted* column types; they are plain JSON / Text to the database, so encrypting needs no migration.
+Conversation data (messages, run and step inputs and outputs, events, agent specs, session metadata) is
+encrypted at rest by the Encrypted* column types; they are plain JSON / Text to the database, so encrypting
+needs no migration. Columns a client's text can reach unencrypted (a model name, a request id, a run's
+status reason) are Redacted*: credentials are masked before they are written.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from strata.store.encrypted import EncryptedJSON, EncryptedText
+from strata.store.redacted import RedactedString, RedactedText
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
@@ -40,7 +43,7 @@ class Session(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     agent: Mapped[str] = mapped_column(String(64), index=True)
     owner: Mapped[str | None] = mapped_column(String(128), index=True)
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", EncryptedJSON("sessions.metadata"), default=dict)
     next_message_seq: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -74,7 +77,8 @@ class Run(Base):
     agent_version: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(24))
-    status_reason: Mapped[str | None] = mapped_column(Text)
+    status_reason: Mapped[str | None] = mapped_column(RedactedText())
+    # A keyed hash of the client's Idempotency-Key (`store.idempotency`), never the key itself.
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     input: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("runs.input"))
     output: Mapped[str | None] = mapped_column(EncryptedText("runs.output"))
@@ -162,7 +166,8 @@ class ApiKey(Base):
 
 
 class AuditEvent(Base):
-    """One security-relevant event. Append-only; `hash` chains each row to the one before it."""
+    """One security-relevant event. Append-only; `hash` chains each row to the one before it, an HMAC under a
+    key derived from encryption key `kid` (None: an unkeyed row from before the chain was keyed)."""
 
     __tablename__ = "audit_events"
 
@@ -178,6 +183,7 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kid: Mapped[str | None] = mapped_column(String(64))
 
 
 class Usage(Base):
@@ -192,9 +198,9 @@ class Usage(Base):
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     ts: Mapped[datetime] = mapped_column(index=True)
-    request_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(RedactedString(64))
     kind: Mapped[str] = mapped_column(String(16))
-    model: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(RedactedString(128))
     key_id: Mapped[str | None] = mapped_column(String(40))
     user: Mapped[str | None] = mapped_column(String(128))
     agent: Mapped[str | None] = mapped_column(String(64))
