@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import asyncpg
+
+from strata.store.database import Database
 
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -41,3 +43,20 @@ async def fresh_postgres() -> AsyncIterator[str]:
 @contextmanager
 def sqlite_url(directory: Path) -> Iterator[str]:
     yield f"sqlite+aiosqlite:///{directory / 'strata.db'}"
+
+
+@asynccontextmanager
+async def migrated(kind: str, directory: Path) -> AsyncIterator[Database]:
+    """A migrated, empty database: `kind` "sqlite" (a file in `directory`) or "postgresql" (fresh_postgres)."""
+    async with AsyncExitStack() as stack:
+        url = (
+            stack.enter_context(sqlite_url(directory))
+            if kind == "sqlite"
+            else await stack.enter_async_context(fresh_postgres())
+        )
+        database = Database(url)
+        await database.upgrade()
+        try:
+            yield database
+        finally:
+            await database.dispose()
