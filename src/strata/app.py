@@ -44,6 +44,7 @@ from strata.api.permissions import PROBE_PATHS, Policy, public_paths, route_poli
 from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
+from strata.api.strings import refuse_bad_strings
 from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
@@ -203,7 +204,7 @@ def build_app(
         title="Strata",
         version=__version__,
         lifespan=lifespan,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize), Depends(refuse_bad_strings)],
         responses=ERROR_RESPONSES,
         # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only
         # re-check OTel's global providers (an os.environ read) on every request.
