@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import mock_model
-from tests.integration.test_security_canary import postgres_database
+from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -38,6 +39,18 @@ async def fresh_postgres() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """fresh_postgres for a synchronous test: its own loop for the database's whole life."""
+    loop = asyncio.new_event_loop()
+    database = fresh_postgres()
+    try:
+        yield loop.run_until_complete(database.__aenter__())
+    finally:
+        loop.run_until_complete(database.__aexit__(None, None, None))
+        loop.close()
 
 
 @contextmanager
