@@ -2,7 +2,8 @@
 than the flood: more half-open connections than it has descriptors, slowloris heads, chunked bodies that never
 end, and every connection busy. The server must close what it does not need within its timeouts, keep its open
 connections at `server.max_connections`, answer /healthz and an authenticated chat completion throughout, and
-refuse what it cannot take with a clean 503 and Retry-After, never a reset."""
+refuse what it cannot take with a clean 503 and Retry-After, never a reset (past a small room for those refusals,
+a connection is closed at once: under such a flood nothing else is affordable)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from strata.api.connections import REFUSAL_ROOM
 from tests.conftest import mock_model
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
@@ -199,6 +201,12 @@ def test_when_every_connection_is_busy_a_new_one_gets_503_with_retry_after(strat
             assert error["code"] == "too_many_connections" and "server.max_connections" in error["message"]
             assert error["request_id"] == refused.headers["x-request-id"]
             assert client.get(strata.url + "/healthz").status_code == 200, "probes are served past the bound"
+        silent = open_sockets(strata, REFUSAL_ROOM + 10)  # past the room for refusals too: closed at once
+        try:
+            _, still_open = hold(silent, TIMEOUT_S + MARGIN_S)
+            assert still_open == 0, f"{still_open} connections past the bound outlived server.header_timeout_s"
+        finally:
+            close_all(silent)
     finally:
         close_all(busy)
     deadline = time.monotonic() + 10
@@ -206,3 +214,4 @@ def test_when_every_connection_is_busy_a_new_one_gets_503_with_retry_after(strat
         time.sleep(0.1)
     still_serving(strata)
     assert (metric(strata, 'strata_connections_closed_total{reason="refused"}') or 0) >= 1
+    assert (metric(strata, 'strata_connections_closed_total{reason="dropped"}') or 0) >= 10
