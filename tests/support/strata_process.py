@@ -32,13 +32,13 @@ class StrataProcess:
         *,
         args: Sequence[str] = (),
         ca_file: Path | None = None,
-        max_open_files: int | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         """`args`: extra `strata serve` options (e.g. --tls-cert/--tls-key). `ca_file`: the server speaks HTTPS
         with a certificate this PEM file vouches for; `url` becomes https:// and the helpers here trust it.
-        `max_open_files`: the server's descriptor limit (soft and hard), as a small machine would have."""
+        `open_files`: the server's descriptor limits (soft, hard), as a small machine would have."""
         self.workdir = workdir
-        self.max_open_files = max_open_files
+        self.open_files = open_files
         self.args = list(args)
         self.ca_file = ca_file
         self.port = free_port()
@@ -95,14 +95,14 @@ class StrataProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=self._limit_open_files if self.max_open_files is not None else None,
+                preexec_fn=self._limit_open_files if self.open_files is not None else None,
             )
         self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
         return self
 
     def _limit_open_files(self) -> None:
-        assert self.max_open_files is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def wait_for(self, path: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
