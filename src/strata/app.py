@@ -45,6 +45,7 @@ from strata.api.permissions import PROBE_PATHS, Policy, public_paths, route_poli
 from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
 from strata.api.state import AppState, Lifecycle
+from strata.api.strings import refuse_bad_strings
 from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
@@ -58,6 +59,7 @@ from strata.observability.request_metrics import RequestMetrics
 from strata.observability.serving_metrics import ServingCollector
 from strata.observability.tracing import Tracing
 from strata.observability.upstream_metrics import UpstreamCollector
+from strata.observability.writer_metrics import RejectedRowsCollector
 from strata.resilience.breaker import RedisBreakerStore
 from strata.security.admin_key import ensure_admin_key
 from strata.security.audit_checkpoint import Checkpointer, checkpoint_file
@@ -215,7 +217,7 @@ def build_app(
         title="Strata",
         version=__version__,
         lifespan=lifespan,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize), Depends(refuse_bad_strings)],
         responses=ERROR_RESPONSES,
         # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only
         # re-check OTel's global providers (an os.environ read) on every request.
@@ -225,6 +227,7 @@ def build_app(
         redoc_url=None,
     )
     app.state.strata = state
+    registry.register(RejectedRowsCollector(lambda: _rejected_rows(state, tracing)))
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
@@ -292,6 +295,15 @@ def _announce_admin_key(secret: str) -> None:
         "  `strata keys create --name me --role admin` on this machine for a new one.\n" + "=" * 78 + "\n\n"
     )
     sys.stderr.flush()
+
+
+def _rejected_rows(state: AppState, tracing: Tracing) -> dict[str, int]:
+    counts = {"spans": tracing.spans_rejected}
+    if state.cost is not None:
+        counts["usage"] = state.cost.meter.rejected
+    if state.guard is not None:
+        counts["audit"] = state.guard.audit.rejected
+    return counts
 
 
 def _metrics_registry(router: Router, gpus: GpuMonitor) -> CollectorRegistry:

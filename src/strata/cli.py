@@ -97,7 +97,7 @@ def serve(
         err.print(f"[bold red]cannot start:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     _banner(loaded)
-    run_server(application, loaded.server, lifecycle)
+    run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes)
 
 
 @db_app.command("upgrade")

@@ -53,6 +53,29 @@ class ServerConfig(_Strict):
         description="Requests worked on at once (until their response starts; streams then stop counting); "
         "more are refused at once with 503 and Retry-After. null: no bound.",
     )
+    max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Client connections open at once, HTTP and WebSocket. At the bound a new connection closes "
+        "the one idle longest (waiting for its request head, or between requests); when every connection is "
+        "busy it is answered 503 with Retry-After. Lowered at start to stay below the process's descriptor "
+        "limit (which Strata raises to its hard limit), less a reserve.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A new connection must send a complete request head within this long (a later request on "
+        "a kept-alive connection: from its first byte); else 408 and the connection closes.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="A request's whole body must arrive within this long after its head; else 408 and the "
+        "connection closes.",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
@@ -655,7 +678,12 @@ class SecurityConfig(_Strict):
 class LimitsConfig(_Strict):
     """Bounds on what one request may ask for, and the rate limits of keys that set none."""
 
-    max_body_bytes: int = Field(default=8 << 20, ge=1024, le=1 << 30, description="Larger bodies get 413.")
+    max_body_bytes: int = Field(
+        default=8 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="Larger request bodies get 413; a larger WebSocket message closes the socket (code 1009).",
+    )
     max_messages: int = Field(default=1024, ge=1, le=100_000)
     max_tokens: int = Field(default=131_072, ge=1, description="Upper bound on a request's max_tokens.")
     max_tools: int = Field(default=128, ge=0, le=10_000)

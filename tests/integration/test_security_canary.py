@@ -18,8 +18,6 @@ import json
 import secrets
 import stat
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import mock_model
-from tests.support.databases import fresh_postgres
+from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend, Reply
 from tests.support.strata_process import StrataProcess
 
@@ -152,18 +150,6 @@ def test_sqlite_keeps_no_plaintext_on_disk(echo: MockBackend, tmp_path: Path) ->
         assert restarted.stop() == 0
     assert restarted.logs().count("created an encryption key file") == 1, "the second start reused the key file"
     assert '"unhandled error"' not in restarted.logs()
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """fresh_postgres for a synchronous test: its own loop for the database's whole life."""
-    loop = asyncio.new_event_loop()
-    database = fresh_postgres()
-    try:
-        yield loop.run_until_complete(database.__aenter__())
-    finally:
-        loop.run_until_complete(database.__aexit__(None, None, None))
-        loop.close()
 
 
 async def postgres_bytes(url: str) -> tuple[bytes, bytes]:

@@ -20,14 +20,12 @@ The end of the module replays, on SQLite and on PostgreSQL, inputs that longer r
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +38,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.conftest import mock_model
-from tests.support.databases import fresh_postgres
+from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
 
@@ -165,18 +163,6 @@ FINDINGS: list[tuple[str, str, str, dict[str, Any], tuple[str, ...]]] = [
     ("nul-in-audit-action", "GET", "/admin/audit", {"params": {"action": "a\0b"}}, PG),
     ("nul-in-run-session-id", "POST", "/v1/agents/demo/runs", {"json": {"input": "hi", "session_id": "a\0b"}}, PG),
 ]
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """fresh_postgres for a synchronous fixture: its own loop for the database's whole life."""
-    loop = asyncio.new_event_loop()
-    database = fresh_postgres()
-    try:
-        yield loop.run_until_complete(database.__aenter__())
-    finally:
-        loop.run_until_complete(database.__aexit__(None, None, None))
-        loop.close()
 
 
 @dataclass

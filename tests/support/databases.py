@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import asyncpg
+
+from strata.store.database import Database
 
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -39,5 +42,34 @@ async def fresh_postgres() -> AsyncIterator[str]:
 
 
 @contextmanager
+def postgres_database() -> Iterator[str]:
+    """fresh_postgres for a synchronous test: its own loop for the database's whole life."""
+    loop = asyncio.new_event_loop()
+    database = fresh_postgres()
+    try:
+        yield loop.run_until_complete(database.__aenter__())
+    finally:
+        loop.run_until_complete(database.__aexit__(None, None, None))
+        loop.close()
+
+
+@contextmanager
 def sqlite_url(directory: Path) -> Iterator[str]:
     yield f"sqlite+aiosqlite:///{directory / 'strata.db'}"
+
+
+@asynccontextmanager
+async def migrated(kind: str, directory: Path) -> AsyncIterator[Database]:
+    """A migrated, empty database: `kind` "sqlite" (a file in `directory`) or "postgresql" (fresh_postgres)."""
+    async with AsyncExitStack() as stack:
+        url = (
+            stack.enter_context(sqlite_url(directory))
+            if kind == "sqlite"
+            else await stack.enter_async_context(fresh_postgres())
+        )
+        database = Database(url)
+        await database.upgrade()
+        try:
+            yield database
+        finally:
+            await database.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import ssl
 import subprocess
@@ -31,10 +32,13 @@ class StrataProcess:
         *,
         args: Sequence[str] = (),
         ca_file: Path | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         """`args`: extra `strata serve` options (e.g. --tls-cert/--tls-key). `ca_file`: the server speaks HTTPS
-        with a certificate this PEM file vouches for; `url` becomes https:// and the helpers here trust it."""
+        with a certificate this PEM file vouches for; `url` becomes https:// and the helpers here trust it.
+        `open_files`: the server's descriptor limits (soft, hard), as a small machine would have."""
         self.workdir = workdir
+        self.open_files = open_files
         self.args = list(args)
         self.ca_file = ca_file
         self.port = free_port()
@@ -91,9 +95,14 @@ class StrataProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limit_open_files if self.open_files is not None else None,
             )
         self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
         return self
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def wait_for(self, path: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -12,7 +12,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -30,6 +30,7 @@ from strata.serving.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from strata.store.errors import is_data_error
 
 log = structlog.get_logger("strata.api")
 SHAPES = Redactor()  # credentials recognisable by their shape; the app adds the configured secrets
@@ -227,23 +228,13 @@ def install_error_handlers(app: FastAPI, redactor: Redactor = SHAPES) -> None:
     app.add_exception_handler(AuditBacklogFull, on_audit_backlog)
 
     async def on_database_error(request: Request, exc: Exception) -> Response:
-        if _is_data_exception(exc):
+        if is_data_error(exc):
             return await on_unstorable(request, exc)
         return await on_unexpected(request, exc)
 
     app.add_exception_handler(DBAPIError, on_database_error)
     app.add_exception_handler(OverflowError, on_unstorable)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-def _is_data_exception(exc: BaseException) -> bool:
-    """SQLSTATE class 22 (data exception: bad encoding, out of range) anywhere in the cause chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, DataError) or str(getattr(seen, "sqlstate", "") or "").startswith("22"):
-            return True
-        seen = seen.__cause__
-    return False
 
 
 def invalid_body(errors: Sequence[Any], *, skip: int = 0) -> ApiError:

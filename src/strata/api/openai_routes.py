@@ -22,6 +22,7 @@ from strata.api.errors import ApiError, from_serving_error, invalid_body
 from strata.api.metrics_middleware import waiting_on_backend
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
+from strata.api.strings import bad_json_string, has_nul_escape
 from strata.config import LimitsConfig
 from strata.serving.chat import ChatCall
 from strata.serving.errors import ServingError
@@ -38,7 +39,10 @@ def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None 
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        bad = bad_json_string(body)  # orjson refuses a lone surrogate: name its field
+        raise (bad.error() if bad else ApiError(400, f"the request body is not valid JSON: {exc}")) from None
+    if has_nul_escape(body) and (bad := bad_json_string(body)):
+        raise bad.error()
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:

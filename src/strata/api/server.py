@@ -7,6 +7,9 @@ terminal) skips the drain delay; a second signal exits at once.
 
 Chat streams still open when the grace ends are ended by Strata with an SSE error event (clients see why
 their answer stops; each is logged once); only what is left `STREAM_CUT_S` later is cancelled by uvicorn.
+
+Connections are bounded in number and in how long a request may take to arrive (`api/connections.py`);
+a WebSocket message, like a request body, may be at most `limits.max_body_bytes`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from strata.api.state import Lifecycle
+from strata.api.connections import (
+    ConnectionCollector,
+    ConnectionGuard,
+    connection_bound,
+    guarded_protocol,
+    raise_descriptor_limit,
+)
+from strata.api.permissions import PROBE_PATHS
+from strata.api.state import AppState, Lifecycle
 from strata.config import ServerConfig
 
 log = structlog.get_logger("strata.server")
@@ -90,14 +101,21 @@ class DrainingServer(uvicorn.Server):
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None:
+def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_body_bytes: int) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    descriptors = raise_descriptor_limit()
+    bound = connection_bound(server.max_connections, descriptors)
+    if bound < server.max_connections:
+        log.warning("server.max_connections lowered to stay below the descriptor limit",
+                    max_connections=server.max_connections, bound=bound, descriptor_limit=descriptors)  # fmt: skip
+    guard = ConnectionGuard(bound, server.header_timeout_s, server.body_timeout_s, PROBE_PATHS)
     config = uvicorn.Config(
         app,
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(guard),
+        ws_max_size=max_body_bytes,  # one bound for a request body and a WebSocket message
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -107,4 +125,7 @@ def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle) -> None
         ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
-    DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s).run()
+    runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s)
+    state: AppState = app.state.strata
+    state.metrics.register(ConnectionCollector(guard, lambda: len(runner.server_state.connections)))
+    runner.run()

@@ -3,7 +3,9 @@
 Client -> server: `{"type": "message", "input": "...", "session_id": optional}` starts a run in the
 socket's session (the first run creates one); `{"type": "cancel"}` cancels the current run.
 Server -> client: the run's events, as in SSE (`{"type", "run_id", "seq", ...}`), and
-`{"type": "error", "message"}` for a bad client message.
+`{"type": "error", "message"}` for a bad client message (with `code` and `param` for a string that cannot be
+stored: a NUL character or a lone surrogate). A message may be at most `limits.max_body_bytes`, the bound of a
+REST body: a larger one closes the socket with 1009.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from strata.api.auth import principal
 from strata.api.chat_accounting import admit_budget
 from strata.api.errors import ApiError
 from strata.api.state import AppState
+from strata.api.strings import bad_json_string
 
 router = APIRouter(tags=["runs"])
 
@@ -38,8 +41,13 @@ async def agent_socket(websocket: WebSocket, agent: str) -> None:
     followers: set[asyncio.Task[None]] = set()
     try:
         while True:
+            text = await websocket.receive_text()  # at most limits.max_body_bytes: uvicorn closes with 1009 past it
+            if bad := bad_json_string(text):
+                await _send(websocket, {"type": "error", "code": "unstorable_value", "param": bad.param,
+                                        "message": bad.message})  # fmt: skip
+                continue
             try:
-                message = orjson.loads(await websocket.receive_text())
+                message = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
                 await _send(websocket, {"type": "error", "message": f"not JSON: {exc}"})
                 continue

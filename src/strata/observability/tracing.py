@@ -131,6 +131,11 @@ class Tracing:
     def tracer(self) -> trace.Tracer:
         return self._tracer
 
+    @property
+    def spans_rejected(self) -> int:
+        """Spans the local trace store refused for their content (each dropped; the rest of its batch written)."""
+        return self._writer.rejected if self._writer is not None else 0
+
     async def start(self, db: Database) -> None:
         """Start writing spans to the local trace store in `db` (when `tracing.local_store` is on)."""
         if self._local is None or self._writer is not None:

@@ -6,8 +6,9 @@ bounded queue. `SpanWriter` wakes every `interval_s`, turns the queued spans int
 transactions of at most `batch` spans, and now and then deletes spans older than the retention. Turning a
 span into a row runs on the event loop: small batches, each followed by an awaited write, keep a busy
 server's requests from waiting behind one long conversion. Spans are telemetry: when the
-queue is full or the database refuses a batch, spans are dropped (counted, warned about once a minute),
-never written to the log (they may hold captured content) and never allowed to slow a request.
+queue is full or the database is away, spans are dropped (counted, warned about once a minute), never
+written to the log (they may hold captured content) and never allowed to slow a request. A batch refused
+for one span's content (a NUL character on PostgreSQL) is written in halves: only the span refused is lost.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from opentelemetry.trace import StatusCode
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing_redact import redact_span
 from strata.security.redaction import Redactor
+from strata.store.batch_writer import is_content_error
 from strata.store.spans import SpanRecord, SpanStore
 
 log = structlog.get_logger("strata.tracing")
@@ -107,7 +109,8 @@ class SpanWriter:
         self.batch = batch
         self.prune_every_s = prune_every_s
         self.written = 0
-        self.failed = 0  # spans lost because the database refused their batch
+        self.failed = 0  # spans lost because the database could not be written
+        self.rejected = 0  # spans lost because the database refused their content
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._next_prune = 0.0  # monotonic; the first round prunes
@@ -155,12 +158,27 @@ class SpanWriter:
         queue = self.source.queue
         records = [to_record(redact_span(queue.popleft(), self.redactor)) for _ in range(min(size, len(queue)))]
         try:
-            await self.store.append(records)
+            self.written += await self._append_isolating(records)
         except Exception:
             self.failed += len(records)
             raise
-        self.written += len(records)
         return len(records)
+
+    async def _append_isolating(self, records: list[SpanRecord]) -> int:
+        """Write `records`; if the database refuses one's content, write halves, leaving out only the spans it
+        refuses. Returns how many were written."""
+        try:
+            await self.store.append(records)
+            return len(records)
+        except Exception as exc:
+            if not is_content_error(exc):
+                raise
+            if len(records) == 1:
+                self.rejected += 1
+                self._warn("a span the local trace store refuses was dropped", error=type(exc).__name__)
+                return 0
+        half = len(records) // 2
+        return await self._append_isolating(records[:half]) + await self._append_isolating(records[half:])
 
     def _warn(self, message: str, **fields: Any) -> None:
         now = time.monotonic()

@@ -10,8 +10,10 @@ The policy of the audit trail's writer (`strata.security.audit_log`), for any ki
   `overloaded` (admission control may refuse new work with 503). Past `max_backlog`, `overflow="raise"`
   raises `BacklogFull` (the caller fails loudly), `overflow="log"` writes the item to the error log in full
   instead of memory: memory stays bounded, and the item is kept, in the log.
-* A batch the database rejects for its content (not for being down) is split until the one bad item is
-  found; that item goes to the error log in full, and the rest go on.
+* A batch the database rejects for its content (a value it cannot store, such as a NUL character on
+  PostgreSQL: see `strata.store.errors`) is not retried as it is: it is written in halves until the bad item
+  is found, which is set aside (counted in `rejected`, logged once in full) while the rest are written. One bad
+  row never holds up the rows behind it, nor shutdown.
 * `stop()` writes everything still queued; if the database stays down past its timeout, each unwritten
   item goes to the error log in full. Nothing is dropped silently.
 """
@@ -27,14 +29,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 import structlog
-from sqlalchemy.exc import DataError
+
+from strata.store.errors import is_data_error
 
 T = TypeVar("T")
 
-# Errors about the batch's content, which retrying cannot fix. Anything else (connection lost, lock timeout,
-# a missing table) is retried until it passes.
-CONTENT_ERRORS: tuple[type[BaseException], ...] = (DataError, TypeError, ValueError)
-_CONTENT_RETRIES = 3
+
+def is_content_error(exc: BaseException) -> bool:
+    """An error about the batch's content, which retrying cannot fix: a value the database refuses, or one that
+    cannot even be encoded (TypeError, ValueError). Anything else (connection lost, lock timeout, a missing
+    table) is retried until it passes."""
+    return isinstance(exc, TypeError | ValueError) or is_data_error(exc)
 
 
 class BacklogFull(RuntimeError):
@@ -57,7 +62,7 @@ class BatchWriter(Generic[T]):
         overflow: Literal["raise", "log"] = "raise",
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
-        content_errors: tuple[type[BaseException], ...] = CONTENT_ERRORS,
+        is_content: Callable[[BaseException], bool] = is_content_error,
     ) -> None:
         """`write` stores one batch (all of it or none of it); `describe` renders an item for the error log."""
         self._write = write
@@ -71,7 +76,7 @@ class BatchWriter(Generic[T]):
         self.flush_interval_s = flush_interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self._content_errors = content_errors
+        self._is_content = is_content
         self._pending: deque[T] = deque()
         self._recorded = 0  # items accepted, ever
         self._done = 0  # items written (or logged instead), ever
@@ -84,6 +89,7 @@ class BatchWriter(Generic[T]):
         self._deadline: float | None = None
         self._overloaded = False
         self.logged_instead = 0  # items that went to the error log, not the database
+        self.rejected = 0  # of those, items the database refused for their content
 
     @property
     def pending(self) -> int:
@@ -167,17 +173,21 @@ class BatchWriter(Generic[T]):
             await self._drain_locked()
 
     async def _drain_locked(self) -> None:
-        size, delay, failures = self.batch, self.retry_initial_s, 0
+        # `suspect`: the front items hold one the database refused for its content; they are written in ever
+        # smaller chunks (no wait: a refusal is not an outage) until that item is alone and can be set aside.
+        size, delay, suspect = self.batch, self.retry_initial_s, 0
         while self._pending:
             chunk = [self._pending[i] for i in range(min(size, len(self._pending)))]
             try:
                 await self._write(chunk)
             except Exception as exc:
-                failures += 1
-                if isinstance(exc, self._content_errors) and failures >= _CONTENT_RETRIES:
+                if self._is_content(exc):
                     if len(chunk) == 1:
-                        self._discard(exc)
-                    size, failures = max(1, len(chunk) // 2), 0
+                        self._reject(exc)
+                        size, suspect = self.batch, 0
+                    else:
+                        suspect = len(chunk)
+                        size = suspect // 2
                     continue
                 self._log.warning(
                     f"{self.name} write failed; retrying", error=repr(exc), pending=self.pending, retry_s=delay
@@ -188,7 +198,8 @@ class BatchWriter(Generic[T]):
                 delay = min(delay * 2, self.retry_max_s)
                 continue
             self._advance(len(chunk))
-            size, delay, failures = self.batch, self.retry_initial_s, 0
+            suspect = max(0, suspect - len(chunk))
+            size, delay = (min(size, suspect) if suspect else self.batch), self.retry_initial_s
 
     def _advance(self, count: int) -> None:
         for _ in range(count):
@@ -199,10 +210,12 @@ class BatchWriter(Generic[T]):
             self._overloaded = False
             self._log.info(f"{self.name} backpressure over", pending=self.pending)
 
-    def _discard(self, exc: BaseException) -> None:
+    def _reject(self, exc: BaseException) -> None:
         item = self._text(self._pending[0])
-        self._log.error(f"{self.name}: item rejected by the database", error=repr(exc), item=item)
+        error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"  # not the statement's values
+        self._log.error(f"{self.name}: item rejected by the database, set aside", error=error, item=item)
         self.logged_instead += 1
+        self.rejected += 1
         self._advance(1)
 
     def _keep_in_log(self, message: str, item: T) -> None:
