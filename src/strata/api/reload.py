@@ -56,11 +56,12 @@ async def reload_config(state: AppState) -> ReloadReport:
 async def reload_on_signal(state: AppState) -> None:
     """SIGHUP: reload, and put it in the audit trail with the signal as the actor."""
     outcome: Literal["success", "failure"] = "success"
+    before = state.deployer.snapshot()
     details: dict[str, Any]
     try:
-        details = (await reload_config(state)).__dict__
+        details = {"before": before, **(await reload_config(state)).__dict__, "after": state.deployer.snapshot()}
     except ConfigError as exc:
-        outcome, details = "failure", {"errors": [str(i) for i in exc.issues]}
+        outcome, details = "failure", {"before": before, "after": None, "errors": [str(i) for i in exc.issues]}
     if state.guard is not None:
         record = AuditRecord(action="config.reloaded", outcome=outcome, actor="signal:SIGHUP", resource="config",
                              details=details)  # fmt: skip
