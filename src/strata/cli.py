@@ -87,7 +87,10 @@ def serve(
         if not path.is_file():
             err.print(f"[bold red]cannot start:[/] TLS file {path} does not exist", highlight=False)
             raise typer.Exit(2)
-    redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, upstream_key_envs(loaded.models))
+    # Upstream keys of the configured models, of the deploy profiles, and those a deploy over the API may name.
+    key_envs = upstream_key_envs([*loaded.models, *loaded.deploy.profiles.values()])
+    key_envs += [grant.env for grant in loaded.deploy.api_keys]
+    redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, key_envs)
     configure_logging(loaded.logging, redactor)
     lifecycle = Lifecycle()
     try:
