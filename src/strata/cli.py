@@ -174,12 +174,16 @@ def models_list(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = N
 
     data = _admin(url, api_key, "GET", "/admin/models")["data"]
     table = Table("model", "version", "state", "deployments", "earlier versions")
+    replicas = Table("replica", "model", "version", "state", "note")
     for model in data:
         earlier = ", ".join(
             f"v{v['version']} {v['state']}" for v in model["versions"] if v["version"] != model["version"]
         )
         table.add_row(model["model"], str(model["version"]), model["state"], "\n".join(model["deployments"]), earlier)
+        for r in model.get("replicas", []):
+            replicas.add_row(r["replica"], model["model"], str(r["version"]), r["state"], r["note"] or "")
     out.print(table)
+    out.print(replicas)
 
 
 @models_app.command("deploy")

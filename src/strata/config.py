@@ -333,6 +333,13 @@ class DeployConfig(_Strict):
     api_keys: list[ApiKeyGrant] = Field(
         default_factory=list, description="The only api_key_env names a deploy over the API may use."
     )
+    sync_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often each replica reads the cluster's desired model versions from the database "
+        "(with redis_url, a deploy or reload elsewhere is noticed at once).",
+    )
 
     @field_validator("profiles")
     @classmethod

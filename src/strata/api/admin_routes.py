@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import orjson
@@ -10,14 +11,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from strata.api.auth import audit_change
+from strata.api.auth import audit_change, principal
 from strata.api.errors import ApiError, invalid_body
-from strata.api.reload import reload_config
 from strata.api.state import AppState
 from strata.compute.inventory import read_inventory_async
 from strata.config_loader import ConfigError
 from strata.serving.deploy_policy import DeployPolicy, DeployRefused
 from strata.serving.hotswap import DeployFailed
+from strata.store.model_versions import ReplicaRow
 
 router = APIRouter(tags=["admin"])
 metrics_router = APIRouter(tags=["metrics"])
@@ -53,23 +54,39 @@ async def list_deployments(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.get("/admin/models", summary="Each model: its version in service, earlier versions still draining")
+@router.get("/admin/models", summary="Each model: its version here and on every replica, earlier versions")
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.strata
+    desired, replicas = await state.model_sync().view()
     data = []
-    for name, records in state.deployer.history.items():
+    for name in sorted(set(state.deployer.history) | set(desired), key=_model_order(state)):
         serving = state.deployer.serving(name)
+        wanted = desired.get(name)
         data.append(
             {
                 "model": name,
                 "version": serving.version if serving else None,
-                "state": serving.state if serving else "removed",
+                "state": serving.state if serving else ("removed" if name in state.deployer.history else "absent"),
                 "deployments": serving.deployments if serving else [],
                 "reference": serving.reference if serving else None,
-                "versions": [r.view() for r in records],
+                "versions": [r.view() for r in state.deployer.history.get(name, [])],
+                "desired": {"version": wanted.version, "reference": wanted.reference} if wanted else None,
+                "replicas": [_replica_view(r) for r in replicas if r.model == name],
             }
         )
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+def _replica_view(row: ReplicaRow) -> dict[str, object]:
+    seen_at = row.seen_at.isoformat() if row.seen_at else None
+    return {"replica": row.replica, "version": row.version, "desired": row.desired, "state": row.state,
+            "note": row.note, "seen_at": seen_at}  # fmt: skip
+
+
+def _model_order(state: AppState) -> Callable[[str], tuple[int, str]]:
+    """This replica's models in their order, then the others by name."""
+    order = {name: index for index, name in enumerate(state.deployer.history)}
+    return lambda name: (order.get(name, len(order)), name)
 
 
 @router.post("/admin/models/{name}/deploy", summary="Hot-swap a model to a profile of the config or an endpoint")
@@ -100,8 +117,8 @@ async def deploy_model(
     if missing:
         raise ApiError(400, f"unknown fallback models: {', '.join(missing)}", param="fallbacks")
     try:
-        record = await state.deployer.deploy(
-            config, health_timeout_s=health_timeout_s, egress=resolved.egress, reference=resolved.reference
+        record = await state.model_sync().deploy(
+            resolved, health_timeout_s=health_timeout_s, actor=principal(request).label
         )
     except DeployFailed as exc:
         audit_change(request, "model.deployed", resource, before, None, outcome="failure",
@@ -126,7 +143,7 @@ async def reload(request: Request) -> Response:
     state: AppState = request.app.state.strata
     before = state.deployer.snapshot()
     try:
-        report = await reload_config(state)
+        report = await state.model_sync().reload(principal(request).label)
     except ConfigError as exc:
         audit_change(request, "config.reloaded", "config", before, None, outcome="failure",
                      details={"errors": [str(i) for i in exc.issues]})  # fmt: skip

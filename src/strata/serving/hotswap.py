@@ -67,13 +67,15 @@ class ModelDeployer:
         health_timeout_s: float | None = None,
         egress: EgressPolicy | None = None,
         reference: dict[str, Any] | None = None,
+        version: int | None = None,
     ) -> VersionRecord:
         """Bring `config` into service as the next version of its model (a new model if it has none).
-        `egress` guards the DNS of endpoints given over the API; `reference` says where `config` came from."""
+        `egress` guards the DNS of endpoints given over the API; `reference` says where `config` came from;
+        `version`: its number in the cluster (default: the next one here)."""
         async with self._locks.setdefault(config.name, asyncio.Lock()):
             assert self._router.factory is not None
             records = self.history.setdefault(config.name, [])
-            version = (records[-1].version + 1) if records else 1
+            version = version or self.latest(config.name) + 1
             pool = self._router.factory(config, egress)
             pool.version = version
             record = VersionRecord(config.name, version, "starting", [d.name for d in pool.deployments])
@@ -91,6 +93,17 @@ class ModelDeployer:
             if previous is not None:
                 self._drain_later(previous, records)
             return record
+
+    def latest(self, model: str) -> int:
+        """The highest version number this replica has used for `model` (0: none)."""
+        return max((r.version for r in self.history.get(model, ())), default=0)
+
+    def relabel(self, model: str, version: int, reference: dict[str, Any]) -> None:
+        """The version in service is already what `version` stands for: give it that number and reference."""
+        record = self.serving(model)
+        if record is not None and self._router.is_model(model):
+            self._router.pool(model).version = record.version = version
+            record.reference = dict(reference)
 
     def serving(self, model: str) -> VersionRecord | None:
         """The version of `model` in service, if any."""
