@@ -322,8 +322,9 @@ class RunStore:
     async def claim(self, owner: str, lease_s: float, models: Collection[str] | None = None) -> Run | None:
         """Take the oldest queued run whose session has no earlier unfinished run; with `models` (what this
         replica serves), only a run of one of them (or of no recorded model): the others wait for a replica
-        that serves theirs."""
-        query, params = (_CLAIMABLE, {}) if models is None else (_CLAIMABLE_SERVED, {"served": list(models)})
+        that serves theirs, until their deadline passes (then any worker takes them, to fail them)."""
+        params: dict[str, Any] = {} if models is None else {"served": list(models), "now": utcnow()}
+        query = _CLAIMABLE if models is None else _CLAIMABLE_SERVED
         if not self.db.is_sqlite:
             return await self._claim_locked(owner, lease_s, query, params)
         while True:
@@ -420,7 +421,13 @@ def _claimable(served: bool = False) -> Select[tuple[str]]:
     )
     query = select(Run.id).where(Run.status == "queued", ~blocked)
     if served:
-        query = query.where(or_(Run.model.is_(None), Run.model.in_(bindparam("served", expanding=True))))
+        query = query.where(
+            or_(
+                Run.model.is_(None),
+                Run.model.in_(bindparam("served", expanding=True)),
+                Run.deadline_at < bindparam("now"),
+            )
+        )
     return query.order_by(Run.created_at).limit(1)
 
 
