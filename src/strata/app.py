@@ -40,6 +40,8 @@ from strata.api.chat_fast_path import ChatFastPath
 from strata.api.errors import install_error_handlers
 from strata.api.load_shedding import InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
+from strata.api.model_sync import CHANNEL as MODELS_CHANNEL
+from strata.api.model_sync import ModelSync, replica_name
 from strata.api.openapi_docs import ERROR_RESPONSES
 from strata.api.permissions import PROBE_PATHS, Policy, public_paths, route_policies
 from strata.api.reload import reload_on_signal
@@ -50,6 +52,7 @@ from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
 from strata.config import StrataConfig
+from strata.coordination import Signal
 from strata.cost.budgets import BudgetAlert
 from strata.cost.gpu_time import GpuTimeShares
 from strata.cost.services import CostServices
@@ -76,6 +79,7 @@ from strata.serving.router import Router, build_router
 from strata.store.audit import AuditStore
 from strata.store.database import Database
 from strata.store.keys import KeyNotFound, KeyStore
+from strata.store.model_versions import ModelVersionStore
 
 log = structlog.get_logger("strata.app")
 POOLED_COUNT_BYTES = 1 << 20
@@ -155,6 +159,14 @@ def build_app(
             await cpu.shutdown()
             raise
         await tracing.start(state.runtime.db)  # the local trace store's writer
+        state.sync = ModelSync(
+            state,
+            ModelVersionStore(state.runtime.db),
+            Signal(redis, MODELS_CHANNEL),
+            interval_s=config.deploy.sync_interval_s,
+            replica=replica_name(config.server.port),
+        )
+        await state.sync.start()  # converges on the cluster's model versions in the background
         if keyring.created_file is not None:
             log.warning("created an encryption key file: back it up, stored data cannot be read without it",
                         path=str(keyring.created_file))  # fmt: skip
@@ -170,6 +182,7 @@ def build_app(
             await alerter.start()
         except Exception as exc:
             log.error("cannot start the security layer", error=str(exc))
+            await state.sync.stop()
             await state.runtime.stop()
             await state.runtime.close()
             await router.stop(grace_s=5.0)
@@ -198,6 +211,7 @@ def build_app(
             loop.remove_signal_handler(signal.SIGHUP)
             await state.guard.auth.stop()
             await state.guard.limiter.aclose()
+            await state.sync.stop()  # before the runtime: it may be mid-deploy; its rows leave the listing
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)

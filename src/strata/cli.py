@@ -87,7 +87,10 @@ def serve(
         if not path.is_file():
             err.print(f"[bold red]cannot start:[/] TLS file {path} does not exist", highlight=False)
             raise typer.Exit(2)
-    redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, upstream_key_envs(loaded.models))
+    # Upstream keys of the configured models, of the deploy profiles, and those a deploy over the API may name.
+    key_envs = upstream_key_envs([*loaded.models, *loaded.deploy.profiles.values()])
+    key_envs += [grant.env for grant in loaded.deploy.api_keys]
+    redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, key_envs)
     configure_logging(loaded.logging, redactor)
     os.umask(0o077)  # what the server (and a model server it launches) creates is its user's alone
     lifecycle = Lifecycle()
@@ -172,28 +175,42 @@ def models_list(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = N
 
     data = _admin(url, api_key, "GET", "/admin/models")["data"]
     table = Table("model", "version", "state", "deployments", "earlier versions")
+    replicas = Table("replica", "model", "version", "state", "note")
     for model in data:
         earlier = ", ".join(
             f"v{v['version']} {v['state']}" for v in model["versions"] if v["version"] != model["version"]
         )
         table.add_row(model["model"], str(model["version"]), model["state"], "\n".join(model["deployments"]), earlier)
+        for r in model.get("replicas", []):
+            replicas.add_row(r["replica"], model["model"], str(r["version"]), r["state"], r["note"] or "")
     out.print(table)
+    out.print(replicas)
 
 
 @models_app.command("deploy")
 def models_deploy(
     name: Annotated[str, typer.Argument(help="The model to replace (or add).")],
-    file: Annotated[Path, typer.Option("--file", "-f", help="YAML or JSON: the model's new config (as in models:).")],
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="A version declared under deploy.profiles in the config.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="YAML or JSON: an openai endpoint (kind, base_url, ...).")
+    ] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     health_timeout_s: Annotated[float, typer.Option(help="How long the new version may take to get healthy.")] = 120,
 ) -> None:
-    """Hot-swap a model to new deployments: start, health-check, switch traffic, drain the old ones."""
-    try:
-        spec = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        err.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    """Hot-swap a model to a config profile or an endpoint: start, health-check, switch traffic, drain the old."""
+    if (profile is None) == (file is None):
+        err.print("[red]give either --profile or --file[/]", highlight=False)
+        raise typer.Exit(2)
+    spec: object = {"profile": profile}
+    if file is not None:
+        try:
+            spec = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            err.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
     with err.status(f"deploying {name}: starting and health-checking the new version..."):
         result = _admin(url, api_key, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
     out.print(f"[green]{name} v{result['version']} is serving[/] on {', '.join(result['deployments'])}")

@@ -7,6 +7,7 @@ model), so `strata serve` needs no file. `strata.config_loader` fills it from `s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -365,6 +367,78 @@ class VllmModelConfig(LaunchedModelBase):
 
 
 ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig | VllmModelConfig, Field(discriminator="kind")]
+
+
+class EndpointPolicyConfig(_Strict):
+    """Where a model deployed over the API may send requests (and keys): judged like http_fetch's egress."""
+
+    allow_domains: list[str] = Field(
+        default_factory=list, description="If set, only these domains (and their subdomains) may be named."
+    )
+    deny_domains: list[str] = Field(default_factory=list, description="Never accepted, with their subdomains.")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the block on loopback, private and ULA addresses. Link-local and cloud "
+        "metadata addresses are refused whatever this says.",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, networks: list[str]) -> list[str]:
+        for cidr in networks:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a valid CIDR ({exc})") from None
+        return networks
+
+
+class ApiKeyGrant(_Strict):
+    """An environment variable a deploy over the API may name as `api_key_env`, and where that key may go."""
+
+    env: str = Field(description="The environment variable holding the key.")
+    hosts: list[str] = Field(
+        min_length=1, description="The key is only ever sent to these hosts (and their subdomains)."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _not_strata_own(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        if value.upper().startswith("STRATA_"):
+            raise ValueError(f"{value} is one of Strata's own settings or secrets; it can never be an upstream key")
+        return value
+
+
+class DeployConfig(_Strict):
+    """What an operator may deploy over the API (`POST /admin/models/{name}/deploy`). Launch specs
+    (programs, arguments, environments, paths) and secrets are named only here, in the file on the machine."""
+
+    profiles: dict[str, ModelConfig] = Field(
+        default_factory=dict,
+        description='Named versions of models, any kind: deployed over the API as {"profile": name}. Each '
+        "serves the model its `name` says.",
+    )
+    endpoints: EndpointPolicyConfig = EndpointPolicyConfig()
+    api_keys: list[ApiKeyGrant] = Field(
+        default_factory=list, description="The only api_key_env names a deploy over the API may use."
+    )
+    sync_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often each replica reads the cluster's desired model versions from the database "
+        "(with redis_url, a deploy or reload elsewhere is noticed at once).",
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in profiles:
+            if not re.match(PROFILE_NAME_PATTERN, name):
+                raise ValueError(f"profile name {name!r} must match {PROFILE_NAME_PATTERN}")
+        return profiles
 
 
 class RouteRule(_Strict):
@@ -823,6 +897,7 @@ class StrataConfig(_Strict):
         "PostgreSQL: postgresql+asyncpg://user@host/db",
     )
     routes: list[RouteConfig] = Field(default_factory=list)
+    deploy: DeployConfig = DeployConfig()
     tools: ToolsConfig = ToolsConfig()
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig.model_validate(demo_agent("smollm2-135m"))])
     runs: RunsConfig = RunsConfig()

@@ -14,6 +14,9 @@ from tests.chaos.test_resilience import BODY, fire, serve
 from tests.support.mock_backend import MockBackend, Reply
 from tests.support.strata_process import StrataProcess
 
+# The mock backends listen on loopback: models deployed over the API may point there only when allowed.
+LOOPBACK_DEPLOYS = {"deploy": {"endpoints": {"allow_networks": ["127.0.0.0/8"]}}}
+
 
 def models_view(strata: StrataProcess) -> dict[str, dict]:
     return {m["model"]: m for m in httpx.get(f"{strata.url}/admin/models", headers=strata.headers).json()["data"]}
@@ -23,7 +26,9 @@ async def test_hot_swap_under_50_streams_fails_nothing(tmp_path: Path) -> None:
     with MockBackend() as old, MockBackend() as new:
         old.default = Reply(content=" ".join(["old"] * 30), chunk_delay_s=0.05)
         new.default = Reply(content="new version")
-        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": old.url}], shutdown_grace_s=20)
+        strata = serve(
+            tmp_path, [{"kind": "openai", "name": "llm", "base_url": old.url}], LOOPBACK_DEPLOYS, shutdown_grace_s=20
+        )
         try:
             limits = httpx.Limits(max_connections=100)
             async with httpx.AsyncClient(timeout=60, limits=limits, headers=strata.headers) as client:
@@ -60,7 +65,7 @@ async def test_hot_swap_under_50_streams_fails_nothing(tmp_path: Path) -> None:
 async def test_a_version_that_never_gets_healthy_is_rolled_back(tmp_path: Path) -> None:
     with MockBackend() as current:
         current.default = Reply(content="still here")
-        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": current.url}])
+        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": current.url}], LOOPBACK_DEPLOYS)
         try:
             response = httpx.post(
                 f"{strata.url}/admin/models/llm/deploy?health_timeout_s=1",
@@ -119,7 +124,7 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
 
     with MockBackend() as first, MockBackend() as second:
         second.default = Reply(content="via the CLI")
-        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": first.url}])
+        strata = serve(tmp_path, [{"kind": "openai", "name": "llm", "base_url": first.url}], LOOPBACK_DEPLOYS)
         try:
             # An operator's key: deploying and listing models is an operator's job.
             env = {**os.environ, "STRATA_API_KEY": strata.create_key("operator")}

@@ -66,6 +66,30 @@ async def test_concurrent_workers_never_claim_the_same_run(db: Database) -> None
     assert sorted(everything) == sorted(created)  # each run claimed exactly once
 
 
+async def test_a_worker_claims_only_runs_of_models_its_replica_serves(db: Database) -> None:
+    store = RunStore(db)
+    session = (await store.create_session("agent", None)).id
+    run, _ = await store.create_run(session_id=session, agent="agent", agent_version=1, owner=None,
+                                    input_message={"role": "user", "content": "hi"}, idempotency_key=None,
+                                    timeout_s=60, model="new-model")  # fmt: skip
+    assert await store.claim("w", lease_s=30, models=["other-model"]) is None
+    assert await store.claim("w", lease_s=30, models=[]) is None
+    claimed = await store.claim("w", lease_s=30, models=["other-model", "new-model"])
+    assert claimed is not None and claimed.id == run.id
+    unrecorded = await new_run(store)  # runs stored before runs had a model: any replica takes them
+    claimed = await store.claim("w", lease_s=30, models=["other-model"])
+    assert claimed is not None and claimed.id == unrecorded
+    # A run no replica serves waits until its deadline; then any worker takes it (and fails it: timeout).
+    session = (await store.create_session("agent", None)).id
+    late, _ = await store.create_run(session_id=session, agent="agent", agent_version=1, owner=None,
+                                     input_message={"role": "user", "content": "hi"}, idempotency_key=None,
+                                     timeout_s=0.2, model="gone-model")  # fmt: skip
+    assert await store.claim("w", lease_s=30, models=["other-model"]) is None
+    await asyncio.sleep(0.3)
+    claimed = await store.claim("w", lease_s=30, models=["other-model"])
+    assert claimed is not None and claimed.id == late.id
+
+
 async def test_a_sessions_runs_are_claimed_in_order_one_at_a_time(db: Database) -> None:
     store = RunStore(db)
     session = (await store.create_session("agent", None)).id

@@ -130,7 +130,7 @@ BAD_CONFIGS = [
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
-            "(allowed: server, models, data_dir, redis_url, database_url, routes, tools, agents, runs, compute, logging, "
+            "(allowed: server, models, data_dir, redis_url, database_url, routes, deploy, tools, agents, runs, compute, logging, "
             "tracing, security, limits, cost, alerts)",
         ],
     ),
@@ -207,6 +207,7 @@ def test_the_documented_example_config_is_valid() -> None:
     assert config.limits == defaults.limits
     assert config.cost == defaults.cost
     assert config.alerts == defaults.alerts
+    assert config.deploy == defaults.deploy
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:

@@ -56,7 +56,9 @@ class AgentRuntime:
         accounting = RunAccounting(PriceCatalog.from_config(config))
         runs = config.runs
         engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, accounting, runs.lease_s)
-        worker = RunWorker(store, engine, concurrency=runs.workers, lease_s=runs.lease_s, poll_s=runs.poll_s)
+        worker = RunWorker(
+            store, engine, concurrency=runs.workers, lease_s=runs.lease_s, poll_s=runs.poll_s, serves=chat.models
+        )
         worker.start()
         return cls(db, store, bus, catalog, tools, engine, worker, AgentService(store, catalog, worker, bus))
 

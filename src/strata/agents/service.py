@@ -123,7 +123,7 @@ class AgentService:
                     await self.cancel(active.id)
         # The hand-off: a run opening a new conversation, while this replica's worker has a free slot, is created
         # already claimed by it and started at once (no wake-up, no claim transaction).
-        handoff = wake and new_session is not None and self.worker.reserve()
+        handoff = wake and new_session is not None and self.worker.serves(spec.model) and self.worker.reserve()
         token = self.worker.claim_token() if handoff else None
         try:
             run, created = await self.store.create_run(
@@ -139,6 +139,7 @@ class AgentService:
                 allowed_models=sorted(models) if models is not None else None,
                 new_session=new_session,
                 claim_for=(token, self.worker.lease_s) if token is not None else None,
+                model=spec.model,
             )
         except BaseException:
             if handoff:

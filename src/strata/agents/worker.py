@@ -12,6 +12,7 @@ import contextlib
 import enum
 import itertools
 import uuid
+from collections.abc import Callable, Collection
 
 import structlog
 
@@ -29,9 +30,20 @@ class _Why(enum.Enum):
 
 
 class RunWorker:
-    def __init__(self, store: RunStore, engine: RunEngine, *, concurrency: int, lease_s: float, poll_s: float) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        engine: RunEngine,
+        *,
+        concurrency: int,
+        lease_s: float,
+        poll_s: float,
+        serves: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        """`serves`: the models this replica serves now; runs of other models are left to replicas that do."""
         self.store = store
         self.engine = engine
+        self._serves = serves
         self.owner = f"worker_{uuid.uuid4().hex[:12]}"
         self._claims = itertools.count(1)
         self.concurrency = concurrency
@@ -47,6 +59,9 @@ class RunWorker:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def serves(self, model: str | None) -> bool:
+        return self._serves is None or model is None or model in self._serves()
 
     def claim_token(self) -> str:
         """The lease owner of one claim: this worker's id and the claim's number. Writes are fenced on it, so when
@@ -119,7 +134,8 @@ class RunWorker:
         while True:
             try:
                 while len(self._active) + self._reserved < self.concurrency:
-                    run = await self.store.claim(self.claim_token(), self.lease_s)
+                    served = self._serves() if self._serves is not None else None
+                    run = await self.store.claim(self.claim_token(), self.lease_s, served)
                     if run is None:
                         break
                     self._active[run.id] = asyncio.create_task(self._execute(run), name=f"run:{run.id}")

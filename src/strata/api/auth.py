@@ -254,3 +254,18 @@ def audit(
             details=details or {},
         )
     )
+
+
+def audit_change(
+    connection: HTTPConnection,
+    action: str,
+    resource: str,
+    before: Any,
+    after: Any,
+    *,
+    outcome: str = "success",
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Record a change of something in service (a model version, the config, an agent): who, and the
+    state before and after (after is None when the change was refused or failed)."""
+    audit(connection, action, resource, {"before": before, "after": after, **(details or {})}, outcome)

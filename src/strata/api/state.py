@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +21,9 @@ from strata.serving.errors import BackendNotReadyError, ServerShuttingDownError
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router
 from strata.serving.stream_relay import ChatStreamRelay
+
+if TYPE_CHECKING:
+    from strata.api.model_sync import ModelSync
 
 
 @dataclass
@@ -58,6 +62,12 @@ class AppState:
     cost: CostServices | None = None  # prices, usage metering, budgets; set in the lifespan
     request_metrics: RequestMetrics | None = None
     alerter: Alerter | None = None
+    sync: ModelSync | None = None  # cluster-wide deploys and reloads; set once the store is migrated
+
+    def model_sync(self) -> ModelSync:
+        if self.sync is None:
+            raise BackendNotReadyError("Strata is starting; try again shortly")
+        return self.sync
 
     def agent_runtime(self) -> AgentRuntime:
         if self.runtime is None:

@@ -58,6 +58,10 @@ class ChatService:
         self._dispatcher = Dispatcher(router, gpu_time)
         self.tracing = tracing or Tracing.disabled()
 
+    def models(self) -> list[str]:
+        """The model and route names this replica serves now (hot swap and reload change them)."""
+        return self._router.models
+
     def streams_tool_calls(self, model: str) -> bool:
         return self._router.resolve(model).streams_tool_calls
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver
 
 from strata.config import TimeoutsConfig
 from strata.config_loader import format_path
@@ -93,12 +94,17 @@ class OpenAIClient:
         api_key: str | None,
         timeouts: TimeoutsConfig,
         max_connections: int,
+        resolver: AbstractResolver | None = None,
     ) -> None:
+        """`resolver`: judges every DNS answer (an endpoint given over the API); such a client follows no
+        redirect either, so it only ever reaches the host that was checked."""
         self.deployment = deployment
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeouts = timeouts
         self._max_connections = max_connections
+        self._resolver = resolver
+        self._redirects = resolver is None
         self._session: aiohttp.ClientSession | None = None
         self._plain_timeout = aiohttp.ClientTimeout(
             total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s
@@ -112,7 +118,10 @@ class OpenAIClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=self._max_connections, ttl_dns_cache=300
+            limit=self._max_connections,
+            limit_per_host=self._max_connections,
+            ttl_dns_cache=300,
+            resolver=self._resolver,
         )
         self._session = aiohttp.ClientSession(
             connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=True
@@ -155,10 +164,10 @@ class OpenAIClient:
             )
         try:
             async with self.session.post(
-                url, data=payload, headers=self._headers(headers), timeout=timeout
+                url, data=payload, headers=self._headers(headers), timeout=timeout, allow_redirects=self._redirects
             ) as response:
                 body = await response.read()
-                if response.status >= 400:
+                if response.status >= 300:  # a redirect not followed is a failure too
                     raise _status_error(response, body, self.deployment)
                 return UpstreamReply(response.status, body)
         except ServingError:
@@ -177,9 +186,13 @@ class OpenAIClient:
         response: aiohttp.ClientResponse | None = None
         try:
             response = await self.session.post(
-                self.base_url + path, data=payload, headers=merged, timeout=self._stream_timeout
+                self.base_url + path,
+                data=payload,
+                headers=merged,
+                timeout=self._stream_timeout,
+                allow_redirects=self._redirects,
             )
-            if response.status >= 400:
+            if response.status >= 300:
                 body = await response.read()
                 raise _status_error(response, body, self.deployment)
             return UpstreamStream(response, self.deployment, self._timeouts.read_s)
@@ -202,6 +215,7 @@ class OpenAIClient:
                 self.base_url + "/models",
                 headers=self._headers(None),
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=self._redirects,
             ) as response:
                 await response.read()
                 return response.status == 200

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp.abc import AbstractResolver
+
 from strata.config import EndpointConfig, OpenAIModelConfig
 from strata.resilience.admission import AdmissionController
 from strata.resilience.breaker import CircuitBreaker
@@ -116,7 +118,13 @@ class RemoteDeployment(Deployment):
     kind = "openai"
 
     def __init__(
-        self, config: OpenAIModelConfig, endpoint: EndpointConfig, name: str, guards: Guards, counter: TokenCounter
+        self,
+        config: OpenAIModelConfig,
+        endpoint: EndpointConfig,
+        name: str,
+        guards: Guards,
+        counter: TokenCounter,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         client = OpenAIClient(
             name,
@@ -124,6 +132,7 @@ class RemoteDeployment(Deployment):
             api_key=endpoint.api_key,
             timeouts=config.timeouts,
             max_connections=config.max_connections,
+            resolver=resolver,
         )
         upstream = endpoint.upstream_model or config.target_model
         super().__init__(config.name, upstream, client, counter, guards, endpoint.weight)

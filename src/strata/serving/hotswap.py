@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
 from strata.config import ModelConfig
+from strata.security.egress import EgressPolicy
 from strata.serving.pool import ModelPool
 from strata.serving.router import Router
 
 log = structlog.get_logger("strata.hotswap")
 
 State = Literal["starting", "serving", "draining", "stopped", "failed"]
+CONFIG_REFERENCE: dict[str, Any] = {"source": "config"}
 
 
 class DeployFailed(Exception):
@@ -37,6 +39,12 @@ class VersionRecord:
     deployments: list[str]
     started_at: float = field(default_factory=time.time)
     note: str | None = None
+    #: What this version was deployed from: {"source": "config"}, {"profile": name}, or an openai endpoint.
+    reference: dict[str, Any] = field(default_factory=lambda: dict(CONFIG_REFERENCE))
+
+    def view(self) -> dict[str, Any]:
+        return {"version": self.version, "state": self.state, "deployments": self.deployments,
+                "reference": self.reference, "note": self.note}  # fmt: skip
 
 
 class ModelDeployer:
@@ -52,15 +60,26 @@ class ModelDeployer:
                 pool = router.pool(name)
                 self.history[name] = [VersionRecord(name, 1, "serving", [d.name for d in pool.deployments])]
 
-    async def deploy(self, config: ModelConfig, *, health_timeout_s: float | None = None) -> VersionRecord:
-        """Bring `config` into service as the next version of its model (a new model if it has none)."""
+    async def deploy(
+        self,
+        config: ModelConfig,
+        *,
+        health_timeout_s: float | None = None,
+        egress: EgressPolicy | None = None,
+        reference: dict[str, Any] | None = None,
+        version: int | None = None,
+    ) -> VersionRecord:
+        """Bring `config` into service as the next version of its model (a new model if it has none).
+        `egress` guards the DNS of endpoints given over the API; `reference` says where `config` came from;
+        `version`: its number in the cluster (default: the next one here)."""
         async with self._locks.setdefault(config.name, asyncio.Lock()):
             assert self._router.factory is not None
             records = self.history.setdefault(config.name, [])
-            version = (records[-1].version + 1) if records else 1
-            pool = self._router.factory(config)
+            version = version or self.latest(config.name) + 1
+            pool = self._router.factory(config, egress)
             pool.version = version
             record = VersionRecord(config.name, version, "starting", [d.name for d in pool.deployments])
+            record.reference = dict(reference or CONFIG_REFERENCE)
             records.append(record)
             log.info("deploying", model=config.name, version=version, deployments=record.deployments)
             if not await self._start_healthy(pool, health_timeout_s or self._health_timeout_s):
@@ -74,6 +93,29 @@ class ModelDeployer:
             if previous is not None:
                 self._drain_later(previous, records)
             return record
+
+    def latest(self, model: str) -> int:
+        """The highest version number this replica has used for `model` (0: none)."""
+        return max((r.version for r in self.history.get(model, ())), default=0)
+
+    def relabel(self, model: str, version: int, reference: dict[str, Any]) -> None:
+        """The version in service is already what `version` stands for: give it that number and reference."""
+        record = self.serving(model)
+        if record is not None and self._router.is_model(model):
+            self._router.pool(model).version = record.version = version
+            record.reference = dict(reference)
+
+    def serving(self, model: str) -> VersionRecord | None:
+        """The version of `model` in service, if any."""
+        return next((r for r in reversed(self.history.get(model, [])) if r.state == "serving"), None)
+
+    def snapshot(self) -> dict[str, dict[str, Any] | None]:
+        """Each model's version in service and what it came from (the before and after of audit rows)."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for model in self.history:
+            record = self.serving(model)
+            out[model] = {"version": record.version, "reference": record.reference} if record else None
+        return out
 
     async def remove(self, model: str) -> None:
         async with self._locks.setdefault(model, asyncio.Lock()):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -16,6 +17,8 @@ from strata.config import EmbeddedModelConfig, ModelConfig, RouteConfig, StrataC
 from strata.resilience.admission import AdmissionController
 from strata.resilience.breaker import BreakerStore, CircuitBreaker, MemoryBreakerStore
 from strata.resilience.retry import RetryBudget, RetryPolicy
+from strata.security.egress import EgressPolicy
+from strata.security.egress_resolver import EgressResolver
 from strata.serving.deployment import Deployment, DeploymentInfo, Guards, RemoteDeployment
 from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
@@ -27,6 +30,10 @@ from strata.serving.vllm import VllmDeployment
 log = structlog.get_logger("strata.router")
 
 
+class PoolFactory(Protocol):
+    def __call__(self, model: ModelConfig, egress: EgressPolicy | None = None) -> ModelPool: ...
+
+
 @dataclass(frozen=True)
 class RoutingHints:
     """What route rules may look at: who asks (an agent), how it is tagged, how long the prompt is."""
@@ -36,8 +43,15 @@ class RoutingHints:
     prompt_tokens: int = 0
 
 
-def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, counter: TokenCounter) -> ModelPool:
-    """`counter` estimates tokens where a backend reports no usage (the embedded model counts its own)."""
+def build_pool(
+    config: ModelConfig,
+    data_dir: Path,
+    breakers: BreakerStore,
+    counter: TokenCounter,
+    egress: EgressPolicy | None = None,
+) -> ModelPool:
+    """`counter` estimates tokens where a backend reports no usage (the embedded model counts its own).
+    `egress`: the policy every DNS answer for the endpoints must pass (endpoints given over the API)."""
 
     def guards(name: str) -> Guards:
         return Guards(AdmissionController.from_config(config.admission), CircuitBreaker(name, config.breaker, breakers))
@@ -50,11 +64,12 @@ def build_pool(config: ModelConfig, data_dir: Path, breakers: BreakerStore, coun
     else:
         endpoints = config.endpoints()
         hosts = Counter(_host(e.base_url) for e in endpoints)
+        resolver = EgressResolver(egress) if egress is not None else None
         deployments = []
         for index, endpoint in enumerate(endpoints):
             host = _host(endpoint.base_url)
             name = f"{config.name}/{host}" if hosts[host] == 1 else f"{config.name}/{host}#{index}"
-            deployments.append(RemoteDeployment(config, endpoint, name, guards(name), counter))
+            deployments.append(RemoteDeployment(config, endpoint, name, guards(name), counter, resolver))
     budget = RetryBudget.from_config(config.retry)
     return ModelPool(
         config.name,
@@ -83,7 +98,7 @@ def build_router(
     data_dir = Path(config.data_dir)
     pools = [build_pool(model, data_dir, store, tokens) for model in config.models]
     router = Router(pools, config.routes, health_interval_s=config.server.health_interval_s)
-    router.factory = lambda model: build_pool(model, data_dir, store, tokens)
+    router.factory = lambda model, egress=None: build_pool(model, data_dir, store, tokens, egress)
     return router
 
 
@@ -94,7 +109,7 @@ class Router:
         self._health_interval_s = health_interval_s
         self._health_task: asyncio.Task[None] | None = None
         #: Builds a pool for a model config (hot swap and reload build the new version with it).
-        self.factory: Callable[[ModelConfig], ModelPool] | None = None
+        self.factory: PoolFactory | None = None
 
     def install(self, pool: ModelPool) -> ModelPool | None:
         """Put `pool` in service for its model; new requests go to it at once. Returns the one it replaced."""

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, and_, exists, func, select, update
+from sqlalchemy import Select, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -217,6 +217,7 @@ class RunStore:
         allowed_models: list[str] | None = None,
         new_session: Session | None = None,
         claim_for: tuple[str, float] | None = None,
+        model: str | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
@@ -226,7 +227,8 @@ class RunStore:
         `claim_for`: (worker, lease_s), with `new_session` only: the run is stored already claimed by that
         worker, exactly as `claim` would leave it (running, leased, started, attempt 1), so that worker can start
         it at once with no claim round trip; its lease expires and is swept like any other if the worker dies.
-        Only a run opening a new session may skip the queue: no earlier run of its session can exist."""
+        Only a run opening a new session may skip the queue: no earlier run of its session can exist.
+        `model`: the agent's model; only workers whose replica serves it claim the run (see `claim`)."""
         if idempotency_key:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
@@ -247,6 +249,7 @@ class RunStore:
             trace_parent=trace_parent,
             key_id=key_id,
             allowed_models=allowed_models,
+            model=model,
         )
         if claim_for is not None:
             if new_session is None or new_session.id != session_id:
@@ -324,15 +327,19 @@ class RunStore:
 
     # -- ownership ---------------------------------------------------------------------------
 
-    async def claim(self, owner: str, lease_s: float) -> Run | None:
-        """Take the oldest queued run whose session has no earlier unfinished run."""
+    async def claim(self, owner: str, lease_s: float, models: Collection[str] | None = None) -> Run | None:
+        """Take the oldest queued run whose session has no earlier unfinished run; with `models` (what this
+        replica serves), only a run of one of them (or of no recorded model): the others wait for a replica
+        that serves theirs, until their deadline passes (then any worker takes them, to fail them)."""
+        params: dict[str, Any] = {} if models is None else {"served": list(models), "now": utcnow()}
+        query = _CLAIMABLE if models is None else _CLAIMABLE_SERVED
         if not self.db.is_sqlite:
-            return await self._claim_locked(owner, lease_s)
+            return await self._claim_locked(owner, lease_s, query, params)
         while True:
             # Look first without the write lock: most wake-ups of a worker find nothing to claim. A run found
             # claimable stays so until someone claims it (the earlier runs of its session have all ended).
             async with self.db.sessions() as tx:
-                run_id = (await tx.execute(_CLAIMABLE)).scalar_one_or_none()
+                run_id = (await tx.execute(query, params)).scalar_one_or_none()
             if run_id is None:
                 return None
             async with self.unit() as unit:
@@ -341,11 +348,13 @@ class RunStore:
                 return run
             # another worker took it between the look and the update: look again
 
-    async def _claim_locked(self, owner: str, lease_s: float) -> Run | None:
+    async def _claim_locked(
+        self, owner: str, lease_s: float, query: Select[tuple[str]], params: dict[str, Any]
+    ) -> Run | None:
         """PostgreSQL: workers of every replica claim at once; `SKIP LOCKED` makes each take a different run."""
-        query = _CLAIMABLE.with_for_update(skip_locked=True, of=Run)
         async with self.unit() as unit:
-            run_id = (await unit.tx.execute(query)).scalar_one_or_none()
+            locked = query.with_for_update(skip_locked=True, of=Run)
+            run_id = (await unit.tx.execute(locked, params)).scalar_one_or_none()
             return None if run_id is None else await _take(unit, run_id, owner, lease_s)
 
     async def heartbeat(self, run_id: str, owner: str, lease_s: float) -> Heartbeat:
@@ -429,7 +438,7 @@ def binding_key(entry: dict[str, Any]) -> str:
     return str(entry.get("binding") or entry["id"])
 
 
-def _claimable() -> Select[tuple[str]]:
+def _claimable(served: bool = False) -> Select[tuple[str]]:
     earlier = aliased(Run)
     blocked = exists().where(
         and_(
@@ -439,10 +448,21 @@ def _claimable() -> Select[tuple[str]]:
             earlier.created_at < Run.created_at,
         )
     )
-    return select(Run.id).where(Run.status == "queued", ~blocked).order_by(Run.created_at).limit(1)
+    query = select(Run.id).where(Run.status == "queued", ~blocked)
+    if served:
+        query = query.where(
+            or_(
+                Run.model.is_(None),
+                Run.model.in_(bindparam("served", expanding=True)),
+                Run.deadline_at < bindparam("now"),
+            )
+        )
+    return query.order_by(Run.created_at).limit(1)
 
 
-_CLAIMABLE = _claimable()  # built once: the statement keeps its cache key, so a claim skips building SQL
+# Built once: each statement keeps its cache key, so a claim skips building SQL.
+_CLAIMABLE = _claimable()
+_CLAIMABLE_SERVED = _claimable(served=True)
 
 
 async def _take(unit: Unit, run_id: str, owner: str, lease_s: float) -> Run | None:

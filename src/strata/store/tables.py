@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from strata.store.encrypted import EncryptedJSON, EncryptedText
@@ -102,6 +102,8 @@ class Run(Base):
     key_id: Mapped[str | None] = mapped_column(String(40))  # the API key that started it (None: a JWT)
     # The models that key could use when the run started (None: any): every model call of the run is held to it.
     allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The agent's model when the run was created: only a replica serving it claims the run (None: any).
+    model: Mapped[str | None] = mapped_column(String(128))
 
 
 class Step(Base):
@@ -240,3 +242,44 @@ class Span(Base):
     owner: Mapped[str | None] = mapped_column(String(128))
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON)
     sealed: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON("spans.sealed"))  # {"attributes", "events"}
+
+
+class ModelVersion(Base):
+    """The version of a model every replica should serve (hot swap and reload are cluster-wide).
+
+    `reference` is what the API validated, never a launch spec: {"profile": name}, an openai endpoint, or
+    {"source": "config"} / {"removed": true}; each replica resolves it against its own configuration.
+    `version` 0: no version desired yet (a number was handed out for a deploy still being health-checked)."""
+
+    __tablename__ = "model_versions"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    allocated: Mapped[int] = mapped_column(Integer)  # the highest version number handed out
+    reference: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str | None] = mapped_column(String(160))
+
+
+class ModelReplica(Base):
+    """What one replica serves of one model, as it last reported it (`seen_at` is its heartbeat)."""
+
+    __tablename__ = "model_replicas"
+
+    replica: Mapped[str] = mapped_column(String(96), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int | None] = mapped_column(Integer)  # in service here; None: not served here
+    desired: Mapped[int | None] = mapped_column(Integer)  # the desired version this replica acted on last
+    state: Mapped[str] = mapped_column(String(16))  # serving, failed, refused, removed
+    note: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime]
+
+
+class ConfigReload(Base):
+    """A configuration reload: every replica re-reads its own file once for each row it has not seen."""
+
+    __tablename__ = "config_reloads"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    by: Mapped[str | None] = mapped_column(String(160))

@@ -23,6 +23,7 @@ from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult, T
 from strata.config import HttpFetchConfig
 from strata.observability.tracing import TRACEPARENT, inject
 from strata.security.egress import EgressPolicy, EgressRefused, parse_address
+from strata.security.egress_resolver import resolve_results, system_resolver
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 """Maps (host, port) to IP address strings. Injectable so tests never touch real DNS."""
@@ -51,12 +52,6 @@ PARAMETERS: dict[str, Any] = {
 }
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """Resolve with the event loop's getaddrinfo (a worker thread, never blocking the loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
 class PinnedResolver(AbstractResolver):
     """aiohttp resolver that answers only from addresses already checked for this fetch."""
 
@@ -70,20 +65,7 @@ class PinnedResolver(AbstractResolver):
         addresses = self._pins.get(_pin_key(host))
         if not addresses:
             raise OSError(f"{host} was not checked by the egress policy")
-        results: list[ResolveResult] = []
-        for address in addresses:
-            ip = parse_address(address)
-            assert ip is not None  # pins hold only checked addresses
-            af = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-            if family in (socket.AF_UNSPEC, af):
-                results.append(
-                    ResolveResult(
-                        hostname=host, host=address, port=port, family=af, proto=0, flags=socket.AI_NUMERICHOST
-                    )
-                )
-        if not results:
-            raise OSError(f"{host} has no checked address of the requested family")
-        return results
+        return resolve_results(host, port, family, addresses)
 
     async def close(self) -> None:
         self._pins.clear()

@@ -1,0 +1,74 @@
+"""Wake-ups across replicas: one named channel, Redis pub/sub when `redis_url` is set.
+
+A `Signal` carries no state, only "look again": what changed is in the database, so a lost message
+(Redis down, a replica starting) costs only the delay until the listener's next poll. In-process, the
+replica that publishes wakes its own listener at once, Redis or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+log = structlog.get_logger("strata.coordination")
+
+
+class Signal:
+    def __init__(self, redis: Redis | None, channel: str) -> None:
+        self._redis = redis
+        self.channel = channel
+        self._event = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._redis is None:
+            return
+        try:
+            pubsub = self._redis.pubsub()
+            await pubsub.subscribe(self.channel)
+        except (OSError, ConnectionError) as exc:
+            log.warning("cannot subscribe; polling only", channel=self.channel, error=str(exc))
+            return
+        self._listener = asyncio.create_task(self._listen(pubsub), name=f"signal:{self.channel}")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    async def publish(self) -> None:
+        self._event.set()
+        if self._redis is not None:
+            try:
+                await self._redis.publish(self.channel, b"1")
+            except (OSError, ConnectionError) as exc:
+                log.warning("cannot publish; other replicas will notice by polling", channel=self.channel,
+                            error=str(exc))  # fmt: skip
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a publish (here or on another replica) or `timeout_s`, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        self._event.clear()
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        try:
+            while True:
+                try:
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._event.set()
+                except (OSError, ConnectionError) as exc:
+                    log.warning("signal channel lost; polling until it is back", channel=self.channel,
+                                error=str(exc))  # fmt: skip
+                    await asyncio.sleep(1.0)
+                    with contextlib.suppress(OSError, ConnectionError):
+                        await pubsub.subscribe(self.channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
