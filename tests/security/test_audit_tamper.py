@@ -110,15 +110,16 @@ def api_verify(trail: Trail) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-def checkpointed_head(trail: Trail, timeout_s: float = 20.0) -> list[AuditRow]:
-    """The stored rows, once a checkpoint in the server's file covers the newest of them."""
+def checkpointed_head(trail: Trail, timeout_s: float = 20.0, at_least: int = 12) -> list[AuditRow]:
+    """The stored rows, once there are `at_least` (the writer flushes in batches: a checkpoint may come
+    between two) and a checkpoint in the server's file covers the newest of them."""
     path = trail.server.workdir / CHECKPOINTS
     deadline = time.monotonic() + timeout_s
     while True:
         rows = on_db(trail, stored_rows)
         lines = path.read_text().splitlines() if path.exists() else []
         heads = {(json.loads(line)["head_id"], json.loads(line)["head_hash"]) for line in lines}
-        if rows and (rows[-1].id, rows[-1].hash) in heads:
+        if len(rows) >= at_least and (rows[-1].id, rows[-1].hash) in heads:
             return rows
         assert time.monotonic() < deadline, f"no checkpoint of row {rows[-1].id if rows else None}: {lines}"
         time.sleep(0.2)
