@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ast_guard
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
+
+ast_guard.install()  # before any test runs: a failure report must never crash the session (see ast_guard)
 
 
 @pytest.fixture(scope="module")
