@@ -68,6 +68,7 @@ from strata.security.redaction import Redactor
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
+from strata.startup import describe_failure
 from strata.store.audit import AuditStore
 from strata.store.database import Database
 from strata.store.keys import KeyNotFound, KeyStore
@@ -198,10 +199,23 @@ def build_app(
             log.info("strata stopped")
 
     # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
+    @asynccontextmanager
+    async def recorded_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = False
+        try:
+            async with lifespan(app):
+                started = True
+                yield
+        except Exception as exc:
+            if not started:  # `strata serve` says this in one line; the traceback is for debug logs
+                state.lifecycle.startup_error = describe_failure(exc)
+                log.debug("start-up failed", exc_info=True)
+            raise
+
     app = FastAPI(
         title="Strata",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=recorded_lifespan,
         dependencies=[Depends(authorize)],
         responses=ERROR_RESPONSES,
         # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only

@@ -26,6 +26,7 @@ class Lifecycle:
     """Set by the server runner when shutdown begins, so /readyz can tell load balancers to go away."""
 
     draining: bool = False
+    startup_error: str | None = None  # why the lifespan's start-up failed, for the one line `strata serve` prints
 
 
 @dataclass
