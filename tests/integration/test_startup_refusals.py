@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.strata_process import ADMIN_KEY, REPO_ROOT
+from tests.support.strata_process import ADMIN_KEY, REPO_ROOT, StrataProcess, listens_on
 
 # A model that needs no backend to start: the refusals must come before anything is contacted anyway.
 CONFIG: dict[str, Any] = {
@@ -139,3 +139,21 @@ def test_database_commands_elsewhere_find_the_servers_data_through_its_config(tm
     listed = strata(elsewhere, "keys", "list", "--config", str(config))
     assert listed.returncode == 0 and "ops" in listed.stdout, listed.stdout + listed.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_test_server_whose_port_was_taken_moves_to_another(tmp_path: Path) -> None:
+    """Parallel test workers pick free ports independently: a port taken before the server binds it must not
+    fail the test, nor let the test talk to someone else's server."""
+    process = StrataProcess(tmp_path, CONFIG)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", process.port))
+        squatter.listen()
+        taken = process.port
+        process.start(wait_ready=False)
+        try:
+            assert process.port != taken
+            assert listens_on(process.process.pid, process.port) and not listens_on(process.process.pid, taken)
+            assert process.client().get("/healthz").status_code == 200
+            assert "is already in use" in process.logs()  # the first try was refused, then it moved
+        finally:
+            assert process.stop() == 0
