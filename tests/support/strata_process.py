@@ -8,7 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,26 @@ def listens_on(pid: int, port: int) -> bool:
         return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
+
+
+def start_listening(
+    command: Callable[[int], list[str]], timeout_s: float = 20.0, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server process on a free port (`command(port)`), and return once that process itself listens.
+    A port another test worker took first makes the server exit: then it starts again on another port."""
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        process = subprocess.Popen(command(port), **popen)
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and not listens_on(process.pid, port):
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise TimeoutError(f"{command(port)} did not listen on {port} within {timeout_s}s")
+            time.sleep(0.05)
+        if process.returncode is None:
+            return process, port
+    raise RuntimeError(f"{command(0)[:3]}... exited on start-up {PORT_ATTEMPTS} times")
 
 
 class StrataProcess:
