@@ -198,7 +198,6 @@ def build_app(
                 await redis.aclose()
             log.info("strata stopped")
 
-    # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
     @asynccontextmanager
     async def recorded_lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = False
@@ -212,6 +211,7 @@ def build_app(
                 log.debug("start-up failed", exc_info=True)
             raise
 
+    # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
     app = FastAPI(
         title="Strata",
         version=__version__,

@@ -88,8 +88,7 @@ def serve(
                 {**loaded.server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
             )
         except ValidationError as exc:
-            err.print(f"[bold red]cannot start:[/] {exc.errors()[0]['msg']}", highlight=False)
-            raise typer.Exit(2) from None
+            _cannot_start(exc.errors()[0]["msg"])
         loaded = loaded.model_copy(update={"server": server})
     try:  # before a model loads, a key is made or anything listens: a refusal is one line and exit 2
         preflight(loaded, os.environ)
