@@ -50,7 +50,8 @@ def on_database(
         _refuse(
             f"cannot {what}: no Strata database at {Path(url.database or '').resolve()}. Run this where "
             "`strata serve` runs (its data_dir, ./strata-data by default, is relative to that directory), "
-            "or give this command the server's config with --config or STRATA_CONFIG"
+            "or give this command the server's config with --config or STRATA_CONFIG (`strata serve` or "
+            "`strata db upgrade` creates the database)"
         )
 
     async def main() -> T:
