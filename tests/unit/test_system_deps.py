@@ -125,3 +125,23 @@ def test_the_script_runs_on_this_machine_in_dry_run() -> None:
     """This machine runs the suite, so it has what the suite needs: nothing to do, exit 0."""
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def make_dry_run(*args: str) -> list[str]:
+    result = subprocess.run(["make", "-n", *args], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_make_test_checks_the_machine_before_the_bootstrap_and_ci_only_calls_it() -> None:
+    steps = make_dry_run("-B", "test")  # -B: the bootstrap's steps too, as on a fresh clone
+    assert "scripts/ensure_system_deps.py" in steps[0]
+    assert any("pytest -n" in step for step in steps)
+    assert (SCRIPT.parents[1] / ".ci" / "run").read_text().rstrip().endswith("exec make test")
+
+
+def test_the_bootstrap_shows_its_progress() -> None:
+    steps = "\n".join(make_dry_run("-B", "bootstrap"))
+    assert "--quiet" not in steps  # pip's own output shows, phase after phase
+    assert "[1/3]" in steps and "[2/3]" in steps and "[3/3]" in steps
+    assert "pip wheel -v" in steps  # the llama.cpp build shows its compile steps
