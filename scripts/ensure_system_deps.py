@@ -66,7 +66,8 @@ def _packages(machine: Machine, dry_run: bool, say: Callable[[str], None]) -> No
     packages = [package for _, package in missing]
     named = " and ".join(f"{package} ({command})" for command, package in missing)
     if not (machine.is_root and machine.which("apt-get")):
-        raise Missing(f"the test suite needs {named}: install them (`sudo apt-get install {' '.join(packages)}`)")
+        them = "them" if len(packages) > 1 else "it"
+        raise Missing(f"the test suite needs {named}: install {them} (`sudo apt-get install {' '.join(packages)}`)")
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
     _act(machine, dry_run, say, f"installing {named} with apt-get", [["apt-get", "update", "-qq"], install])
     if not dry_run and (still := [command for command, _ in missing if not machine.which(command)]):

@@ -80,8 +80,7 @@ def test_without_root_it_stops_with_one_line_naming_the_packages() -> None:
     with pytest.raises(deps.Missing) as missing:
         machine.ensure()
     assert (
-        str(missing.value)
-        == "the test suite needs bubblewrap (bwrap): install them (`sudo apt-get install bubblewrap`)"
+        str(missing.value) == "the test suite needs bubblewrap (bwrap): install it (`sudo apt-get install bubblewrap`)"
     )
     assert machine.ran == []
 
