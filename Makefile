@@ -1,4 +1,6 @@
 # Two commands for a fresh machine: `make serve` and `make test`. Both bootstrap .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,34 +11,58 @@ STAMP := $(VENV)/.strata-installed
 # also enables AMX on CPUs that advertise it, which dies with SIGILL on VMs that do not allow it.
 LLAMA_CPP_VERSION := 0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/strata-wheels/llama-cpp-$(LLAMA_CPP_VERSION)-avx2
+LLAMA_LOG := $(WHEELHOUSE).build.log
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# The compiler's progress lines ([12/180] or [ 40%]) and pip's own steps, out of pip's verbose build log.
+LLAMA_PROGRESS := '^\s*(\[ *[0-9]+(\/[0-9]+|%)\]|\*\*\*)|^(Collecting|Downloading|Building wheel|Created wheel|Successfully)'
 
-.PHONY: serve test lint bench bootstrap clean-venv
+# The suite runs in parallel processes, one test file each at a time (module-scoped servers stay shared).
+# Most tests wait on real servers rather than compute, so one worker more than the cores keeps them busy.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+.PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv
 
 bootstrap: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "==> [1/3] virtual environment $(VENV) (pip's own output follows)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --upgrade pip
 	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
-		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (once; about 5 minutes on 2 cores)..."; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir \
-			-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+		echo "==> [2/3] building llama-cpp-python $(LLAMA_CPP_VERSION) once (about 5 minutes on 2 cores; log: $(LLAMA_LOG))"; \
+		mkdir -p $(WHEELHOUSE); \
+		if ! CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -v --no-deps --no-cache-dir \
+			-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | tee $(LLAMA_LOG) \
+			| { grep --line-buffered -E $(LLAMA_PROGRESS) || true; }; then \
+			tail -n 30 $(LLAMA_LOG); echo "llama-cpp-python did not build; the whole log: $(LLAMA_LOG)"; exit 1; \
+		fi; \
+	else \
+		echo "==> [2/3] llama-cpp-python $(LLAMA_CPP_VERSION): built before, in $(WHEELHOUSE)"; \
 	fi
-	@$(PY) -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[embedded,dev,bench]'
+	@echo "==> [3/3] installing Strata and its dependencies into $(VENV)"
+	@$(PY) -m pip install --find-links $(WHEELHOUSE) -e '.[embedded,dev,bench]'
 	@touch $(STAMP)
+	@echo "==> ready. The strata command is $(VENV)/bin/strata; \`source $(VENV)/bin/activate\` puts it on PATH."
 
 serve: $(STAMP)
 	$(VENV)/bin/strata serve
 
-test: $(STAMP)
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
-	$(PY) -m pytest
+# What the suite needs from the machine (bwrap, promtool, PostgreSQL, Redis): installed or started as root,
+# otherwise named in one line, before the minutes of bootstrap.
+system-deps:
+	@$(PYTHON) scripts/ensure_system_deps.py
+
+test: system-deps $(STAMP) lint
+	$(PYTEST)
+
+# The same without the slow soak-style tests (marked `slow`); `make test` and CI run everything.
+test-fast: system-deps $(STAMP) lint
+	$(PYTEST) -m 'not slow'
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ast_guard
 from tests.support.mock_backend import MockBackend
 from tests.support.strata_process import StrataProcess
+
+ast_guard.install()  # before any test runs: a failure report must never crash the session (see ast_guard)
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +53,10 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
     yield process
     assert process.stop() == 0
     assert '"unhandled error"' not in process.logs(), "a request hit an unexpected exception"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with `slow` tests first. `make test` hands whole files to parallel workers in collection order:
+    started first, the long files overlap everything else instead of running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays

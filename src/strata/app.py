@@ -76,6 +76,7 @@ from strata.security.redaction import Redactor, upstream_key_envs
 from strata.serving.chat import ChatService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
+from strata.startup import describe_failure
 from strata.store.audit import AuditStore
 from strata.store.database import Database
 from strata.store.keys import KeyNotFound, KeyStore
@@ -226,11 +227,24 @@ def build_app(
                 await redis.aclose()
             log.info("strata stopped")
 
+    @asynccontextmanager
+    async def recorded_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = False
+        try:
+            async with lifespan(app):
+                started = True
+                yield
+        except Exception as exc:
+            if not started:  # `strata serve` says this in one line; the traceback is for debug logs
+                state.lifecycle.startup_error = describe_failure(exc)
+                log.debug("start-up failed", exc_info=True)
+            raise
+
     # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
     app = FastAPI(
         title="Strata",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=recorded_lifespan,
         dependencies=[Depends(authorize), Depends(refuse_bad_strings)],
         responses=ERROR_RESPONSES,
         # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only

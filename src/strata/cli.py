@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import orjson
 import typer
@@ -47,7 +47,13 @@ def config_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the effective config as JSON.")] = False,
 ) -> None:
     """Validate the configuration; print the effective config (secrets masked) or every error."""
+    from strata.startup import config_problems
+
     loaded = load_or_exit(config)
+    if problems := config_problems(loaded, os.environ):  # what `strata serve` would refuse to start with
+        sys.stderr.write("strata serve would not start:\n")
+        sys.stderr.writelines(f"  {problem}\n" for problem in problems)
+        raise typer.Exit(2)
     effective = redacted(loaded)
     if as_json:
         sys.stdout.write(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -69,8 +75,10 @@ def serve(
     from strata.api.state import Lifecycle
     from strata.app import build_app
     from strata.observability.logging import configure_logging
+    from strata.security.encryption import EncryptionError
     from strata.security.redaction import Redactor, upstream_key_envs
     from strata.serving.embedded import EmbeddedModelUnavailable
+    from strata.startup import StartupRefused, preflight, quiet_startup_failure
 
     loaded = load_or_exit(config)
     overrides = {"host": host, "port": port, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
@@ -80,13 +88,12 @@ def serve(
                 {**loaded.server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
             )
         except ValidationError as exc:
-            err.print(f"[bold red]cannot start:[/] {exc.errors()[0]['msg']}", highlight=False)
-            raise typer.Exit(2) from None
+            _cannot_start(exc.errors()[0]["msg"])
         loaded = loaded.model_copy(update={"server": server})
-    for path in filter(None, (loaded.server.tls_cert_file, loaded.server.tls_key_file)):
-        if not path.is_file():
-            err.print(f"[bold red]cannot start:[/] TLS file {path} does not exist", highlight=False)
-            raise typer.Exit(2)
+    try:  # before a model loads, a key is made or anything listens: a refusal is one line and exit 2
+        preflight(loaded, os.environ)
+    except StartupRefused as exc:
+        _cannot_start(str(exc))
     # Upstream keys of the configured models, of the deploy profiles, and those a deploy over the API may name.
     key_envs = upstream_key_envs([*loaded.models, *loaded.deploy.profiles.values()])
     key_envs += [grant.env for grant in loaded.deploy.api_keys]
@@ -96,11 +103,11 @@ def serve(
     lifecycle = Lifecycle()
     try:
         application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ), redactor)
-    except EmbeddedModelUnavailable as exc:
-        err.print(f"[bold red]cannot start:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    except (EmbeddedModelUnavailable, EncryptionError) as exc:
+        _cannot_start(str(exc))
     _banner(loaded)
-    run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes)
+    with quiet_startup_failure(lifecycle):
+        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes)
 
 
 @db_app.command("upgrade")
@@ -306,6 +313,12 @@ def _admin(url: str, api_key: str | None, method: str, path: str, body: object =
         err.print(f"[red]error {response.status_code}:[/] {error.get('message', response.text)}", highlight=False)
         raise typer.Exit(1)
     return response.json()
+
+
+def _cannot_start(reason: str) -> NoReturn:
+    # Plain write: one line that people and scripts read alike, never wrapped or styled away.
+    sys.stderr.write(f"cannot start: {reason}\n")
+    raise typer.Exit(2)
 
 
 def _banner(config: StrataConfig) -> None:

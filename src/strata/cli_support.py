@@ -7,10 +7,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from strata.config import StrataConfig
@@ -43,12 +45,26 @@ def on_database(
     keyring: Keyring | None = None,
 ) -> T:
     """Open the configured database (migrated first with `upgrade`; with `keyring`, as the server opens it), run
-    `work`, close it. A database error exits 2 with one line naming `what` could not be done, and a hint when
-    `table` is missing."""
+    `work`, close it. A database
+    error exits 2 with one line naming `what` could not be done, and a hint when `table` is missing.
+    A database that does not exist is never created here: the command would act on data no server reads."""
+    url = make_url(config.effective_database_url)
+    if url.get_backend_name() == "sqlite" and not _sqlite_file_exists(url.database):
+        _refuse(
+            f"cannot {what}: no Strata database at {Path(url.database or '').resolve()}. Run this where "
+            "`strata serve` runs (its data_dir, ./strata-data by default, is relative to that directory), "
+            "or give this command the server's config with --config or STRATA_CONFIG (`strata serve` or "
+            "`strata db upgrade` creates the database)"
+        )
 
     async def main() -> T:
         db = Database(config.effective_database_url, keyring=keyring)
         try:
+            if not db.is_sqlite and not await _has_schema(db):
+                _refuse(
+                    f"cannot {what}: {db.url.render_as_string(hide_password=True)} has no Strata tables; is it the "
+                    "database `strata serve` uses? (`strata serve` or `strata db upgrade` creates them)"
+                )
             if upgrade:
                 await db.upgrade()
             return await work(db)
@@ -72,3 +88,20 @@ def keyring_or_exit(config: StrataConfig, *, create: bool = True) -> Keyring:
     except EncryptionError as exc:
         err.print(f"[red]cannot load the encryption keys:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _sqlite_file_exists(database: str | None) -> bool:
+    return database == ":memory:" or (bool(database) and Path(database or "").is_file())
+
+
+async def _has_schema(db: Database) -> bool:
+    def check(connection: Connection) -> bool:
+        return inspect(connection).has_table("alembic_version")
+
+    async with db.engine.connect() as connection:
+        return await connection.run_sync(check)
+
+
+def _refuse(message: str) -> NoReturn:
+    sys.stderr.write(message + "\n")  # plain: one line people and scripts read alike
+    raise typer.Exit(2)

@@ -196,6 +196,7 @@ async def test_overload_is_refused_at_once_while_admitted_requests_finish(
         strata.stop()
 
 
+@pytest.mark.slow  # a soak: 2,000 requests against one overloaded server
 async def test_memory_stays_bounded_under_sustained_overload(tmp_path: Path, mocks: list[MockBackend]) -> None:
     slow = mocks[0]
     slow.default = Reply(latency_s=0.2)

@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import mock_model
 from tests.support.mock_backend import MockBackend, Reply, ToolCallSpec
-from tests.support.strata_process import REPO_ROOT, StrataProcess, free_port
-
-
-def wait_listening(port: int, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(f"MCP HTTP server not listening on {port}")
+from tests.support.strata_process import REPO_ROOT, StrataProcess, start_listening
 
 
 def test_an_agent_calls_tools_of_stdio_and_http_mcp_servers(tmp_path: Path) -> None:
-    port = free_port()
-    http_server = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.mcp_servers.http_server", str(port)],
+    http_server, port = start_listening(
+        lambda port: [sys.executable, "-m", "tests.support.mcp_servers.http_server", str(port)],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_listening(port)
         with MockBackend(api_key="mock-secret") as mock:
             mock.script(
                 Reply(

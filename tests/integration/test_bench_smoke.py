@@ -16,6 +16,7 @@ from bench.registry import SCENARIOS
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # minutes: every scenario against real servers, and the peers' install on a fresh clone
 @pytest.mark.timeout(1500)
 def test_quick_bench_run_measures_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "B.md"

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from strata.agents.tools.mcp_supervisor import McpServerState, McpSupervisor
 from strata.agents.tools.mcp_tools import McpConnectError, McpServerConnection
 from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
 from strata.config import AgentConfig, McpServerConfig
-from tests.support.strata_process import free_port
+from tests.support.strata_process import free_port, start_listening
 
 CALC = [sys.executable, "-m", "tests.support.mcp_servers.calc_server"]
 CTX = ToolContext(run_id="run1", idempotency_key="run1:2:0", timeout_s=10.0)
@@ -67,18 +66,10 @@ async def calc(tmp_path: Path) -> AsyncIterator[McpServerConnection]:
 
 @pytest.fixture
 def http_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.support.mcp_servers.http_server", str(port)])
+    process, port = start_listening(
+        lambda port: [sys.executable, "-m", "tests.support.mcp_servers.http_server", str(port)]
+    )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "the HTTP MCP server exited on start-up"
-            assert time.monotonic() < deadline, "the HTTP MCP server did not listen in time"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         yield f"http://127.0.0.1:{port}/mcp", process
     finally:
         process.kill()

@@ -246,18 +246,26 @@ async def test_cancelling_the_call_kills_every_process_in_the_sandbox() -> None:
     tool = PythonSandboxTool(CONFIG.model_copy(update={"timeout_s": 30}))
     code = "import os, time\nfor _ in range(3):\n    os.fork()\ntime.sleep(60)\n"
     task = asyncio.create_task(tool.invoke({"code": code}, CONTEXT))
-    namespaces: set[str] = set()
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        namespaces = {ns for ns in map(pid_ns_of_pid, descendants(os.getpid())) if ns != own_pid_ns()}
-        if namespaces and len(processes_in(next(iter(namespaces)))) >= 9:
-            break  # the supervisor and all eight processes are running
-    assert namespaces, "the sandbox never started"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    for namespace in namespaces:
-        assert processes_in(namespace) == []
+    try:
+        namespaces: set[str] = set()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if task.done():
+                await task  # the tool's own error (no bwrap, say), not a vague "never started" below
+            namespaces = {ns for ns in map(pid_ns_of_pid, descendants(os.getpid())) if ns != own_pid_ns()}
+            if namespaces and len(processes_in(next(iter(namespaces)))) >= 9:
+                break  # the supervisor and all eight processes are running
+        assert namespaces, "the sandbox never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for namespace in namespaces:
+            assert processes_in(namespace) == []
+    finally:
+        # Never leave a task whose exception nobody read: its finalizer would log a traceback from
+        # inside whatever runs the next garbage collection (see tests/support/ast_guard.py).
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_without_bwrap_the_tool_refuses_with_a_clear_message(tmp_path: Path) -> None:

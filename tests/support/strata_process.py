@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,51 @@ from strata.serving.supervisor import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The admin key every test server starts with (STRATA_ADMIN_KEY); tests make narrower keys from it.
 ADMIN_KEY = "test-admin-key-not-for-production"
+# What `strata serve` says when its port is taken (strata.startup); the test server then moves.
+PORT_IN_USE = "is already in use"
+PORT_ATTEMPTS = 5
+
+
+class PortTaken(Exception):
+    """The port picked for a test server was bound by someone else before the server got it."""
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the listening socket of TCP `port` (any address): who really answers there."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def start_listening(
+    command: Callable[[int], list[str]], timeout_s: float = 20.0, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server process on a free port (`command(port)`), and return once that process itself listens.
+    A port another test worker took first makes the server exit: then it starts again on another port."""
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        process = subprocess.Popen(command(port), **popen)
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and not listens_on(process.pid, port):
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise TimeoutError(f"{command(port)} did not listen on {port} within {timeout_s}s")
+            time.sleep(0.05)
+        if process.returncode is None:
+            return process, port
+    raise RuntimeError(f"{command(0)[:3]}... exited on start-up {PORT_ATTEMPTS} times")
 
 
 class StrataProcess:
@@ -83,6 +128,21 @@ class StrataProcess:
         return self.url + "/v1"
 
     def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> StrataProcess:
+        """Start and wait until this process answers. Tests run in parallel processes, so the free port picked
+        may be taken by another test's server before this one binds it: then it starts again on a new port."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._launch()
+                self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
+                return self
+            except PortTaken:
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+                self.config = {**self.config, "server": {**self.config["server"], "port": self.port}}
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
@@ -97,26 +157,28 @@ class StrataProcess:
                 stderr=subprocess.STDOUT,
                 preexec_fn=self._limit_open_files if self.open_files is not None else None,
             )
-        self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
-        return self
 
     def _limit_open_files(self) -> None:
         assert self.open_files is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def wait_for(self, path: str, timeout_s: float) -> None:
+        """Until `path` answers 200 from this process: another test's server may hold the port meanwhile."""
         deadline = time.monotonic() + timeout_s
         verify = self.verify
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
+                if self.process.returncode != 0 and PORT_IN_USE in self.logs():
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"strata exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(self.url + path, timeout=1.0, verify=verify).status_code == 200:
-                    return
+                answered = httpx.get(self.url + path, timeout=1.0, verify=verify).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+                answered = False
+            if answered and listens_on(self.process.pid, self.port):
+                return
+            time.sleep(0.05)
         raise TimeoutError(f"strata did not answer 200 on {path} within {timeout_s}s:\n{self.logs()}")
 
     def logs(self) -> str:

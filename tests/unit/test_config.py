@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,9 @@ def test_config_check_masks_credentials(tmp_path: Path) -> None:
         "models:\n  - kind: vllm\n    name: q\n    model: Qwen/Qwen2.5-7B-Instruct\n"
         "    env: {HF_TOKEN: hf_abcdef, HF_HOME: /models/hf}\n",
     )
-    result = run_cli("config", "check", "--config", str(path), cwd=tmp_path)
+    # A shared database needs a shared encryption key, or `config check` reports it as a refusal.
+    env = {**os.environ, "STRATA_ENCRYPTION_KEY": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}
+    result = run_cli("config", "check", "--config", str(path), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     for secret in ("hunter2", "s3cret", "hf_abcdef"):
         assert secret not in result.stdout

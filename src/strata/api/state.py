@@ -35,6 +35,7 @@ class Lifecycle:
     """
 
     draining: bool = False
+    startup_error: str | None = None  # why the lifespan's start-up failed, for the one line `strata serve` prints
     streams: set[ChatStreamRelay] = field(default_factory=set)
 
     def cut_streams(self) -> int:

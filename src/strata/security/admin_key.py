@@ -16,20 +16,33 @@ ENV = "STRATA_ADMIN_KEY"
 MIN_LENGTH = 16
 
 
+def admin_key_problem(environ: Mapping[str, str]) -> str | None:
+    """Why the key in STRATA_ADMIN_KEY cannot be used, or None: checked before `strata serve` starts anything."""
+    secret = environ.get(ENV)
+    if not secret:
+        return None
+    if len(secret) < MIN_LENGTH:
+        return (
+            f"{ENV} must be at least {MIN_LENGTH} characters (it has {len(secret)}; "
+            "better: a key from `strata keys generate`)"
+        )
+    if secret.startswith(KEY_PREFIX) and not is_strata_key(secret):
+        # Every request would be refused as a mistyped key: say so now, not at the first request.
+        return (
+            f"{ENV} starts with {KEY_PREFIX!r} but its checksum does not match: use `strata keys generate`, "
+            f"or any other string of at least {MIN_LENGTH} characters"
+        )
+    return None
+
+
 async def ensure_admin_key(
     keys: KeyStore, audit: AuditLog, environ: Mapping[str, str], announce: Callable[[str], None]
 ) -> None:
     """`announce` receives a generated secret: the one time it is shown. It is never logged."""
     secret = environ.get(ENV)
     if secret:
-        if len(secret) < MIN_LENGTH:
-            raise ValueError(f"{ENV} must be at least {MIN_LENGTH} characters (better: `strata keys generate`)")
-        if secret.startswith(KEY_PREFIX) and not is_strata_key(secret):
-            # Every request would be refused as a mistyped key: say so now, not at the first request.
-            raise ValueError(
-                f"{ENV} starts with {KEY_PREFIX!r} but its checksum does not match: use `strata keys generate`, "
-                f"or any other string of at least {MIN_LENGTH} characters"
-            )
+        if problem := admin_key_problem(environ):
+            raise ValueError(problem)
         existing = await keys.by_hash(hash_key(secret))
         if existing is None:
             try:

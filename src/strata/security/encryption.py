@@ -174,15 +174,39 @@ def load_keyring(config: StrataConfig, environ: Mapping[str, str], *, create: bo
     if not path.exists() and not create:
         raise EncryptionError(f"no encryption key: {ENV_KEY} is not set and there is no key file at {path}")
     if not path.exists():
-        if make_url(config.effective_database_url).get_backend_name() != "sqlite":
-            raise EncryptionError(
-                f"no encryption key: every replica sharing this database needs the same key, so Strata will not "
-                f"make one up; set {ENV_KEY} (base64 of 32 random bytes, e.g. `openssl rand -base64 32`) or point "
-                f"security.encryption.key_file at a shared file (missing: {path})"
-            )
+        if not _may_create_key_file(config):
+            raise _no_shared_key(path)
         created = path if _create_key_file(path) else None
     return KeyringSource(
         read_key_file(path), origin=str(path), key_file=path, created_file=created, warnings=_loose_permissions(path)
+    )
+
+
+def check_keyring(config: StrataConfig, environ: Mapping[str, str]) -> None:
+    """Raise the EncryptionError `load_keyring` would, without creating a key file: for checks before start."""
+    if environ.get(ENV_KEY, "").strip():
+        decode_key(environ[ENV_KEY], ENV_KEY)
+        for old in environ.get(ENV_OLD_KEYS, "").split(","):
+            if old.strip():
+                decode_key(old, ENV_OLD_KEYS)
+        return
+    path = default_key_file(config)
+    if path.exists():
+        read_key_file(path)
+    elif not _may_create_key_file(config):
+        raise _no_shared_key(path)
+
+
+def _may_create_key_file(config: StrataConfig) -> bool:
+    # Only the embedded SQLite database is one replica's own: a shared database needs a shared key.
+    return make_url(config.effective_database_url).get_backend_name() == "sqlite"
+
+
+def _no_shared_key(path: Path) -> EncryptionError:
+    return EncryptionError(
+        f"no encryption key: every replica sharing this database needs the same key, so Strata will not "
+        f"make one up; set {ENV_KEY} (base64 of 32 random bytes, e.g. `openssl rand -base64 32`) or point "
+        f"security.encryption.key_file at a shared file (missing: {path})"
     )
 
 
