@@ -10,6 +10,7 @@ from typing import Annotated, TextIO, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from strata.cli_support import load_or_exit, on_database
@@ -40,7 +41,7 @@ def verify(config: ConfigOption = None) -> None:
 
     result = _with_store(load_or_exit(config), run)
     if not result.ok:
-        out.print(f"[bold red]audit chain broken:[/] {result.message}", highlight=False)
+        out.print(f"[bold red]audit chain broken:[/] {escape(result.message)}", highlight=False)
         raise typer.Exit(1)
     out.print(f"[bold green]audit chain intact:[/] {result.rows_checked:,} rows", highlight=False)
     out.print(f"head hash: {result.head_hash}", highlight=False)  # keep it elsewhere: it reveals truncation
@@ -60,10 +61,10 @@ def export(
                 handle = stack.enter_context(Path(out_path).open("w", encoding="utf-8", newline="\n"))
             written = _with_store(loaded, lambda store: _export(store, handle))
     except OSError as exc:
-        err.print(f"[red]cannot write {out_path}:[/] {exc}", highlight=False)
+        err.print(f"[red]cannot write {escape(out_path)}:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     where = "standard output" if out_path == "-" else out_path
-    err.print(f"exported {written:,} audit rows to {where}", highlight=False)
+    err.print(f"exported {written:,} audit rows to {escape(where)}", highlight=False)
 
 
 async def _export(store: AuditStore, handle: TextIO) -> int:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from strata.config import StrataConfig
@@ -57,5 +58,5 @@ def on_database(
     except SQLAlchemyError as exc:
         hint = " (run `strata db upgrade` first?)" if table in str(exc) else ""
         reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
-        err.print(f"[red]cannot {what}{hint}:[/] {reason}", highlight=False)
+        err.print(f"[red]cannot {what}{hint}:[/] {escape(reason)}", highlight=False)
         raise typer.Exit(2) from None
