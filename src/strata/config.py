@@ -470,6 +470,12 @@ class LoggingConfig(_Strict):
     format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a terminal, JSON lines otherwise."
     )
+    repeat_burst: int = Field(
+        default=3, ge=1, le=1000,
+        description="A library's repeated message (an exporter failing while its collector is down) is logged this "
+        "many times per repeat_window_s; the rest are counted in the `suppressed` field of the next one logged.",
+    )  # fmt: skip
+    repeat_window_s: float = Field(default=60.0, gt=0, le=86400, description="The window of repeat_burst.")
 
 
 class TracingConfig(_Strict):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -102,8 +100,8 @@ class Tracing:
             exporter = OTLPSpanExporter(
                 endpoint=config.otlp_endpoint, headers=headers or None, timeout=_EXPORT_TIMEOUT_S
             )
+            # Its failures (a collector down) are logged by the SDK: rate-limited JSON lines, see logging.py.
             provider.add_span_processor(BatchSpanProcessor(exporter))
-            _quiet_sdk_warnings()
         local = LocalSpanProcessor() if config.local_store else None
         if local is not None:
             provider.add_span_processor(local)
@@ -201,29 +199,6 @@ def activate(span: Span, parent: Context | None = None, *, end: bool = True) -> 
         otel_context.detach(token)
         if end:
             span.end()
-
-
-class _OncePerMinute(logging.Filter):
-    """Lets each message through once a minute: with the collector down, the SDK warns for every span it
-    drops ("Queue full, dropping Span"), which would flood the log of a busy server."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._last: dict[object, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(record.msg, -60.0) < 60.0:
-            return False
-        self._last[record.msg] = now
-        return True
-
-
-def _quiet_sdk_warnings() -> None:
-    for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
-            logger.addFilter(_OncePerMinute())
 
 
 # -- the current span, without a tracer ------------------------------------------------------------
