@@ -492,6 +492,20 @@ class TracingConfig(_Strict):
         default_factory=dict, description="Sent with every export (a collector's API key); masked in config check."
     )
     service_name: str = Field(default="strata", min_length=1, description="The `service.name` of every span.")
+    project: str | None = Field(
+        default=None, min_length=1,
+        description="The project LLM-trace backends file these traces under: the resource attribute "
+        "`openinference.project.name` (Arize Phoenix; its default project otherwise). Default: service_name.",
+    )  # fmt: skip
+    environment: str | None = Field(
+        default=None, min_length=1,
+        description="`deployment.environment.name` (and the older `deployment.environment`) of every span, e.g. "
+        "production: Langfuse's environment, a filter in Jaeger, Tempo and Phoenix.",
+    )  # fmt: skip
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="More resource attributes of every span (OTEL_RESOURCE_ATTRIBUTES is read too); these win.",
+    )
     capture_content: bool = Field(
         default=False, description="Record prompts, answers, tool arguments and results on spans."
     )

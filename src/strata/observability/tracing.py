@@ -47,6 +47,7 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _EXPORT_TIMEOUT_S = 10.0
+PROJECT_NAME = "openinference.project.name"  # the resource attribute Arize Phoenix groups traces by
 
 __all__ = [
     "INVALID_SPAN",
@@ -89,7 +90,7 @@ class Tracing:
         """`exporters`: more exporters, each behind a synchronous processor (for tests)."""
         if not config.enabled:
             return cls(config, None)
-        resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
+        resource = Resource.create(resource_attributes(config))
         sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
         provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
         provider.add_span_processor(RunScopeProcessor())  # first: it sets attributes the others store
@@ -180,6 +181,21 @@ class Tracing:
         span = self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         with activate(span, parent):
             yield span
+
+
+def resource_attributes(config: TracingConfig) -> dict[str, str]:
+    """Who sends these spans, as backends group them: the service, the project LLM-trace backends file them
+    under (Phoenix reads `openinference.project.name`; Langfuse takes the project from its API key and the
+    environment from `deployment.environment`), and the environment."""
+    attributes = {
+        "service.name": config.service_name,
+        "service.version": __version__,
+        PROJECT_NAME: config.project or config.service_name,
+    }
+    if config.environment:
+        attributes["deployment.environment.name"] = config.environment
+        attributes["deployment.environment"] = config.environment  # the name before semantic conventions 1.27
+    return {**attributes, **config.resource_attributes}
 
 
 @contextlib.contextmanager
