@@ -12,6 +12,7 @@ from typing import Annotated, TextIO, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from strata.cli_support import load_or_exit, on_database
@@ -61,13 +62,13 @@ def verify(
         loaded, lambda db: run(AuditStore(db)), what="read the audit trail", table="audit_events", keyring=keyring
     )
     if not result.ok:
-        out.print(f"[bold red]audit chain broken ({result.problem}):[/] {result.message}", highlight=False)
+        out.print(f"[bold red]audit chain broken ({result.problem}):[/] {escape(result.message)}", highlight=False)
     else:
         out.print(f"[bold green]audit chain intact:[/] {result.rows_checked:,} rows", highlight=False)
         out.print(f"head: row {result.head_id}, hash {result.head_hash}", highlight=False)
     out.print("checked:", highlight=False)
     for line in result.checked:
-        out.print(f"  - {line}", highlight=False)
+        out.print(f"  - {escape(line)}", highlight=False)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -95,10 +96,10 @@ def export(
                 handle = stack.enter_context(Path(out_path).open("w", encoding="utf-8", newline="\n"))
             written = _with_store(loaded, lambda store: _export(store, handle))
     except OSError as exc:
-        err.print(f"[red]cannot write {out_path}:[/] {exc}", highlight=False)
+        err.print(f"[red]cannot write {escape(out_path)}:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     where = "standard output" if out_path == "-" else out_path
-    err.print(f"exported {written:,} audit rows to {where}", highlight=False)
+    err.print(f"exported {written:,} audit rows to {escape(where)}", highlight=False)
 
 
 async def _export(store: AuditStore, handle: TextIO) -> int:

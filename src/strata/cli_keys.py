@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from strata.cli_support import keyring_or_exit, load_or_exit, on_database
 from strata.config import StrataConfig
@@ -161,7 +162,8 @@ def list_keys(
         )
         state = "revoked" if key.revoked_at else ("active" if key.active(now) else "expired")
         expires = key.expires_at.strftime("%Y-%m-%d %H:%M") if key.expires_at else "-"
-        table.add_row(key.name, key.user, key.role, limits or "-", expires, state, key.id, key.prefix + "…")
+        cells = (key.name, key.user, key.role, limits or "-", expires, state, key.id, key.prefix + "…")
+        table.add_row(*(Text(str(cell or "")) for cell in cells))  # names are text, not markup
     out.print(table)
 
 
@@ -187,10 +189,10 @@ def rotate(
     try:
         new_id, secret = _with_store(loaded, work)
     except KeyNotFound as exc:
-        err.print(f"[red]{exc}[/]", highlight=False)
+        err.print(Text(str(exc), style="red"), highlight=False)
         raise typer.Exit(1) from None
     _show_secret(new_id, secret)
-    out.print(f"{key_id} keeps working for {overlap}", highlight=False)
+    out.print(Text(f"{key_id} keeps working for {overlap}"), highlight=False)
 
 
 @keys_app.command("revoke")
@@ -208,9 +210,9 @@ def revoke(key_id: Annotated[str, typer.Argument(help="The key to revoke.")], co
     try:
         _with_store(loaded, work)
     except KeyNotFound as exc:
-        err.print(f"[red]{exc}[/]", highlight=False)
+        err.print(Text(str(exc), style="red"), highlight=False)
         raise typer.Exit(1) from None
-    out.print(f"revoked {key_id}", highlight=False)
+    out.print(Text(f"revoked {key_id}"), highlight=False)
 
 
 @keys_app.command("generate")

@@ -11,6 +11,7 @@ from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -76,7 +77,7 @@ def on_database(
     except SQLAlchemyError as exc:
         hint = " (run `strata db upgrade` first?)" if table in str(exc) else ""
         reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
-        err.print(f"[red]cannot {what}{hint}:[/] {reason}", highlight=False)
+        err.print(f"[red]cannot {what}{hint}:[/] {escape(reason)}", highlight=False)
         raise typer.Exit(2) from None
 
 

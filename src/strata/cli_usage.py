@@ -12,7 +12,9 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
@@ -59,8 +61,8 @@ def usage(
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]).replace("from_", "from")
         message = first["msg"].removeprefix("Value error, ")
-        err.print(f"[red]invalid option:[/] {'--' + where.replace('_', '-') + ': ' if where else ''}{message}",
-                  highlight=False)  # fmt: skip
+        option = "--" + where.replace("_", "-") + ": " if where else ""
+        err.print(f"[red]invalid option:[/] {escape(option + message)}", highlight=False)
         raise typer.Exit(2) from None
     loaded = load_or_exit(config)
     rows, total = _read(loaded, query.group_by, query.since, query.until, query.user, query.kind)
@@ -107,7 +109,7 @@ def _table(title: str, group_by: str, rows: list[UsageRow], total: UsageRow | No
         )  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
-            row.group if row.group is not None else "-",
+            Text(row.group if row.group is not None else "-"),
             f"{row.requests:,}",
             f"{row.errors:,}",
             f"{row.prompt_tokens:,}",

@@ -646,6 +646,12 @@ class LoggingConfig(_Strict):
     format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a terminal, JSON lines otherwise."
     )
+    repeat_burst: int = Field(
+        default=3, ge=1, le=1000,
+        description="A library's repeated message (an exporter failing while its collector is down) is logged this "
+        "many times per repeat_window_s; the rest are counted in the `suppressed` field of the next one logged.",
+    )  # fmt: skip
+    repeat_window_s: float = Field(default=60.0, gt=0, le=86400, description="The window of repeat_burst.")
 
 
 class TracingConfig(_Strict):
@@ -662,6 +668,20 @@ class TracingConfig(_Strict):
         default_factory=dict, description="Sent with every export (a collector's API key); masked in config check."
     )
     service_name: str = Field(default="strata", min_length=1, description="The `service.name` of every span.")
+    project: str | None = Field(
+        default=None, min_length=1,
+        description="The project LLM-trace backends file these traces under: the resource attribute "
+        "`openinference.project.name` (Arize Phoenix; its default project otherwise). Default: service_name.",
+    )  # fmt: skip
+    environment: str | None = Field(
+        default=None, min_length=1,
+        description="`deployment.environment.name` (and the older `deployment.environment`) of every span, e.g. "
+        "production: Langfuse's environment, a filter in Jaeger, Tempo and Phoenix.",
+    )  # fmt: skip
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="More resource attributes of every span (OTEL_RESOURCE_ATTRIBUTES is read too); these win.",
+    )
     capture_content: bool = Field(
         default=False, description="Record prompts, answers, tool arguments and results on spans."
     )

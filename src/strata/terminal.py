@@ -1,4 +1,9 @@
-"""`strata run` and `strata chat`: follow a run's SSE events and render them for people."""
+"""`strata run` and `strata chat`: follow a run's SSE events and render them for people.
+
+Everything a model, a tool or the server wrote is shown as it is: printed as `rich.text.Text` (never parsed
+for markup such as `[/usr/share]`, nor for emoji codes), with terminal control characters made visible, so a
+model's or a tool's output can neither crash the CLI nor drive the terminal. Only our own labels are styled.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,23 @@ import httpx
 from httpx_sse import connect_sse
 from rich.console import Console
 from rich.prompt import Prompt
+from rich.text import Text
 
 FINAL = ("run.completed", "run.failed", "run.cancelled")
+# C0 controls but newline and tab, DEL and C1 controls (ESC starts the sequences that retitle, recolour or
+# rewrite a terminal): shown as \x1b rather than sent to it.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+def shown(text: object) -> str:
+    """Untrusted text, with control characters made visible."""
+    return str(text).translate(_CONTROLS)
+
+
+def say(console: Console, *parts: str | tuple[str, str], end: str = "\n") -> None:
+    """Print pieces of text, each plain or (text, style), as they are: nothing in them is markup."""
+    line = Text.assemble(*((shown(p[0]), p[1]) if isinstance(p, tuple) else shown(p) for p in parts))
+    console.print(line, end=end, highlight=False, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -42,38 +62,37 @@ def _stream(remote: Remote, agent: str, message: str, session: str | None, conso
             if source.response.status_code != 200:
                 source.response.read()
                 error = source.response.json().get("error", {})
-                console.print(f"[red]error {source.response.status_code}:[/] {error.get('message')}", highlight=False)
+                say(console, (f"error {source.response.status_code}:", "red"), f" {error.get('message')}")
                 return 2, session
             for sse in source.iter_sse():
                 data = json.loads(sse.data)
                 session_id = data.get("session_id", session_id)
                 kind = sse.event
                 if kind == "message.delta":
-                    console.print(data["content"], end="", highlight=False, markup=False)
+                    say(console, data["content"], end="")
                 elif kind == "message.completed":
                     console.print()
                 elif kind == "tool.called":
-                    console.print(f"[cyan]-> {data['tool']}({data['arguments']})[/]", highlight=False)
+                    say(console, (f"-> {data['tool']}({data['arguments']})", "cyan"))
                 elif kind == "tool.result":
-                    style = "red" if data["is_error"] else "green"
-                    console.print(f"[{style}]<- {data['content'][:500]}[/]", highlight=False, markup=True)
+                    say(console, (f"<- {data['content'][:500]}", "red" if data["is_error"] else "green"))
                 elif kind == "run.waiting":
-                    console.print(f"[yellow]waiting {data['retry_in_s']}s: {data['reason']}[/]", highlight=False)
+                    say(console, (f"waiting {data['retry_in_s']}s: {data['reason']}", "yellow"))
                 elif kind == "approval.requested":
-                    console.print("[yellow]waiting for approval:[/] " + ", ".join(c["name"] for c in data["calls"]))
+                    say(console, ("waiting for approval:", "yellow"), " " + ", ".join(c["name"] for c in data["calls"]))
                 elif kind in FINAL:
                     if kind != "run.completed":
-                        console.print(f"[red]{kind}: {data.get('reason')}[/]", highlight=False)
+                        say(console, (f"{kind}: {data.get('reason')}", "red"))
                     return (0 if kind == "run.completed" else 1), session_id
     except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach Strata at {remote.url}: {exc}[/]", highlight=False)
+        say(console, (f"cannot reach Strata at {remote.url}: {exc}", "red"))
         return 2, session
     return 1, session_id
 
 
 def chat_loop(remote: Remote, agent: str, console: Console) -> None:
     session: str | None = None
-    console.print(f"chatting with [bold]{agent}[/] at {remote.url} (empty line to leave)")
+    say(console, "chatting with ", (agent, "bold"), f" at {remote.url} (empty line to leave)")
     while True:
         try:
             message = Prompt.ask("[bold]you[/]", console=console, default="", show_default=False)

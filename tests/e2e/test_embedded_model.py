@@ -17,6 +17,7 @@ import pytest
 from tests.support.strata_process import StrataProcess
 
 pytestmark = pytest.mark.e2e
+MODEL_SERVER = "strata.serving.llama_server"  # the launched llama-cpp-python server's command line
 
 CITY_TOOL = {
     "type": "function",
@@ -108,7 +109,7 @@ def test_json_schema_response_format_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
-    [child] = embedded.children("llama_cpp.server")
+    [child] = embedded.children(MODEL_SERVER)
     config_file = next((embedded.workdir / "strata-data" / "run").glob("*.llama.json"))
     config = json.loads(config_file.read_text())
     assert config["host"] == "127.0.0.1"
@@ -121,13 +122,13 @@ def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
 
 
 def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: openai.OpenAI) -> None:
-    [child] = embedded.children("llama_cpp.server")
+    [child] = embedded.children(MODEL_SERVER)
     os.kill(child, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while httpx.get(embedded.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     embedded.wait_for("/readyz", timeout_s=120)
-    [new_child] = embedded.children("llama_cpp.server")
+    [new_child] = embedded.children(MODEL_SERVER)
     assert new_child != child
     result = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
@@ -138,14 +139,14 @@ def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: ope
 
 def test_shutdown_stops_the_model_server(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {"server": {"drain_delay_s": 0}}).start(timeout_s=180)
-    [child] = strata.children("llama_cpp.server")
+    [child] = strata.children(MODEL_SERVER)
     assert strata.stop() == 0
     assert not Path(f"/proc/{child}").exists()
 
 
 def test_model_server_dies_with_a_killed_strata(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {}).start(timeout_s=180)
-    [child] = strata.children("llama_cpp.server")
+    [child] = strata.children(MODEL_SERVER)
     assert strata.process is not None
     strata.process.kill()
     strata.process.wait()
@@ -178,3 +179,35 @@ def test_an_agent_run_on_the_embedded_model_calls_a_tool(embedded: StrataProcess
     # The result went back to the model: a model step followed the tool step.
     kinds = [s["kind"] for s in run["steps"]]
     assert kinds[:3] == ["model", "tool", "model"]
+
+
+def test_the_shipped_demo_agent_answers_the_readme_questions(embedded: StrataProcess) -> None:
+    """The README's demo questions on the embedded model: the clock is called with one zone, the answer is
+    plain text (no `&#34;` from an HTML-escaped prompt), and each model step costs something (CPU time)."""
+    runs = []
+    for question in ("What time is it?", "What time is it in UTC?", "What is 12*7?"):
+        response = httpx.post(
+            f"{embedded.url}/v1/agents/demo/runs", json={"input": question}, headers=embedded.headers, timeout=180
+        )
+        assert response.status_code == 200, response.text
+        run = response.json()
+        assert run["status"] == "completed", run
+        assert "&#" not in json.dumps(run), run  # nothing the model read or wrote was HTML-escaped
+        runs.append(run)
+    for run in runs[:2]:  # the clock questions
+        (tool,) = [s for s in run["steps"] if s["kind"] == "tool"]
+        assert tool["name"] == "current_time" and tool["status"] == "completed", run
+        zone = json.loads(tool["input"]["arguments"]).get("timezone", "UTC")
+        assert "," not in zone and " " not in zone, zone  # one IANA name, as its schema's pattern allows
+        assert run["output"].strip(), run
+        assert run["cost_usd"] > 0, run  # the embedded model's CPU time, priced like a chat call's
+    deadline = time.monotonic() + 15  # usage rows are written in batches, every second
+    while True:
+        usage = httpx.get(
+            f"{embedded.url}/v1/usage", params={"group_by": "agent", "kind": "run_step"}, headers=embedded.headers
+        ).json()
+        demo = [r for r in usage["data"] if r["group"] == "demo"]
+        if (demo and demo[0]["requests"] >= 6) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert demo and demo[0]["requests"] >= 6 and demo[0]["cost_usd"] > 0, usage  # two model steps a run

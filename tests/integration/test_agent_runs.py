@@ -89,6 +89,18 @@ def cli_env(strata: StrataProcess) -> dict[str, str]:
     return {**os.environ, "STRATA_API_KEY": strata.api_key}
 
 
+def strata_cli(strata: StrataProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`strata <args> --url <this server>` with its admin key."""
+    return subprocess.run(
+        [sys.executable, "-m", "strata", *args, "--url", strata.url],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(strata),
+    )
+
+
 def calc(expression: str) -> Reply:
     return Reply(tool_calls=[ToolCallSpec("calculator", {"expression": expression})])
 
@@ -412,42 +424,38 @@ def test_agents_are_listed_and_versioned_through_the_admin_api(strata: StrataPro
 
 def test_strata_run_streams_to_the_terminal(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(calc("3*3"), Reply(content="Nine."))
-    result = subprocess.run(
-        [sys.executable, "-m", "strata", "run", "helper", "3*3?", "--url", strata.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(strata),
-    )
+    result = strata_cli(strata, "run", "helper", "3*3?")
     assert result.returncode == 0, result.stdout + result.stderr
     assert '-> calculator({"expression":"3*3"})' in result.stdout
     assert "<- 9" in result.stdout
     assert result.stdout.rstrip().endswith("Nine.")
 
 
+def test_strata_run_shows_markup_and_control_characters_as_text(
+    strata: StrataProcess, mock_backend: MockBackend
+) -> None:
+    """What models and tools write is text, never terminal markup, emoji codes or escape sequences."""
+    label = "[/usr/share] [bold]loud[/bold] :thumbs_up:"
+    answer = "Look in [/usr/share] for [bold]it[/bold] :smile:\x1b]0;owned\x07 done"
+    mock_backend.script(Reply(tool_calls=[ToolCallSpec("record", {"label": label})]), Reply(content=answer))
+    result = strata_cli(strata, "run", "helper", "[/etc] [red]?")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"-> record({json.dumps({'label': label}, separators=(',', ':'))})" in result.stdout
+    assert f"<- recorded {label}" in result.stdout
+    assert "Look in [/usr/share] for [bold]it[/bold] :smile:\\x1b]0;owned\\x07 done" in result.stdout
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+
+
 def test_strata_run_reports_a_failed_run(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(calc("1+1"), calc("2+2"), calc("3+3"))
-    result = subprocess.run(
-        [sys.executable, "-m", "strata", "run", "short", "go", "--url", strata.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(strata),
-    )
+    result = strata_cli(strata, "run", "short", "go")
     assert result.returncode == 1
     assert "run.failed: step limit" in result.stdout
 
 
 def test_strata_chat_keeps_one_session(strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(content="Hi Ada."), Reply(content="You are Ada."))
-    result = subprocess.run(
-        [sys.executable, "-m", "strata", "chat", "helper", "--url", strata.url],
-        input="I am Ada\nWho am I?\n\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(strata),
-    )
+    result = strata_cli(strata, "chat", "helper", stdin="I am Ada\nWho am I?\n\n")
     assert result.returncode == 0, result.stderr
     assert "Hi Ada." in result.stdout and "You are Ada." in result.stdout
     contents = [m.get("content") for m in mock_backend.chat_requests()[-1].body["messages"]]

@@ -40,6 +40,9 @@ CHAT_ROUTE = "/v1/chat/completions"
 METRICS_PRICE = (1000.0, 2000.0)
 USAGE_PRICE = (3.0, 15.0)
 BUDGET_PRICE = (0.0, 4000.0)  # the mock's default reply has 5 completion tokens: $0.02 a request
+# Tokens and busy time together, as a self-hosted model with token prices: $1 per second of the deployment.
+HOURLY_PRICE = (1000.0, 2000.0)
+USD_PER_BUSY_HOUR = 3600.0
 
 
 def _cost(price: tuple[float, float], prompt: int, completion: int) -> float:
@@ -62,12 +65,14 @@ def server(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
             _priced(mock_backend, "usage-model", USAGE_PRICE),
             _priced(mock_backend, "budget-model", BUDGET_PRICE),
             mock_model(mock_backend, "log-model"),
+            _priced(mock_backend, "hourly-model", HOURLY_PRICE, gpu_usd_per_hour=USD_PER_BUSY_HOUR),
         ],
         "agents": [
             {"name": "helper", "model": "usage-model"},
             {"name": "capped", "model": "budget-model"},
             {"name": "logger", "model": "log-model"},
             {"name": "keyed", "model": "budget-model"},
+            {"name": "hourly", "model": "hourly-model"},
         ],
         "cost": {"budgets": [{"scope": "agent", "name": "capped", "period": "day", "limit_usd": 0.05}]},
         "runs": {"poll_s": 0.1},
@@ -315,6 +320,49 @@ def test_cost_header_and_usage_reports_add_up(server: StrataProcess, mock_backen
     assert step["cost_usd"] == pytest.approx(run.json()["cost_usd"], abs=1e-8)
     chats = rita.get("/v1/usage", params={"kind": "chat"}).json()["total"]
     assert chats is None or chats["requests"] == 0  # a run's steps are not chat requests
+
+
+def test_chat_calls_and_run_steps_are_priced_alike(server: StrataProcess, mock_backend: MockBackend) -> None:
+    """A model priced per token and per busy hour: a chat call and a run step with the same tokens both pay
+    for their tokens and for their share of the deployment's time (the mock holds each for `busy` seconds)."""
+    busy, (prompt, completion) = 0.3, (40, 8)
+    tokens = _cost(HOURLY_PRICE, prompt, completion)
+    client = server.client()
+
+    def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+        started = time.monotonic()
+        response = call()
+        assert response.status_code == 200, response.text
+        return response, time.monotonic() - started
+
+    def check(cost: float, elapsed: float) -> None:
+        # Tokens, plus at least the time the backend took and at most the time the whole call took: $1/s.
+        assert tokens + busy * 0.95 <= cost <= tokens + elapsed, (cost, tokens, elapsed)
+
+    mock_backend.script(Reply(prompt_tokens=prompt, completion_tokens=completion, latency_s=busy))
+    response, elapsed = timed(lambda: client.post(CHAT_ROUTE, json=chat("hourly-model"), timeout=30))
+    check(float(response.headers["x-strata-cost-usd"]), elapsed)
+
+    mock_backend.script(Reply(prompt_tokens=prompt, completion_tokens=completion, latency_s=busy))
+    run, elapsed = timed(lambda: client.post("/v1/agents/hourly/runs", json={"input": "hello"}, timeout=30))
+    assert run.json()["status"] == "completed", run.json()
+    check(run.json()["cost_usd"], elapsed)
+
+    # The reports agree: by agent, the run's step with its cost; by model, the chat call and the step.
+    def reported() -> bool:
+        by_agent = client.get("/v1/usage", params={"group_by": "agent", "kind": "run_step"}).json()
+        return any(r["group"] == "hourly" for r in by_agent["data"])
+
+    wait_until(reported, 10, "the run step never reached the usage report")
+    by_agent = client.get("/v1/usage", params={"group_by": "agent", "kind": "run_step"}).json()
+    step = row(by_agent, "hourly")
+    assert step["requests"] == 1 and step["cost_usd"] == pytest.approx(run.json()["cost_usd"], abs=1e-6)
+    result = strata_cli(server, "usage", "--json", "--group-by", "agent", "--kind", "run_step")
+    assert result.returncode == 0, result.stderr
+    assert row(orjson.loads(result.stdout), "hourly")["cost_usd"] == pytest.approx(step["cost_usd"], abs=1e-9)
+    by_model = client.get("/v1/usage", params={"group_by": "model"}).json()
+    assert row(by_model, "hourly-model")["requests"] == 2
+    assert row(by_model, "hourly-model")["cost_usd"] >= 2 * (tokens + busy * 0.95)
 
 
 # -- 3. budgets ------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def _cli(server: StrataProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_keys_act_on_the_running_server(server: StrataProcess) -> None:
-    made = _cli(server, "keys", "create", "--name", "from-cli", "--role", "developer", "--rpm", "50")
+    # A name that looks like terminal markup is shown as text (it once crashed `keys list`).
+    made = _cli(server, "keys", "create", "--name", "cli [/ops]", "--role", "developer", "--rpm", "50")
     assert made.returncode == 0, made.stderr
     secret = re.search(r"sk-strata-[0-9A-Za-z]{49}", made.stdout)
     assert secret is not None

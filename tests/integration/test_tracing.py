@@ -248,6 +248,7 @@ def test_span_tree_of_an_agent_run_with_a_tool_call(
     assert server.attributes["http.route"] == "/v1/agents/{agent}/runs"
     assert server.attributes["http.response.status_code"] == 202
     assert server.resource["service.name"] == "strata"
+    assert server.resource["openinference.project.name"] == "strata"  # Phoenix's project: not its "default"
 
     (run_span,) = by_name(spans, "invoke_agent helper")
     assert run_span.parent_span_id == server.span_id  # joined through the traceparent stored with the run
@@ -354,7 +355,7 @@ def test_a_failed_backend_call_marks_the_span(
 def test_a_streamed_completion_records_its_usage(
     strata: StrataProcess, mock_backend: MockBackend, receiver: OtlpReceiver
 ) -> None:
-    mock_backend.script(Reply(content="one two three"))
+    mock_backend.script(Reply(content="one two three", finish_reason="length"))
     with httpx.stream(
         "POST",
         f"{strata.base_url}/chat/completions",
@@ -370,6 +371,7 @@ def test_a_streamed_completion_records_its_usage(
     (chat,) = by_name(spans, "chat mock-model")
     assert chat.attributes["gen_ai.usage.input_tokens"] == 11
     assert chat.attributes["gen_ai.usage.output_tokens"] == 3
+    assert chat.attributes["gen_ai.response.finish_reasons"] == ["length"]  # as the stream's last chunk said
     assert chat.status != "error"
 
 
@@ -404,7 +406,14 @@ def test_log_lines_of_a_request_share_its_ids(strata: StrataProcess, mock_backen
 
 
 def test_content_is_captured_when_enabled(mock_backend: MockBackend, receiver: OtlpReceiver, tmp_path: Path) -> None:
-    tracing = {"otlp_endpoint": receiver.url, "capture_content": True}
+    tracing = {
+        "otlp_endpoint": receiver.url,
+        "capture_content": True,
+        "service_name": "strata-eu",
+        "project": "support-bot",
+        "environment": "staging",
+        "resource_attributes": {"service.namespace": "acme"},
+    }
     with serving(tmp_path, server_config(mock_backend, tracing)) as strata:
         mock_backend.script(calc("2+3"), Reply(content="It is five."))
         response = httpx.post(
@@ -418,6 +427,15 @@ def test_content_is_captured_when_enabled(mock_backend: MockBackend, receiver: O
         spans = receiver.trace(trace_id, lambda s: bool(by_name(s, "invoke_agent helper")))
         first, second = by_name(spans, "chat mock-model")
         (tool,) = by_name(spans, "execute_tool calculator")
+        # Grouped as configured: the service, Phoenix's project, the environment Langfuse and others filter by.
+        grouping = {
+            "service.name": "strata-eu",
+            "openinference.project.name": "support-bot",
+            "deployment.environment.name": "staging",
+            "deployment.environment": "staging",
+            "service.namespace": "acme",
+        }
+        assert {k: first.resource.get(k) for k in grouping} == grouping
         messages = json.loads(first.attributes["gen_ai.input.messages"])
         assert messages == [{"role": "user", "parts": [{"type": "text", "content": "What is two plus three?"}]}]
         instructions = json.loads(first.attributes["gen_ai.system_instructions"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -78,10 +79,12 @@ class StrataProcess:
         args: Sequence[str] = (),
         ca_file: Path | None = None,
         open_files: tuple[int, int] | None = None,
+        split_stderr: bool = False,
     ) -> None:
         """`args`: extra `strata serve` options (e.g. --tls-cert/--tls-key). `ca_file`: the server speaks HTTPS
         with a certificate this PEM file vouches for; `url` becomes https:// and the helpers here trust it.
-        `open_files`: the server's descriptor limits (soft, hard), as a small machine would have."""
+        `open_files`: the server's descriptor limits (soft, hard), as a small machine would have.
+        `split_stderr`: standard error goes to `stderr_path` rather than into the log with standard output."""
         self.workdir = workdir
         self.open_files = open_files
         self.args = list(args)
@@ -91,6 +94,7 @@ class StrataProcess:
         self.config.setdefault("logging", {"format": "json", "level": "info"})
         self.config_path = workdir / "strata.yaml"
         self.log_path = workdir / "strata.log"
+        self.stderr_path = workdir / "strata.stderr" if split_stderr else None
         self.env = {"STRATA_ADMIN_KEY": ADMIN_KEY, **(env or {})}
         self.api_key = self.env["STRATA_ADMIN_KEY"]
         self.process: subprocess.Popen[bytes] | None = None
@@ -148,13 +152,16 @@ class StrataProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         env["PYTHONPATH"] = str(REPO_ROOT)  # test tools are referenced as tests.support....
         env.update(self.env)
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("ab") as log, contextlib.ExitStack() as stack:
+            stderr: Any = subprocess.STDOUT
+            if self.stderr_path is not None:
+                stderr = stack.enter_context(self.stderr_path.open("ab"))
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "strata", "serve", "--config", str(self.config_path), *self.args],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=stderr,
                 preexec_fn=self._limit_open_files if self.open_files is not None else None,
             )
 

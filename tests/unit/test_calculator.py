@@ -40,3 +40,17 @@ async def test_the_calculator_tool_answers_inline() -> None:
     tool = next(t for t in builtin_tools() if t.name == "calculator")
     result = await tool.invoke({"expression": "6 * 7"}, ToolContext("run", "run:0:c", 5))
     assert (result.content, result.is_error) == ("42", False)
+
+
+async def test_the_clock_takes_one_zone_name_and_says_so_in_its_schema() -> None:
+    """Small models read the parameter schema, not the description; a grammar built from it allows one zone."""
+    tool = next(t for t in builtin_tools() if t.name == "current_time")
+    timezone = tool.spec.parameters["properties"]["timezone"]
+    assert "IANA" in timezone["description"] and timezone["pattern"]
+    context = ToolContext("run", "run:0:call", 5)
+    for zone in ("UTC", "Europe/Paris", "America/Argentina/Buenos_Aires", "Etc/GMT+5", "EST5EDT"):
+        assert not (await tool.invoke({"timezone": zone}, context)).is_error, zone
+    with pytest.raises(ToolError, match="invalid arguments"):
+        await tool.invoke({"timezone": "UTC,US_Pacific"}, context)
+    calculator_tool = next(t for t in builtin_tools() if t.name == "calculator")
+    assert "12*7" in calculator_tool.spec.parameters["properties"]["expression"]["description"]

@@ -142,3 +142,22 @@ async def test_interrupt_ends_a_waiting_stream_with_its_own_error_event() -> Non
     )
     assert [rest async for rest in events] == []
     assert stream.closed and relay.stats.error is not None and relay.stats.error.code == "server_shutting_down"
+
+
+async def test_each_choice_s_finish_reason_is_kept_as_compact_or_spaced_json_writes_it() -> None:
+    def ended(index: int, reason: str | None) -> dict[str, object]:
+        return {"index": index, "delta": {}, "finish_reason": reason}
+
+    spaced = b'{"id": "c1", "choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]}'
+    wire = b"".join(
+        b"data: " + event + b"\n\n"
+        for event in (
+            chunk("a"),
+            chunk("", choices=[ended(0, "tool_calls"), ended(1, None)]),
+            spaced,
+            b"[DONE]",
+        )
+    )
+    relay = make_relay(ByteStream(wire))
+    assert [event async for event in relay][-1] == b"data: [DONE]\n\n"
+    assert relay.stats.finish_reasons == {0: "tool_calls", 1: "length"}

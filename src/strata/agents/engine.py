@@ -239,7 +239,8 @@ class _Job:
         latency = time.monotonic() - step_started
         unique_call_ids(outcome.message)
         accounting = self.engine.accounting
-        cost = accounting.step_cost(outcome.model, outcome.prompt_tokens, outcome.completion_tokens)
+        use = outcome.use
+        cost = accounting.step_cost(use)
         tokens = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
         counters = {"steps_taken": 1, **tokens, "cost_usd": cost}
         for name, delta in counters.items():  # at once: the next step's limit checks see them
@@ -255,11 +256,7 @@ class _Job:
         for call in outcome.tool_calls:
             batch.add_event("tool.called", _call_event(call, f"{run.id}:{turn}:{call['id']}"))
         # Usage is settled once the step is durable: a step lost to a crash is made again, and billed once.
-        batch.after.append(
-            lambda: accounting.model_step(
-                run, outcome.model, outcome.prompt_tokens, outcome.completion_tokens, latency, cost
-            )
-        )
+        batch.after.append(lambda: accounting.model_step(run, use, latency, cost))
 
     def _delta(self, text: str, turn: int) -> None:
         self.engine.bus.publish(LiveEvent(self.run.id, "message.delta", {"content": text, "turn": turn}, None))

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from strata.cost.prices import ModelUse
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, Tracing, activate, add_event
 from strata.serving.chat import ChatCall, ChatService
@@ -45,14 +46,20 @@ class DeadlineExceeded(Exception):
 @dataclass
 class ModelOutcome:
     message: dict[str, Any]
-    model: str
+    model: str  # the model that answered
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    busy_s: float = 0.0  # its share of the deployment's busy time, priced like a chat completion's
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
         return list(self.message.get("tool_calls") or [])
+
+    @property
+    def use(self) -> ModelUse:
+        """What the step used, priced by the same path as a client's chat completion."""
+        return ModelUse(self.model, self.prompt_tokens, self.completion_tokens, busy_s=self.busy_s)
 
 
 @dataclass
@@ -203,6 +210,7 @@ class ModelCaller:
             assembly = _Assembly()
             buffer = b""
             pieces = relay.__aiter__()
+            done = False
             try:
                 async for piece in pieces:
                     buffer += piece
@@ -210,16 +218,22 @@ class ModelCaller:
                         event, buffer = buffer[:end], buffer[end + 2 :]
                         data = event.removeprefix(b"data: ")
                         if data == b"[DONE]":
-                            outcome = _outcome(assembly, model, call_id)
-                            _record(span, outcome, relay.stats.model, self.tracing.capture_content)
-                            return outcome
+                            done = True
+                            break
                         chunk = orjson.loads(data)
                         if "error" in chunk:
                             raise _stream_error(chunk["error"])
                         assembly.add(chunk, on_delta)
+                    if done:
+                        break
             finally:
                 await pieces.aclose()  # closes the upstream stream (and frees its admission slot) now
-            raise _stream_error({"message": "the stream ended without [DONE]"})
+            if not done:
+                raise _stream_error({"message": "the stream ended without [DONE]"})
+            # Closed: its share of the deployment's busy time is known now.
+            outcome = _outcome(assembly, relay.model or model, call_id, relay.busy_s)
+            _record(span, outcome, relay.stats.model, self.tracing.capture_content)
+            return outcome
 
     async def _complete_once(
         self,
@@ -247,10 +261,11 @@ class ModelCaller:
         usage = reply.get("usage") or {}
         return ModelOutcome(
             message=message,
-            model=model,
+            model=completion.model or model,  # the model that answered (a route may pick one), as chat prices it
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=choice.get("finish_reason"),
+            busy_s=completion.busy_s,
         )
 
 
@@ -270,7 +285,7 @@ def _record(span: Span, outcome: ModelOutcome, response_model: str | None, conte
     span.set_attributes(attributes)
 
 
-def _outcome(assembly: _Assembly, model: str, call_id: str) -> ModelOutcome:
+def _outcome(assembly: _Assembly, model: str, call_id: str, busy_s: float) -> ModelOutcome:
     usage = assembly.usage or {}
     return ModelOutcome(
         message=assembly.message(call_id),
@@ -278,6 +293,7 @@ def _outcome(assembly: _Assembly, model: str, call_id: str) -> ModelOutcome:
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)),
         finish_reason=assembly.finish_reason,
+        busy_s=busy_s,
     )
 
 

@@ -18,6 +18,7 @@ from strata.api.metrics_middleware import request_started_at, set_model
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.api.usage_routes import budget_refusal
+from strata.cost.prices import ModelUse
 from strata.cost.records import UsageEvent
 from strata.security.principal import Principal
 from strata.serving.errors import ServingError
@@ -70,7 +71,7 @@ class ChatAccount:
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         cost = self.state.cost
-        usd = cost.catalog.cost(self.model, prompt, completion, busy_s=busy_s) if cost else 0.0
+        usd = cost.catalog.charge(ModelUse(self.model, prompt, completion, busy_s=busy_s)) if cost else 0.0
         metrics = self.state.request_metrics
         if metrics is not None:
             metrics.observe_operation(self.model, latency, error_type=error_type)

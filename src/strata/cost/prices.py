@@ -19,6 +19,10 @@ a dollar: small, but not zero, so usage reports and budgets work out of the box.
 `gpu_usd_per_hour` overrides it; set it to 0 to make the embedded model free.
 
 A model the catalog does not know (removed by a hot swap, a typo) costs 0.
+
+One path for every model call: a client's chat completion and an agent run's model step are both described
+by a `ModelUse` (tokens and busy time) and priced by `PriceCatalog.charge`, so the same work costs the same
+whichever way it came in.
 """
 
 from __future__ import annotations
@@ -82,6 +86,18 @@ class ModelPrice:
 FREE = ModelPrice()
 
 
+@dataclass(frozen=True, slots=True)
+class ModelUse:
+    """What one model call used, as priced: tokens (`cached_tokens` are a part of `prompt_tokens`) and its
+    share of the deployment's busy time (`strata.cost.gpu_time`), for a chat completion and a run step alike."""
+
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    busy_s: float = 0.0
+
+
 class PriceCatalog:
     """Model name -> price. Replace a model's entry when it is hot-swapped with new prices (`set`)."""
 
@@ -101,6 +117,10 @@ class PriceCatalog:
         self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, busy_s: float = 0.0
     ) -> float:
         return self.price(model).cost(prompt_tokens, completion_tokens, cached_tokens, busy_s)
+
+    def charge(self, use: ModelUse) -> float:
+        """The cost in USD of one model call: the one pricing path of chat completions and run steps."""
+        return self.cost(use.model, use.prompt_tokens, use.completion_tokens, use.cached_tokens, use.busy_s)
 
     def charges_busy_time(self, model: str) -> bool:
         return self.price(model).charges_busy_time

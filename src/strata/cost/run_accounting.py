@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from strata.cost.budgets import BudgetSubject
-from strata.cost.prices import PriceCatalog
+from strata.cost.prices import ModelUse, PriceCatalog
 from strata.cost.records import UsageEvent
 from strata.cost.services import CostServices
 from strata.observability.request_metrics import RequestMetrics
@@ -50,19 +50,19 @@ class RunAccounting:
         self._key_budgets[key_id] = (budget, time.monotonic())
         return budget
 
-    def step_cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        return self.catalog.cost(model, prompt_tokens, completion_tokens)
+    def step_cost(self, use: ModelUse) -> float:
+        """Priced as a client's chat completion with the same tokens and busy time would be."""
+        return self.catalog.charge(use)
 
-    async def model_step(
-        self, run: Run, model: str, prompt_tokens: int, completion_tokens: int, latency_s: float, cost_usd: float
-    ) -> None:
+    async def model_step(self, run: Run, use: ModelUse, latency_s: float, cost_usd: float) -> None:
         event = UsageEvent(
             ts=datetime.now(UTC),
             request_id=None,
             kind="run_step",
-            model=model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            model=use.model,
+            prompt_tokens=use.prompt_tokens,
+            completion_tokens=use.completion_tokens,
+            cached_tokens=use.cached_tokens,
             latency_s=latency_s,
             cost_usd=cost_usd,
             key_id=run.key_id,
@@ -72,9 +72,9 @@ class RunAccounting:
         )
         subject = BudgetSubject(run.key_id, run.owner, run.agent, await self._budget_of(run.key_id))
         if self._metrics is not None:
-            self._metrics.observe_tokens(model, prompt_tokens, completion_tokens)
-            self._metrics.observe_operation(model, latency_s)
-            self._metrics.observe_cost(model, "", cost_usd)
+            self._metrics.observe_tokens(use.model, use.prompt_tokens, use.completion_tokens)
+            self._metrics.observe_operation(use.model, latency_s)
+            self._metrics.observe_cost(use.model, run.key_id or "", cost_usd)
         if self._cost is not None:
             self._cost.settle(event, subject)
         elif len(self._early) < _MAX_EARLY:

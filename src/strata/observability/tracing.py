@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +49,7 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _EXPORT_TIMEOUT_S = 10.0
+PROJECT_NAME = "openinference.project.name"  # the resource attribute Arize Phoenix groups traces by
 
 __all__ = [
     "INVALID_SPAN",
@@ -99,7 +98,7 @@ class Tracing:
         redactor = redactor or Redactor()
         if not config.enabled:
             return cls(config, None, redactor=redactor)
-        resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
+        resource = Resource.create(resource_attributes(config))
         sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
         provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
         provider.add_span_processor(RunScopeProcessor())  # first: it sets attributes the others store
@@ -110,8 +109,8 @@ class Tracing:
             exporter = OTLPSpanExporter(
                 endpoint=config.otlp_endpoint, headers=headers or None, timeout=_EXPORT_TIMEOUT_S
             )
+            # Its failures (a collector down) are logged by the SDK: rate-limited JSON lines, see logging.py.
             provider.add_span_processor(BatchSpanProcessor(RedactingExporter(exporter, redactor)))
-            _quiet_sdk_warnings()
         local = LocalSpanProcessor() if config.local_store else None
         if local is not None:
             provider.add_span_processor(local)
@@ -199,6 +198,21 @@ class Tracing:
             yield span
 
 
+def resource_attributes(config: TracingConfig) -> dict[str, str]:
+    """Who sends these spans, as backends group them: the service, the project LLM-trace backends file them
+    under (Phoenix reads `openinference.project.name`; Langfuse takes the project from its API key and the
+    environment from `deployment.environment`), and the environment."""
+    attributes = {
+        "service.name": config.service_name,
+        "service.version": __version__,
+        PROJECT_NAME: config.project or config.service_name,
+    }
+    if config.environment:
+        attributes["deployment.environment.name"] = config.environment
+        attributes["deployment.environment"] = config.environment  # the name before semantic conventions 1.27
+    return {**attributes, **config.resource_attributes}
+
+
 @contextlib.contextmanager
 def activate(span: Span, parent: Context | None = None, *, end: bool = True) -> Iterator[Span]:
     """Make `span` current inside the block; mark it failed on an exception; end it after (unless `end=False`)."""
@@ -216,29 +230,6 @@ def activate(span: Span, parent: Context | None = None, *, end: bool = True) -> 
         otel_context.detach(token)
         if end:
             span.end()
-
-
-class _OncePerMinute(logging.Filter):
-    """Lets each message through once a minute: with the collector down, the SDK warns for every span it
-    drops ("Queue full, dropping Span"), which would flood the log of a busy server."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._last: dict[object, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(record.msg, -60.0) < 60.0:
-            return False
-        self._last[record.msg] = now
-        return True
-
-
-def _quiet_sdk_warnings() -> None:
-    for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
-            logger.addFilter(_OncePerMinute())
 
 
 # -- the current span, without a tracer ------------------------------------------------------------

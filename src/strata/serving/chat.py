@@ -225,13 +225,15 @@ def _record_reply(span: Span, deployment: Deployment, body: dict[str, Any], usag
 
 
 def _end_stream_span(span: Span, relay: ChatStreamRelay) -> None:
-    """When a relayed stream closes: its usage, or the failure of a stream that ended early."""
+    """When a relayed stream closes: why each choice ended, its usage, or the failure of a stream that ended early."""
     stats = relay.stats
     if span.is_recording():
         if stats.model:
             span.set_attribute(genai.RESPONSE_MODEL, stats.model)
         if stats.chunk_id and stats.chunk_id != "chatcmpl-strata":
             span.set_attribute(genai.RESPONSE_ID, stats.chunk_id)
+        if stats.finish_reasons:
+            span.set_attribute(genai.FINISH_REASONS, [stats.finish_reasons[i] for i in sorted(stats.finish_reasons)])
         if stats.usage is not None:
             span.set_attributes(
                 {genai.INPUT_TOKENS: stats.usage.prompt_tokens, genai.OUTPUT_TOKENS: stats.usage.completion_tokens}

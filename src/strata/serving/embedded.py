@@ -106,4 +106,6 @@ class EmbeddedDeployment(LaunchedDeployment):
         }
         config_file = self.run_dir / f"{self.config.name.replace('/', '_')}.llama.json"
         write_private(config_file, orjson.dumps(settings))
-        return Launch([sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_file)], base_child_env())
+        # llama-cpp-python's server, with its chat templates rendered as plain text (see strata.serving.llama_server).
+        argv = [sys.executable, "-m", "strata.serving.llama_server", "--config_file", str(config_file)]
+        return Launch(argv, base_child_env())

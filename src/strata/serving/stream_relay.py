@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -23,6 +24,9 @@ from strata.serving.usage import TOKENS_PER_MESSAGE, TOKENS_REPLY_PRIMER, TokenC
 
 DONE = b"data: [DONE]\n\n"
 _USAGE_MARK = b'"usage"'
+_FINISH_MARK = b'"finish_reason"'
+# A set finish reason, as compact and as spaced JSON write it (most events carry `"finish_reason":null`).
+_FINISH_SET = (b'"finish_reason":"', b'"finish_reason": "')
 
 
 @dataclass
@@ -44,6 +48,7 @@ class StreamStats:
     last_chunk_at: float | None = None
     chunks: int = 0
     error: ServingError | None = None  # why the stream ended without [DONE] (not set when the client left)
+    finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> why it ended
 
     def ttft_s(self, started_at: float) -> float | None:
         """Time to first token from `started_at` (a perf_counter reading: when the request arrived)."""
@@ -157,6 +162,8 @@ class ChatStreamRelay:
                 stats.usage = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
                 if not event.get("choices"):
                     return _sse(payload) if self._client_wants_usage else None
+        if _FINISH_MARK in payload and any(mark in payload for mark in _FINISH_SET):
+            self._remember_finish(payload)  # the last event of each choice: parsed, the others are not
         if self._count_locally:
             self._collect_text(payload)
         else:
@@ -180,12 +187,14 @@ class ChatStreamRelay:
             self.stats.created = event.get("created")
             self.stats.model = event.get("model")
 
+    def _remember_finish(self, payload: bytes) -> None:
+        for choice in _choices(payload):
+            if isinstance(choice.get("finish_reason"), str):
+                index = choice.get("index", 0)
+                self.stats.finish_reasons[index if isinstance(index, int) else 0] = choice["finish_reason"]
+
     def _collect_text(self, payload: bytes) -> None:
-        try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        for choice in event.get("choices") or () if isinstance(event, dict) else ():
+        for choice in _choices(payload):
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self.stats.completion_parts.append(delta["content"])
@@ -213,6 +222,16 @@ class ChatStreamRelay:
             "choices": [],
             "usage": usage.as_dict(),
         }
+
+
+def _choices(payload: bytes) -> list[dict[str, Any]]:
+    """The choices of an event; none if it is not the JSON of a chunk."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return []
+    choices = event.get("choices") if isinstance(event, dict) else None
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
 
 
 def _sse(payload: bytes) -> bytes:

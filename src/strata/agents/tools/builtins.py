@@ -6,13 +6,23 @@ import ast
 import math
 import operator
 from datetime import datetime
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field
 
 from strata.agents.tools.base import ToolError
 from strata.agents.tools.functions import FunctionTool
 
+# What the model reads: llama-cpp-python's function-calling prompt shows each tool's parameter schema, not its
+# description, so each parameter says what it takes. The timezone's pattern also constrains a grammar-guided
+# model to one zone name (SmolLM2 once asked for "UTC,US_Pacific").
+_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+Timezone = Annotated[str, Field(description="one IANA timezone name, such as UTC or Europe/Paris", pattern=_ZONE)]
+Expression = Annotated[str, Field(description="the arithmetic to evaluate, such as 12*7 or (2+3)/4")]
 
-def current_time(timezone: str = "UTC") -> str:
+
+def current_time(timezone: Timezone = "UTC") -> str:
     """The current date and time in an IANA timezone such as 'Europe/Paris'."""
     try:
         zone = ZoneInfo(timezone)
@@ -39,7 +49,7 @@ MAX_EXPRESSION = 2000  # characters
 _MAX_INT_BITS = 16_384
 
 
-def calculator(expression: str) -> str:
+def calculator(expression: Expression) -> str:
     """Evaluate an arithmetic expression, e.g. '(2 + 3) * 4 ** 2' or 'sqrt(2)'."""
     if len(expression) > MAX_EXPRESSION:
         raise ToolError(f"the expression is too long ({len(expression)} characters, at most {MAX_EXPRESSION})")

@@ -1,4 +1,5 @@
-"""Python functions as tools: the argument schema comes from the signature's type hints.
+"""Python functions as tools: the argument schema comes from the signature's type hints, with each
+parameter's `Annotated[..., Field(description=...)]` as its description (small models read those).
 
 A parameter annotated `ToolContext` receives the invocation context (idempotency key, run id) and is
 left out of the schema the model sees.
@@ -35,7 +36,7 @@ class FunctionTool(Tool):
         self._function = function
         self._is_async = inspect.iscoroutinefunction(function)
         self._inline = inline and not self._is_async
-        hints = get_type_hints(function)
+        hints = get_type_hints(function, include_extras=True)
         self._context_param: str | None = None
         fields: dict[str, Any] = {}
         for param in inspect.signature(function).parameters.values():
