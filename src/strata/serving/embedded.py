@@ -1,7 +1,7 @@
 """The embedded model: llama-cpp-python's OpenAI-compatible server, launched and supervised by Strata.
 
-The server runs with Strata's chat handling (`embedded_server`, `embedded_chat`), which answers in OpenAI's
-shapes.
+Requests are put in the form that server accepts (`embedded_request`); the server runs with Strata's chat
+handling (`embedded_server`, `embedded_chat`), which answers in OpenAI's shapes.
 
 It listens on loopback only, on a free port, and demands a bearer token that is made anew for every
 launch and known only to Strata (handed over in a 0600 config file, never on the command line).
@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from strata.config import EmbeddedModelConfig
+from strata.serving import embedded_request
 from strata.serving.deployment import Guards
 from strata.serving.launched import LOOPBACK, Launch, LaunchedDeployment, base_child_env, write_private
 from strata.serving.usage import LlamaServerTokenCounter
@@ -55,12 +57,16 @@ class EmbeddedDeployment(LaunchedDeployment):
     kind = "embedded"
     label = "llama.cpp"
     reports_stream_usage = False  # llama-cpp-python's server sends no usage in streams; Strata counts
+    uuid_request_ids = True  # its server answers 400 to an X-Request-ID that is not a UUID
 
     def __init__(self, config: EmbeddedModelConfig, data_dir: Path, guards: Guards) -> None:
         self.config = config
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
         super().__init__(config, data_dir=data_dir, guards=guards, counter=LlamaServerTokenCounter)
+
+    def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return embedded_request.adapt(payload, self.name)
 
     def launch(self, port: int, token: str) -> Launch:
         model: dict[str, object] = {
