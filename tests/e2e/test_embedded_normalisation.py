@@ -192,3 +192,29 @@ def test_a_request_id_that_is_not_a_uuid_reaches_the_model(client: openai.OpenAI
     assert response.status_code == 200
     assert response.headers["x-request-id"] == request_id  # the client's id is the one Strata logs and returns
     assert response.parse().usage.completion_tokens > 0
+
+
+def test_langchain_binds_tools_and_gives_structured_output(strata: StrataProcess) -> None:
+    """LangChain's ChatOpenAI: a tool-call round trip through bind_tools, and with_structured_output's default
+    (response_format json_schema)."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from pydantic import BaseModel
+
+    llm = langchain_openai.ChatOpenAI(
+        model=MODEL, base_url=strata.base_url, api_key=strata.api_key, temperature=0, max_tokens=24, max_retries=0
+    )
+    ask = HumanMessage("What's the weather in Paris?")
+    call = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke([ask])
+    [tool_call] = call.tool_calls
+    assert tool_call["name"] == "get_weather" and isinstance(tool_call["args"]["city"], str)
+    result = ToolMessage('{"temp_c": 21}', tool_call_id=tool_call["id"])
+    reply = llm.bind_tools([WEATHER]).invoke([ask, call, result])
+    assert reply.content or reply.tool_calls
+
+    class Weather(BaseModel):
+        city: str
+        celsius: int
+
+    answer = llm.with_structured_output(Weather).invoke("It is 21 degrees in Paris. Give the city and the temperature.")
+    assert isinstance(answer, Weather)
