@@ -243,6 +243,8 @@ def _answer(
     if name is None:
         yield from _content(model, prompt + "message:\n", fmt_grammar, stream, logprobs)
         return
+    if name not in by_name:
+        raise ValueError(f"tool_choice: a tool named {name!r} was not found in tools")
     yield _Delta(call=(f"call_{uuid.uuid4().hex[:24]}", name))
     finish = "tool_calls"
     parameters = by_name[name]["function"].get("parameters") or {"type": "object", "properties": {}}
