@@ -2,11 +2,12 @@
 
 `python -m bench.llama_inprocess LAUNCH_FILE` loads the model with exactly the settings Strata handed its
 llama.cpp server (the same launch file, through llama-cpp-python's own `ModelSettings` and `LlamaProxy`, so
-threads, context size and chat format match), then answers one JSON request body per stdin line with one JSON
-result per stdout line. The body is turned into `create_chat_completion` arguments the way llama-cpp-python's
-server does it (same request model, same defaults, the same `min_tokens` logits processor), so the sampling is
-identical and only the HTTP layers are missing. It lives in its own process, so its CPU is separate from the
-harness's and it sits idle while the other targets are measured.
+threads, context size and chat format match, and with the chat handler Strata's server registers), then answers
+one JSON request body per stdin line with one JSON result per stdout line. The body is turned into
+`create_chat_completion` arguments the way llama-cpp-python's server does it (same request model, same defaults,
+the same `min_tokens` logits processor), so the sampling is identical and only the HTTP layers are missing. It
+lives in its own process, so its CPU is separate from the harness's and it sits idle while the other targets are
+measured.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def main(launch_file: Path) -> int:
     from llama_cpp.server.model import LlamaProxy
     from llama_cpp.server.settings import ModelSettings
 
+    from strata.serving import embedded_chat
+
+    embedded_chat.register()  # the chat handling Strata's model server has (`strata.serving.embedded_server`)
     launch = orjson.loads(launch_file.read_bytes())
     models = [ModelSettings(**model) for model in launch["models"]]
     llama = LlamaProxy(models=models)(None)

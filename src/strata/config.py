@@ -237,8 +237,10 @@ class EmbeddedModelConfig(LaunchedModelBase):
     n_ctx: int = Field(default=4096, ge=256, le=1_048_576)
     chat_format: str | None = Field(
         default="chatml-function-calling",
-        description="llama-cpp-python chat handler. The default gives chatml models (SmolLM2, Qwen) tool "
-        "calling with tool_choice 'auto'; null uses the template in the GGUF file.",
+        description="llama-cpp-python chat handler. The default is Strata's for chatml models (SmolLM2, Qwen): "
+        "tool calling with tool_choice auto, required or named, streamed or not, and a non-streamed answer that "
+        "stops when its client leaves; null uses the template in the GGUF file, another name that handler "
+        "of llama-cpp-python.",
     )
     n_threads: int | None = Field(default=None, ge=1, le=1024)
 

@@ -14,10 +14,10 @@ import httpx
 import openai
 import pytest
 
+from strata.serving.embedded import SERVER_MODULE
 from tests.support.strata_process import StrataProcess
 
 pytestmark = pytest.mark.e2e
-MODEL_SERVER = "strata.serving.llama_server"  # the launched llama-cpp-python server's command line
 
 CITY_TOOL = {
     "type": "function",
@@ -109,7 +109,7 @@ def test_json_schema_response_format_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
-    [child] = embedded.children(MODEL_SERVER)
+    [child] = embedded.children(SERVER_MODULE)
     config_file = next((embedded.workdir / "strata-data" / "run").glob("*.llama.json"))
     config = json.loads(config_file.read_text())
     assert config["host"] == "127.0.0.1"
@@ -122,13 +122,13 @@ def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
 
 
 def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: openai.OpenAI) -> None:
-    [child] = embedded.children(MODEL_SERVER)
+    [child] = embedded.children(SERVER_MODULE)
     os.kill(child, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while httpx.get(embedded.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     embedded.wait_for("/readyz", timeout_s=120)
-    [new_child] = embedded.children(MODEL_SERVER)
+    [new_child] = embedded.children(SERVER_MODULE)
     assert new_child != child
     result = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
@@ -139,14 +139,14 @@ def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: ope
 
 def test_shutdown_stops_the_model_server(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {"server": {"drain_delay_s": 0}}).start(timeout_s=180)
-    [child] = strata.children(MODEL_SERVER)
+    [child] = strata.children(SERVER_MODULE)
     assert strata.stop() == 0
     assert not Path(f"/proc/{child}").exists()
 
 
 def test_model_server_dies_with_a_killed_strata(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {}).start(timeout_s=180)
-    [child] = strata.children(MODEL_SERVER)
+    [child] = strata.children(SERVER_MODULE)
     assert strata.process is not None
     strata.process.kill()
     strata.process.wait()

@@ -25,6 +25,7 @@ from strata.security.redaction import Redactor
 from strata.serving.errors import (
     BackendNotReadyError,
     ModelNotFoundError,
+    RequestNotSupportedError,
     ServingError,
     UpstreamStatusError,
     UpstreamTimeoutError,
@@ -84,6 +85,8 @@ def from_serving_error(exc: ServingError) -> ApiError:
         extra["attempts"] = exc.attempts
     if isinstance(exc, ModelNotFoundError):
         return ApiError(404, exc.message, code=exc.code, param="model")
+    if isinstance(exc, RequestNotSupportedError):
+        return ApiError(400, exc.message, code=exc.code, param=exc.param, extra=extra)
     if isinstance(exc, BackendNotReadyError):
         retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
         return ApiError(503, exc.message, type_="server_error", code=exc.code, headers=retry, extra=extra)

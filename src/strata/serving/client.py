@@ -7,6 +7,7 @@ connections warm across requests.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,16 @@ from strata.serving.errors import (
 )
 
 _JSON = "application/json"
+REQUEST_ID = "X-Request-ID"
+_REQUEST_IDS = uuid.UUID("5b1f3f6e-4a34-4c38-9b8e-2a0c7e0d5e21")  # the namespace of ids made from others
+
+
+def as_uuid(request_id: str) -> str:
+    """A UUID for a backend that takes nothing else: the id itself if it is one, else one derived from it."""
+    try:
+        return str(uuid.UUID(request_id))
+    except ValueError:
+        return str(uuid.uuid5(_REQUEST_IDS, request_id))
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class OpenAIClient:
         timeouts: TimeoutsConfig,
         max_connections: int,
         resolver: AbstractResolver | None = None,
+        uuid_request_ids: bool = False,
     ) -> None:
         """`resolver`: judges every DNS answer (an endpoint given over the API); such a client follows no
         redirect either, so it only ever reaches the host that was checked."""
@@ -105,6 +117,7 @@ class OpenAIClient:
         self._max_connections = max_connections
         self._resolver = resolver
         self._redirects = resolver is None
+        self._uuid_request_ids = uuid_request_ids
         self._session: aiohttp.ClientSession | None = None
         self._plain_timeout = aiohttp.ClientTimeout(
             total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s
@@ -138,6 +151,9 @@ class OpenAIClient:
             headers["Authorization"] = f"Bearer {self._api_key}"
         if extra:
             headers.update(extra)
+            request_id = headers.get(REQUEST_ID)
+            if self._uuid_request_ids and request_id is not None:
+                headers[REQUEST_ID] = as_uuid(request_id)
         return headers
 
     @property

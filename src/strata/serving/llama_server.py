@@ -4,10 +4,9 @@ as written.
 llama-cpp-python renders the `chatml-function-calling` prompt with HTML autoescaping on, so the model reads
 every quote of a tool call's JSON arguments, and of what users and tools wrote, as `&#34;` and `&#39;`, and a
 small model writes them back in its answers. A prompt is not HTML: this entry point turns autoescaping off
-for llama-cpp-python's chat templates, then runs the server as `python -m llama_cpp.server` would. It runs in
-the launched child only (`strata.serving.embedded`), never in Strata's own process.
-
-Run as `python -m strata.serving.llama_server --config_file <file>`.
+for llama-cpp-python's chat templates. It is called in the launched model server only
+(`strata.serving.embedded_server`), never in Strata's own process; Strata's own chat handler there
+(`embedded_chat`) writes plain-text prompts itself, this covers every other `chat_format`.
 """
 
 from __future__ import annotations
@@ -30,14 +29,3 @@ def unescape_chat_templates() -> bool:
 
     llama_chat_format.ImmutableSandboxedEnvironment = PlainTextEnvironment  # type: ignore[misc]
     return True
-
-
-def main() -> None:
-    unescape_chat_templates()
-    from llama_cpp.server.__main__ import main as serve
-
-    serve()
-
-
-if __name__ == "__main__":
-    main()
