@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from strata.cli_support import keyring_or_exit, load_or_exit, on_database
+from strata.cli_support import keyring_or_exit, load_or_exit, on_database, require_database
 from strata.config import StrataConfig
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and the encryption key.")
@@ -57,6 +57,7 @@ def _with_store(config: StrataConfig, work: Callable[..., Awaitable[T]]) -> T:
     from strata.store.audit import AuditStore
     from strata.store.keys import KeyStore
 
+    require_database(config, "manage keys")  # before the keyring: say where the database is missing
     keyring = keyring_or_exit(config)  # the audit rows it writes are signed with a key derived from it
     return on_database(
         config,

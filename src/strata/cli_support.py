@@ -46,17 +46,9 @@ def on_database(
     keyring: Keyring | None = None,
 ) -> T:
     """Open the configured database (migrated first with `upgrade`; with `keyring`, as the server opens it), run
-    `work`, close it. A database
-    error exits 2 with one line naming `what` could not be done, and a hint when `table` is missing.
-    A database that does not exist is never created here: the command would act on data no server reads."""
-    url = make_url(config.effective_database_url)
-    if url.get_backend_name() == "sqlite" and not _sqlite_file_exists(url.database):
-        _refuse(
-            f"cannot {what}: no Strata database at {Path(url.database or '').resolve()}. Run this where "
-            "`strata serve` runs (its data_dir, ./strata-data by default, is relative to that directory), "
-            "or give this command the server's config with --config or STRATA_CONFIG (`strata serve` or "
-            "`strata db upgrade` creates the database)"
-        )
+    `work`, close it. A database error exits 2 with one line naming `what` could not be done, and a hint when
+    `table` is missing. A database that does not exist is never created here (`require_database`)."""
+    require_database(config, what)
 
     async def main() -> T:
         db = Database(config.effective_database_url, keyring=keyring)
@@ -81,9 +73,23 @@ def on_database(
         raise typer.Exit(2) from None
 
 
+def require_database(config: StrataConfig, what: str) -> None:
+    """Exit 2 with one line when the configured SQLite file is not there: the command would act on data no
+    server reads (run elsewhere, it would make a new `./strata-data` and a key the server rejects)."""
+    url = make_url(config.effective_database_url)
+    if url.get_backend_name() == "sqlite" and not _sqlite_file_exists(url.database):
+        _refuse(
+            f"cannot {what}: no Strata database at {Path(url.database or '').resolve()}. Run this where "
+            "`strata serve` runs (its data_dir, ./strata-data by default, is relative to that directory), "
+            "or give this command the server's config with --config or STRATA_CONFIG (`strata serve` or "
+            "`strata db upgrade` creates the database)"
+        )
+
+
 def keyring_or_exit(config: StrataConfig, *, create: bool = True) -> Keyring:
     """The server's encryption keyring (the key file is created on a new SQLite install unless `create` is
-    False); a missing or unusable key exits 2 with the reason."""
+    False: call `require_database` first, so it is only ever made beside an existing database); a missing or
+    unusable key exits 2 with the reason."""
     try:
         return load_keyring(config, os.environ, create=create).keyring
     except EncryptionError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.chaos.test_hot_swap import LOOPBACK_DEPLOYS
 from tests.chaos.test_resilience import BODY, breaker_states, fire, metric, replicas, serve
 from tests.support.mock_backend import MockBackend, Reply, fastapi_validation_error, llama_cpp_assertion
 from tests.support.strata_process import StrataProcess
@@ -193,7 +194,7 @@ async def test_a_retry_waiting_through_a_hot_swap_goes_to_the_new_version(tmp_pa
         old.default = Reply(status=503, retry_after="3")  # every request waits 3 s before its retry
         new.default = Reply(content="new version")
         model = {"kind": "openai", "name": "llm", "base_url": old.url, "retry": {"max_attempts": 5}}
-        strata = serve(tmp_path, [model])
+        strata = serve(tmp_path, [model], LOOPBACK_DEPLOYS)  # the mock backends are on loopback
         try:
             async with httpx.AsyncClient(timeout=60, headers=strata.headers) as client:
                 url = f"{strata.base_url}/chat/completions"
