@@ -4,6 +4,7 @@ when it can (as root) and otherwise stops at once with one line naming what to i
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -127,7 +128,10 @@ def test_the_script_runs_on_this_machine_in_dry_run() -> None:
 
 
 def make_dry_run(*args: str) -> list[str]:
-    result = subprocess.run(["make", "-n", *args], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=60)
+    # Run under `make test` itself, a nested make would also print "Entering directory" and inherit its flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    command = ["make", "--no-print-directory", "-n", *args]
+    result = subprocess.run(command, cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
