@@ -96,11 +96,12 @@ class AgentService:
                 f"this key may not use model {spec.model!r}, the model of agent {agent!r}", "model_not_allowed"
             )
         if idempotency_key:
+            # Scoped to the caller: one user's key never finds, nor collides with, another's (a refusal would tell
+            # them it exists). Stored only as a keyed hash (store/idempotency.py), owner and key alike.
+            idempotency_key = scoped_idempotency_key(owner, idempotency_key)
             existing = await self.store.by_idempotency_key(agent, idempotency_key)
-            if existing is not None and existing.owner == owner:
+            if existing is not None:
                 return existing, False
-            if existing is not None:  # another user's run: neither reveal it nor run this one twice
-                raise InvalidRequest("this Idempotency-Key is already taken; choose another", "Idempotency-Key")
         new_session: Session | None = None
         if session_id is None:  # created with the run, in its transaction
             session = new_session = self.store.new_session(agent, owner, None)
@@ -314,3 +315,8 @@ async def _next_settling(queue: asyncio.Queue[LiveEvent]) -> LiveEvent:
         event = await queue.get()
         if event.type in SETTLING_EVENTS:
             return event
+
+
+def scoped_idempotency_key(owner: str | None, key: str) -> str:
+    """The key as stored for `owner`'s runs: the owner and the client's key, which a unit separator keeps apart."""
+    return f"{owner or ''}\x1f{key}"
