@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 from redis.asyncio import Redis
@@ -57,18 +58,31 @@ class Signal:
         self._event.clear()
 
     async def _listen(self, pubsub: PubSub) -> None:
-        try:
-            while True:
-                try:
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._event.set()
-                except (OSError, ConnectionError) as exc:
-                    log.warning("signal channel lost; polling until it is back", channel=self.channel,
-                                error=str(exc))  # fmt: skip
-                    await asyncio.sleep(1.0)
-                    with contextlib.suppress(OSError, ConnectionError):
-                        await pubsub.subscribe(self.channel)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+        def lost(exc: Exception) -> None:
+            log.warning("signal channel lost; polling until it is back", channel=self.channel, error=str(exc))
+
+        await follow(pubsub, self.channel, lambda _: self._event.set(), lost)
+
+
+RESUBSCRIBE_S = 1.0
+
+
+async def follow(
+    pubsub: PubSub, channel: str, on_message: Callable[[bytes | str], None], on_lost: Callable[[Exception], None]
+) -> None:
+    """Hand every message of `channel` to `on_message` until cancelled; when Redis goes away, tell `on_lost` and
+    subscribe again every second until it is back. Closes `pubsub` at the end."""
+    try:
+        while True:
+            try:
+                async for message in pubsub.listen():  # ends by itself only when nothing is subscribed
+                    if message.get("type") == "message":
+                        on_message(message["data"])
+            except (OSError, ConnectionError) as exc:
+                on_lost(exc)
+            await asyncio.sleep(RESUBSCRIBE_S)
+            with contextlib.suppress(OSError, ConnectionError):
+                await pubsub.subscribe(channel)
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()

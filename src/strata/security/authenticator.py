@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from strata.config import RoleName
+from strata.coordination import follow
 from strata.security.api_keys import KEY_PREFIX, hash_key, is_strata_key
 from strata.security.jwt_auth import JwksUnavailableError, JwtError, JwtVerifier, looks_like_jwt
 from strata.security.principal import Principal
@@ -160,19 +161,12 @@ class Authenticator:
             del self._cache[digest]
 
     async def _listen(self, pubsub: PubSub) -> None:
-        try:
-            while True:
-                try:
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            data = message["data"]
-                            self.forget_locally(data.decode() if isinstance(data, bytes) else str(data))
-                except (OSError, ConnectionError) as exc:
-                    # Redis went away: no broadcast can arrive, so trust nothing cached meanwhile.
-                    log.warning("key revocation channel lost; retrying", error=str(exc))
-                    self._cache.clear()
-                    await asyncio.sleep(1.0)
-                    await pubsub.subscribe(REVOKED_CHANNEL)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+        def revoked(data: bytes | str) -> None:
+            self.forget_locally(data.decode() if isinstance(data, bytes) else str(data))
+
+        def lost(exc: Exception) -> None:
+            # Redis went away: no broadcast can arrive, so trust nothing cached meanwhile.
+            log.warning("key revocation channel lost; retrying", error=str(exc))
+            self._cache.clear()
+
+        await follow(pubsub, REVOKED_CHANNEL, revoked, lost)
