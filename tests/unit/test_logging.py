@@ -22,6 +22,9 @@ def out() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     stream = io.StringIO()
+    # Another test in this worker may have left warnings captured: undone first, the capture below is installed
+    # afresh (otherwise it is a no-op and the warning goes to pytest's recorder).
+    logging.captureWarnings(False)
     configure_logging(
         LoggingConfig(format="json", repeat_burst=2, repeat_window_s=3600), Redactor([r"sk-test-\w+"]), stream
     )
