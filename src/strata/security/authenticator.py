@@ -4,6 +4,10 @@ API keys are looked up by their SHA-256 in an in-memory cache, so an authenticat
 hash and a dict lookup; the database is read on a miss. A cached key is trusted for at most
 `key_cache_ttl_s`. Revocation drops it at once: locally, and on every replica through Redis pub/sub
 when Redis is configured.
+
+Under load many requests arrive with the same key at once. One database read per key is in flight at a
+time (single-flight: the others await it), and a key in use is re-read in the background during the last
+fifth of its TTL, so its entry never lapses under traffic and no wave of requests waits on the database.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -31,6 +36,7 @@ log = structlog.get_logger("strata.auth")
 REVOKED_CHANNEL = "strata:keys:revoked"
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
+_REFRESH_AHEAD = 0.2  # the last fifth of a cached key's TTL: re-read it in the background while it serves
 
 
 class AuthUnavailable(Exception):
@@ -76,14 +82,19 @@ class Authenticator:
         ttl_s: float,
         jwt: JwtVerifier | None = None,
         redis: Redis | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.keys = keys
         self._ttl_s = ttl_s
         self._jwt = jwt
         self._redis = redis
+        self._clock = clock
         self._cache: dict[str, _Cached] = {}
         self._unknown: OrderedDict[str, float] = OrderedDict()  # hash -> until (monotonic)
         self._listener: asyncio.Task[None] | None = None
+        self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}  # hash -> the one read under way
+        self._refreshing: set[asyncio.Task[None]] = set()
+        self._forgotten = 0  # bumped by every forget: a read that began before one is not cached
 
     async def start(self) -> None:
         if self._redis is not None:
@@ -92,6 +103,8 @@ class Authenticator:
             self._listener = asyncio.create_task(self._listen(pubsub))
 
     async def stop(self) -> None:
+        for task in list(self._refreshing):
+            task.cancel()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -120,29 +133,69 @@ class Authenticator:
         if secret.startswith(KEY_PREFIX) and not is_strata_key(secret):
             raise AuthError("the API key is malformed (its checksum does not match): check for a copy error")
         digest = hash_key(secret)
-        now = time.monotonic()
+        now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and cached.valid_until > now:
             if cached.expires_at is not None and cached.expires_at <= time.time():
                 raise AuthError(f"the API key {cached.principal.name!r} has expired", code="expired_api_key")
+            if now >= cached.valid_until - self._ttl_s * _REFRESH_AHEAD and digest not in self._inflight:
+                task = asyncio.create_task(self._refresh(digest))
+                self._refreshing.add(task)
+                task.add_done_callback(self._refreshing.discard)
             return cached.principal
         until = self._unknown.get(digest)
         if until is not None and until > now:
             raise AuthError("the API key is not valid")
-        key = await self.keys.by_hash(digest)
+        key = await self._read(digest)
         if key is None:
-            self._remember_unknown(digest, now)
             raise AuthError("the API key is not valid")
         if key.revoked_at is not None:
-            self._remember_unknown(digest, now)
             raise AuthError(f"the API key {key.name!r} has been revoked", code="revoked_api_key")
         if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
             raise AuthError(f"the API key {key.name!r} has expired", code="expired_api_key")
-        principal = principal_of(key)
-        self._cache[digest] = _Cached(
-            principal, key.id, now + self._ttl_s, key.expires_at.timestamp() if key.expires_at else None
-        )
-        return principal
+        return principal_of(key)
+
+    async def _read(self, digest: str) -> KeyRecord | None:
+        """The key behind `digest` from the database, one read per digest at a time; the result is cached.
+        The read runs as its own task, so a caller that goes away does not cancel it for the others."""
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._load(digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda done: self._settled(digest, done))
+        return await asyncio.shield(task)
+
+    async def _load(self, digest: str) -> KeyRecord | None:
+        while True:
+            forgotten = self._forgotten
+            key = await self.keys.by_hash(digest)
+            if forgotten == self._forgotten:
+                break  # otherwise a revoke landed while reading: read again rather than cache what it dropped
+        self._remember(digest, key)
+        return key
+
+    def _settled(self, digest: str, done: asyncio.Task[KeyRecord | None]) -> None:
+        self._inflight.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: when every waiter left, a failure is not "never retrieved"
+
+    def _remember(self, digest: str, key: KeyRecord | None) -> None:
+        now = self._clock()
+        if key is None or key.revoked_at is not None:
+            self._cache.pop(digest, None)
+            self._remember_unknown(digest, now)
+            return
+        if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
+            self._cache.pop(digest, None)
+            return
+        expires_at = key.expires_at.timestamp() if key.expires_at else None
+        self._cache[digest] = _Cached(principal_of(key), key.id, now + self._ttl_s, expires_at)
+
+    async def _refresh(self, digest: str) -> None:
+        try:
+            await self._read(digest)
+        except Exception as exc:  # the entry still serves until its TTL; the next request tries again
+            log.warning("refreshing a cached API key failed", error=str(exc))
 
     def _remember_unknown(self, digest: str, now: float) -> None:
         self._unknown[digest] = now + _NEGATIVE_TTL_S
@@ -157,6 +210,7 @@ class Authenticator:
             await self._redis.publish(REVOKED_CHANNEL, key_id)
 
     def forget_locally(self, key_id: str) -> None:
+        self._forgotten += 1
         for digest in [d for d, c in self._cache.items() if c.key_id == key_id]:
             del self._cache[digest]
 
