@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Select, case, func, insert, literal_column
 
 from strata.cost.records import UsageEvent, UsageKind, UsageRow, utc
 from strata.store.database import Database
-from strata.store.tables import Usage
+from strata.store.tables import Step, Usage
 
 GroupBy = Literal["key", "user", "agent", "model", "day"]
 GROUP_BYS: tuple[GroupBy, ...] = get_args(GroupBy)
@@ -108,6 +108,39 @@ class UsageStore:
             statement = statement.where(_C.ts < utc(until))
         async with self.db.sessions() as session:
             return float((await session.execute(statement)).scalar_one())
+
+    async def events(
+        self,
+        since: datetime,
+        until: datetime,
+        *,
+        filters: dict[str, str] | None = None,
+        limit: int = 1_000_000,
+    ) -> list[UsageEvent]:
+        """Every recorded call in [since, until), oldest first (a workload profile reads them all); `filters`
+        by model, agent, key, user or kind. At most `limit` rows."""
+        where = [_C.ts >= utc(since), _C.ts < utc(until)]
+        for name, value in (filters or {}).items():
+            where.append((_C.key_id if name == "key" else _C[name]) == value)
+        statement = select(*(_C[name] for name in _EVENT_FIELDS)).where(*where).order_by(_C.ts, _C.id).limit(limit)
+        async with self.db.sessions() as session:
+            rows = (await session.execute(statement)).all()
+        return [UsageEvent(**{**row._asdict(), "ts": utc(row.ts)}) for row in rows]
+
+    async def tool_calls_per_run(self, run_ids: Sequence[str]) -> dict[str, int]:
+        """How many tool steps each run made (runs without any are absent)."""
+        counts: dict[str, int] = {}
+        column = Step.__table__.c
+        for start in range(0, len(run_ids), 500):  # bounded IN lists
+            chunk = list(run_ids[start : start + 500])
+            statement = (
+                select(column.run_id, func.count())
+                .where(column.run_id.in_(chunk), column.kind == "tool")
+                .group_by(column.run_id)
+            )
+            async with self.db.sessions() as session:
+                counts.update({run: int(n) for run, n in (await session.execute(statement)).all()})
+        return counts
 
     async def count(self) -> int:
         async with self.db.sessions() as session:

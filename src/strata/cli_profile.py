@@ -1,0 +1,123 @@
+"""`strata profile`: the workload behind the usage records (or an imported request log), before sizing it.
+
+Reads the database directly, like `strata usage` (the machine's operator is trusted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from strata.cli_support import load_or_exit, on_database
+from strata.compute.workload import Call, Slo, WorkloadProfile, profile
+from strata.compute.workload_import import WorkloadFileError, read_jsonl
+from strata.compute.workload_render import profile_html, render_profile
+from strata.cost.query import UsageQuery, iso
+from strata.cost.records import UsageEvent
+from strata.store.database import Database
+from strata.store.usage import UsageStore
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def profile_command(
+    since: Annotated[str | None, typer.Option("--from", help="ISO date or date-time, UTC; default this month")] = None,
+    until: Annotated[str | None, typer.Option("--to", help="ISO date (included) or date-time (excluded).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only calls to this model.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's run steps.")] = None,
+    key: Annotated[str | None, typer.Option(help="Only this API key id.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this user's calls.")] = None,
+    kind: Annotated[str | None, typer.Option(help="chat (API requests) or run_step (agent model calls).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Profile this JSONL request log instead of the usage records.")
+    ] = None,
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="SLO: time to first token, p50, ms.")] = None,
+    slo_ttft_p95_ms: Annotated[float | None, typer.Option(help="SLO: time to first token, p95, ms.")] = None,
+    slo_itl_p95_ms: Annotated[float | None, typer.Option(help="SLO: inter-token latency, p95, ms.")] = None,
+    slo_e2e_p95_s: Annotated[float | None, typer.Option(help="SLO: end-to-end latency, p95, s.")] = None,
+    slo_e2e_p99_s: Annotated[float | None, typer.Option(help="SLO: end-to-end latency, p99, s.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
+    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML report with charts.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to strata.yaml.")] = None,
+) -> None:
+    """Token distributions, traffic and concurrency, latency against SLOs, and spend of a workload."""
+    slo = Slo(
+        ttft_ms=slo_ttft_ms, ttft_p95_ms=slo_ttft_p95_ms, itl_p95_ms=slo_itl_p95_ms,
+        e2e_p95_s=slo_e2e_p95_s, e2e_p99_s=slo_e2e_p99_s,
+    )  # fmt: skip
+    for name, value in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-ttft-p95-ms", slo_ttft_p95_ms),
+                        ("--slo-itl-p95-ms", slo_itl_p95_ms), ("--slo-e2e-p95-s", slo_e2e_p95_s),
+                        ("--slo-e2e-p99-s", slo_e2e_p99_s)):  # fmt: skip
+        if value is not None and value <= 0:
+            _invalid(f"{name}: must be more than 0, got {value:g}")
+    filters = {k: v for k, v in (("model", model), ("agent", agent), ("key", key), ("user", user), ("kind", kind)) if v}
+    if kind is not None and kind not in ("chat", "run_step"):
+        _invalid(f"--kind: must be chat or run_step, got {kind!r}")
+    if file is not None:
+        if since or until or filters:
+            _invalid("--file profiles the whole log: --from, --to, --model, --agent, --key, --user and --kind "
+                     "select usage records, not lines of a file")  # fmt: skip
+        result = _from_file(file, slo)
+    else:
+        try:
+            query = UsageQuery.model_validate({"from": since, "to": until})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "--" + ".".join(str(p) for p in first["loc"]).replace("from_", "from")
+            _invalid(f"{where}: {first['msg'].removeprefix('Value error, ')}")
+        loaded = load_or_exit(config)
+
+        async def work(db: Database) -> WorkloadProfile:
+            store = UsageStore(db)
+            events = await store.events(query.since, query.until, filters=filters)
+            runs = sorted({e.run_id for e in events if e.run_id})
+            tools = await store.tool_calls_per_run(runs) if runs else {}
+            window = {"from": iso(query.since), "to": iso(query.until)}
+            return profile([call_of(e) for e in events], slo=slo, tools_per_run=tools, filters={**window, **filters})
+
+        result = on_database(loaded, work, what="read usage", table="usage")
+    if html is not None:
+        html.write_text(profile_html(result))
+    if as_json:
+        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    render_profile(result, out)
+    if html is not None:
+        out.print(f"HTML report: {escape(str(html))}", highlight=False)
+
+
+def call_of(event: UsageEvent) -> Call:
+    return Call(
+        model=event.model, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+        end=event.ts, latency_s=event.latency_s, ttft_s=event.ttft_s, status=event.status, cost_usd=event.cost_usd,
+        kind=event.kind, agent=event.agent, key_id=event.key_id, user=event.user, run_id=event.run_id,
+    )  # fmt: skip
+
+
+def _from_file(path: Path, slo: Slo) -> WorkloadProfile:
+    try:
+        with path.open("rb") as lines:
+            imported = read_jsonl(lines)
+    except OSError as exc:
+        _invalid(f"--file: cannot read {path}: {exc.strerror}")
+    except WorkloadFileError as exc:
+        _invalid(f"--file {path}: {exc}")
+    notes = []
+    if imported.completion_from_limits:
+        notes.append(f"{imported.completion_from_limits} completions are request limits, not measured")
+    if imported.without_time:
+        notes.append(f"{imported.without_time} lines without a timestamp")
+    source = f"{path.name}" + (f" ({'; '.join(notes)})" if notes else "")
+    return profile(imported.calls, slo=slo, source=source)
+
+
+def _invalid(message: str) -> NoReturn:
+    err.print(f"[red]invalid option:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
