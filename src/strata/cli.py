@@ -15,6 +15,7 @@ from rich.console import Console
 
 from strata.cli_audit import audit_app
 from strata.cli_keys import keys_app
+from strata.cli_loadtest import loadtest_command
 from strata.cli_profile import profile_command
 from strata.cli_support import load_or_exit
 from strata.cli_usage import usage
@@ -33,6 +34,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.command("usage")(usage)
 app.command("profile")(profile_command)
+app.command("loadtest")(loadtest_command)
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)

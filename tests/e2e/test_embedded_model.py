@@ -211,3 +211,27 @@ def test_the_shipped_demo_agent_answers_the_readme_questions(embedded: StrataPro
             break
         time.sleep(0.2)
     assert demo and demo[0]["requests"] >= 6 and demo[0]["cost_usd"] > 0, usage  # two model steps a run
+
+
+def test_a_small_loadtest_of_the_embedded_model_is_consistent(embedded: StrataProcess) -> None:
+    """`strata loadtest` against the real model, in small bounds: every number in the report agrees with the
+    others (the model's speed is the machine's, so no number is asserted against a target)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "loadtest", "--url", embedded.base_url, "--api-key", embedded.api_key,
+         "--model", "smollm2-135m", "--concurrency", "1,2", "--duration", "4", "--max-requests", "4",
+         "--prompt-tokens", "24", "--max-tokens", "12", "--timeout", "60", "--json"],
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "smollm2-135m" and [s["load"] for s in report["steps"]] == [1, 2]
+    assert report["best"] == 2  # no SLOs given: every step without errors counts
+    for step in report["steps"]:
+        assert step["errors"] == 0 and 1 <= step["completed"] == step["sent"] <= 4
+        e2e, ttft = step["latency"]["e2e_s"], step["latency"]["ttft_s"]
+        assert 0 < ttft["percentiles"]["p50"] <= e2e["max"]
+        assert step["output_tokens_per_s"] > 0
+        assert step["output_tokens_per_s"] <= step["completed"] * 12 / step["wall_s"] + 1e-9  # max_tokens bounds it

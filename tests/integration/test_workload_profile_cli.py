@@ -31,6 +31,7 @@ def server(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
         "models": [
             mock_model(mock_backend, "profiled", input_usd_per_mtok=PRICE[0], output_usd_per_mtok=PRICE[1]),
             mock_model(mock_backend, "other"),
+            mock_model(mock_backend, "loaded"),
         ],
         "agents": [{"name": "profiler", "model": "profiled"}],
         "server": {"drain_delay_s": 0, "shutdown_grace_s": 2},
@@ -40,13 +41,12 @@ def server(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
     assert process.stop() == 0
 
 
-def cli(server: StrataProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")} | {
-        "PYTHONPATH": str(REPO_ROOT),
-        "MOCK_API_KEY": "mock-secret",
-    }
+def cli(server: StrataProcess, *args: str, command: str = "profile") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env |= {"PYTHONPATH": str(REPO_ROOT), "MOCK_API_KEY": "mock-secret"}
+    config = ["--config", str(server.config_path)] if command == "profile" else []
     return subprocess.run(
-        [sys.executable, "-m", "strata", "profile", *args, "--config", str(server.config_path)],
+        [sys.executable, "-m", "strata", command, *args, *config],
         cwd=server.workdir, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -144,3 +144,66 @@ def test_a_request_log_is_profiled_and_bad_options_are_named(server: StrataProce
         refused = cli(server, *args)
         assert refused.returncode == 2, args
         assert message in refused.stderr, refused.stderr
+
+
+def test_a_loadtest_through_strata_drawn_from_a_profile(
+    server: StrataProcess, mock_backend: MockBackend, tmp_path: Path
+) -> None:
+    """A profile of a log feeds the loadtest's prompt and answer sizes; the loadtest's requests go through
+    Strata to the mock, and Strata's own profile of them agrees with the loadtest's counts."""
+    log = tmp_path / "requests.jsonl"
+    log.write_bytes(b"\n".join(
+        orjson.dumps({"request": {"messages": [{"role": "user", "content": "hi"}]},
+                      "response": {"usage": {"prompt_tokens": p, "completion_tokens": c}}})
+        for p, c in SEQUENTIAL
+    ))  # fmt: skip
+    sizes = tmp_path / "profile.json"
+    sizes.write_text(cli(server, "--file", str(log), "--json").stdout)
+    mock_backend.default = Reply(content="alpha beta gamma delta", latency_s=0.05, chunk_delay_s=0.01)
+    chart = tmp_path / "loadtest.svg"
+    args = ["--url", server.base_url, "--api-key", server.api_key, "--model", "loaded", "--concurrency", "1,3",
+            "--duration", "2", "--max-requests", "12", "--profile", str(sizes), "--slo-ttft-p95-ms", "5000",
+            "--chart", str(chart), "--json"]  # fmt: skip
+    result = cli(server, *args, command="loadtest")
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)
+    steps = report["steps"]
+    assert [s["load"] for s in steps] == [1, 3] and report["best"] == 3
+    for step in steps:
+        assert step["errors"] == 0 and 0 < step["sent"] <= 12 and step["completed"] == step["sent"]
+        assert step["achieved_rps"] == pytest.approx(step["completed"] / step["wall_s"])
+        assert step["latency"]["ttft_s"]["max"] <= step["latency"]["e2e_s"]["max"]
+        assert step["latency"]["itl_s"]["count"] == 3 * step["completed"]  # four chunks: three gaps each
+    requests = [r for r in mock_backend.requests if r.body and r.body.get("model") == "upstream-loaded"]
+    assert len(requests) == sum(s["sent"] for s in steps)
+    drawn = {r.body["max_tokens"] for r in requests if r.body}
+    assert drawn <= set(range(1, 32)) and len(drawn) > 1  # from the profile's completion histogram (3..31)
+    assert chart.read_text().lstrip().startswith("<?xml") and "<svg" in chart.read_text()
+
+    for _ in range(50):
+        seen = orjson.loads(cli(server, "--json", "--model", "loaded").stdout)
+        if seen["calls"] == len(requests):
+            break
+    assert seen["calls"] == len(requests)
+    assert seen["traffic"]["peak_concurrency"] == 3
+
+
+def test_loadtest_refuses_bad_options_and_says_when_nothing_answers(server: StrataProcess) -> None:
+    for args, message in (
+        ((), "give exactly one of --rate"),
+        (("--rate", "1", "--concurrency", "2"), "give exactly one of --rate"),
+        (("--rate", "fast"), "--rate: 'fast' is not a comma-separated list"),
+        (("--concurrency", "1.5"), "--concurrency: clients are whole numbers"),
+        (("--rate", "0"), "--rate: every step must be more than 0"),
+        (("--rate", "1", "--chart", "out.pdf"), "--chart: out.pdf must end in .svg or .png"),
+        (("--rate", "1", "--profile", "/nonexistent.json"), "--profile: cannot read"),
+    ):
+        refused = cli(server, "--model", "loaded", *args, command="loadtest")
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert message in refused.stderr, refused.stderr
+    nobody = cli(server, "--model", "m", "--url", "http://127.0.0.1:9/v1", "--rate", "2,4", "--duration", "1",
+                 "--timeout", "2", "--json", command="loadtest")  # fmt: skip
+    assert nobody.returncode == 1
+    report = orjson.loads(nobody.stdout)
+    assert len(report["steps"]) == 1 and report["best"] is None  # the second step is not tried
+    assert "ClientConnectorError" in report["steps"][0]["error_examples"][0]

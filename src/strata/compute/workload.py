@@ -193,7 +193,7 @@ class WorkloadProfile:
     filters: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
-        return _jsonable(asdict(self))  # type: ignore[no-any-return]
+        return jsonable(asdict(self))  # type: ignore[no-any-return]
 
 
 def profile(
@@ -312,7 +312,11 @@ def _latency(calls: Sequence[Call]) -> Latency:
 
 
 def _slos(calls: Sequence[Call], slo: Slo) -> list[SloResult]:
-    latency = _latency(calls)
+    return slo_results(_latency(calls), slo)
+
+
+def slo_results(latency: Latency, slo: Slo) -> list[SloResult]:
+    """Each target of `slo` against what `latency` achieved (None: nothing measured to judge by)."""
     results = []
     for label, metric, percentile, target, scale in slo.checks():
         distribution: Distribution | None = getattr(latency, metric)
@@ -360,13 +364,13 @@ def _spend(calls: Sequence[Call]) -> Spend:
     )
 
 
-def _jsonable(value: object) -> object:
+def jsonable(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
