@@ -5,6 +5,7 @@ Reads the database directly, like `strata usage` (the machine's operator is trus
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -15,9 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from strata.cli_support import load_or_exit, on_database
+from strata.compute.catalog import ModelNotFound, find_model
+from strata.compute.planner import PlanError
+from strata.compute.self_host import SelfHostEstimate, estimate, measured_from_loadtest
 from strata.compute.workload import Call, Slo, WorkloadProfile, profile
 from strata.compute.workload_import import WorkloadFileError, read_jsonl
-from strata.compute.workload_render import profile_html, render_profile
+from strata.compute.workload_render import profile_html, render_profile, render_self_host
 from strata.cost.query import UsageQuery, iso
 from strata.cost.records import UsageEvent
 from strata.store.database import Database
@@ -43,6 +47,18 @@ def profile_command(
     slo_itl_p95_ms: Annotated[float | None, typer.Option(help="SLO: inter-token latency, p95, ms.")] = None,
     slo_e2e_p95_s: Annotated[float | None, typer.Option(help="SLO: end-to-end latency, p95, s.")] = None,
     slo_e2e_p99_s: Annotated[float | None, typer.Option(help="SLO: end-to-end latency, p99, s.")] = None,
+    plan: Annotated[
+        str | None, typer.Option("--plan", help="Size self-hosting this model (a `strata plan` name) for the load.")
+    ] = None,
+    gpu: Annotated[str, typer.Option(help="--plan: the GPU model (its price is cost.gpu_prices).")] = "H100",
+    quant: Annotated[str | None, typer.Option(help="--plan: weight quantisation, as in `strata plan`.")] = None,
+    loadtest: Annotated[
+        Path | None, typer.Option(help="--plan: a `strata loadtest --json` report of the real server.")
+    ] = None,
+    api_input_usd_per_mtok: Annotated[
+        float | None, typer.Option(help="--plan: price the traffic at this API input price instead.")
+    ] = None,
+    api_output_usd_per_mtok: Annotated[float | None, typer.Option(help="--plan: ... and output price.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
     html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML report with charts.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to strata.yaml.")] = None,
@@ -83,14 +99,65 @@ def profile_command(
             return profile([call_of(e) for e in events], slo=slo, tools_per_run=tools, filters={**window, **filters})
 
         result = on_database(loaded, work, what="read usage", table="usage")
+    sizing = None
+    if plan is not None:
+        prices = (api_input_usd_per_mtok, api_output_usd_per_mtok)
+        if (prices[0] is None) != (prices[1] is None) or any(p is not None and p < 0 for p in prices):
+            _invalid("--api-input-usd-per-mtok and --api-output-usd-per-mtok go together, each 0 or more")
+        gpu_prices = load_or_exit(config).cost.gpu_prices
+        if gpu not in gpu_prices:
+            _invalid(f"--gpu: no price for {gpu!r} in cost.gpu_prices (has {', '.join(gpu_prices) or 'none'})")
+        sizing = _self_host(result, plan, gpu, gpu_prices[gpu], quant, loadtest, prices, window_days(result))
     if html is not None:
         html.write_text(profile_html(result))
     if as_json:
-        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        body = result.to_json() | ({"self_host": sizing.to_json()} if sizing else {})
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     render_profile(result, out)
+    if sizing is not None:
+        render_self_host(sizing, out)
     if html is not None:
         out.print(f"HTML report: {escape(str(html))}", highlight=False)
+
+
+def window_days(result: WorkloadProfile) -> float:
+    """The days the profile covers: its query window, else the first to the last call (at least an hour)."""
+    if "from" in result.filters and "to" in result.filters:
+        since = datetime.fromisoformat(result.filters["from"].replace("Z", "+00:00"))
+        until = datetime.fromisoformat(result.filters["to"].replace("Z", "+00:00"))
+        return max((until - since).total_seconds(), 3600.0) / 86400
+    if result.traffic is not None:
+        return max((result.traffic.last - result.traffic.first).total_seconds(), 3600.0) / 86400
+    return 1.0
+
+
+def _self_host(
+    result: WorkloadProfile,
+    model: str,
+    gpu: str,
+    usd_per_hour: float,
+    quant: str | None,
+    loadtest: Path | None,
+    prices: tuple[float | None, float | None],
+    days: float,
+) -> SelfHostEstimate:
+    measured = None
+    if loadtest is not None:
+        try:
+            measured = measured_from_loadtest(orjson.loads(loadtest.read_bytes()), loadtest.name)
+        except OSError as exc:
+            _invalid(f"--loadtest: cannot read {loadtest}: {exc.strerror}")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            _invalid(f"--loadtest {loadtest}: {exc}")
+    try:
+        return estimate(
+            result, find_model(model), gpu=gpu, gpu_usd_per_hour=usd_per_hour,
+            price_source=f"cost.gpu_prices[{gpu}]", window_days=days, quant=quant, measured=measured,
+            api_usd_per_mtok=(prices[0], prices[1]) if prices[0] is not None and prices[1] is not None else None,
+        )  # fmt: skip
+    except (ModelNotFound, PlanError) as exc:
+        _invalid(f"--plan {model}: {exc}")
 
 
 def call_of(event: UsageEvent) -> Call:

@@ -13,7 +13,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -808,6 +817,19 @@ class CostConfig(_Strict):
         ge=0,
         description="The embedded model runs on CPU: what the cores it keeps busy cost per hour (default: about 4 "
         "on-demand cloud vCPUs at $0.045), charged like gpu_usd_per_hour. A model's own gpu_usd_per_hour wins.",
+    )
+    gpu_prices: dict[str, NonNegativeFloat] = Field(
+        default_factory=lambda: {
+            "H200": 3.50,
+            "H100": 2.50,
+            "A100-80GB": 1.80,
+            "A100-40GB": 1.30,
+            "L40S": 1.00,
+            "A10G": 0.75,
+            "L4": 0.60,
+        },
+        description="USD per GPU-hour by GPU model, for `strata profile --plan`'s self-hosting cost. The defaults "
+        "are rough on-demand cloud prices of late 2026: set what you pay.",
     )
     usage_flush_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="Usage rows are written at least this often (and on shutdown)."

@@ -207,3 +207,46 @@ def test_loadtest_refuses_bad_options_and_says_when_nothing_answers(server: Stra
     report = orjson.loads(nobody.stdout)
     assert len(report["steps"]) == 1 and report["best"] is None  # the second step is not tried
     assert "ClientConnectorError" in report["steps"][0]["error_examples"][0]
+
+
+def test_plan_section_agrees_with_strata_plan(server: StrataProcess, tmp_path: Path) -> None:
+    """`--plan` sizes for the profile's peak concurrency and p99 lengths: the same answer `strata plan` gives for
+    those numbers, on the GPU named, priced from the config; a loadtest report replaces the estimate."""
+    log = tmp_path / "requests.jsonl"
+    lines = [
+        {"request": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+         "response": {"usage": {"prompt_tokens": p, "completion_tokens": c}},
+         "timestamp": f"2026-12-01T09:00:{i // 2:02d}Z", "latency_s": 0.5, "cost_usd": 0.01}
+        for i, (p, c) in enumerate(SEQUENTIAL)
+    ]  # fmt: skip
+    log.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
+    result = cli(server, "--file", str(log), "--plan", "llama-3.1-8b", "--gpu", "L4", "--json")
+    assert result.returncode == 0, result.stderr
+    sized = orjson.loads(result.stdout)["self_host"]
+    context = 900 + 31  # p99 prompt + p99 completion of SEQUENTIAL
+    direct = cli(server, "llama-3.1-8b", "--gpu-count", "1", "--gpu-memory-gib", "24", "--gpu-name", "L4",
+                 "--concurrency", "2", "--max-context", str(context), "--json", command="plan")  # fmt: skip
+    assert direct.returncode == 0, direct.stderr
+    plan = orjson.loads(direct.stdout)
+    assert sized["plan"]["request"] == plan["request"]
+    assert sized["tensor_parallel_size"] == plan["tensor_parallel_size"] == 1
+    assert sized["vllm_command"] == plan["vllm_command"]
+    assert sized["self_host_usd_per_month"] == pytest.approx(sized["replicas"] * 0.60 * 730)  # cost.gpu_prices L4
+    assert {a["name"]: a["source"] for a in sized["assumptions"]}["L4 price"] == "cost.gpu_prices[L4]"
+
+    loadtest = tmp_path / "loadtest.json"
+    loadtest.write_bytes(orjson.dumps({"best": 4, "steps": [{"load": 4, "output_tokens_per_s": 123.0}]}))
+    measured = orjson.loads(cli(server, "--file", str(log), "--plan", "llama-3.1-8b", "--gpu", "L4",
+                                "--loadtest", str(loadtest), "--json").stdout)["self_host"]  # fmt: skip
+    per_replica = {a["name"]: a for a in measured["assumptions"]}["output tokens/s per replica"]
+    assert per_replica["value"] == 123.0 and "measured by strata loadtest" in per_replica["source"]
+    text = cli(server, "--file", str(log), "--plan", "llama-3.1-8b", "--gpu", "L4")
+    assert "break-even" in text.stdout and "vllm serve meta-llama/Llama-3.1-8B-Instruct" in text.stdout
+    for args, message in (
+        (("--gpu", "TPU"), "--gpu: no price for 'TPU' in cost.gpu_prices"),
+        (("--plan", "no-such-model"), "--plan no-such-model:"),
+        (("--api-input-usd-per-mtok", "1"), "go together"),
+    ):
+        plan_args = ["--plan", "llama-3.1-8b", *args] if args[0] != "--plan" else list(args)
+        refused = cli(server, "--file", str(log), *plan_args)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

@@ -13,7 +13,9 @@ from strata.compute.loadtest import LoadTestReport, StepResult
 
 
 def load_label(kind: str, load: float) -> str:
-    return f"{load:g} rps" if kind == "rate" else f"{load:g} clients"
+    if kind == "rate":
+        return f"{load:g} rps"
+    return f"{load:g} client" + ("" if load == 1 else "s")
 
 
 def _ms(step: StepResult, metric: str, percentile: int) -> str:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from strata.compute.self_host import SelfHostEstimate
 from strata.compute.workload import Distribution, TokenProfile, WorkloadProfile
 
 
@@ -182,3 +183,33 @@ def _charts(profile: WorkloadProfile) -> list[str]:
 
         figure("spend by model", spend)
     return svgs
+
+
+def render_self_host(estimate: SelfHostEstimate, console: Console) -> None:
+    """The sizing and the self-host verdict, with every assumption and where it came from."""
+    p = estimate.plan
+    console.print(
+        Text(
+            f"self-hosting {p.shape.name}: {estimate.replicas} replica(s) x TP={p.tensor_parallel_size} on "
+            f"{estimate.gpu} = {estimate.gpus_total} GPU(s), ${estimate.self_host_usd_per_month:,.0f}/month; "
+            f"the same traffic on the API: ${estimate.api_usd_per_month:,.2f}/month",
+            style="bold",
+        )
+    )
+    table = Table("assumption", "value", "source", title="what the estimate rests on")
+    for a in estimate.assumptions:
+        table.add_row(a.name, f"{a.value:,.4g} {a.unit}", a.source)
+    console.print(table)
+    used = f"{estimate.utilisation:.2%}"
+    if estimate.break_even_utilisation is None:
+        console.print(Text(f"the traffic costs nothing on the API: self-hosting never pays (utilisation {used})"))
+    else:
+        console.print(
+            Text(
+                f"utilisation of that capacity by the traffic: {used}; break-even: "
+                f"{estimate.break_even_utilisation:.2%}. Cheaper: {estimate.cheaper}.",
+                style="bold green" if estimate.cheaper == "self-host" else "bold",
+            )
+        )
+    console.rule("start one replica by hand", align="left")
+    console.print(Text(p.vllm_command()), soft_wrap=True)
