@@ -218,7 +218,9 @@ def test_a_small_loadtest_of_the_embedded_model_is_consistent(embedded: StrataPr
     others (the model's speed is the machine's, so no number is asserted against a target)."""
     import subprocess
     import sys
+    from datetime import UTC, datetime
 
+    began = datetime.now(UTC).isoformat()
     result = subprocess.run(
         [sys.executable, "-m", "strata", "loadtest", "--url", embedded.base_url, "--api-key", embedded.api_key,
          "--model", "smollm2-135m", "--concurrency", "1,2", "--duration", "4", "--max-requests", "4",
@@ -235,3 +237,20 @@ def test_a_small_loadtest_of_the_embedded_model_is_consistent(embedded: StrataPr
         assert 0 < ttft["percentiles"]["p50"] <= e2e["max"]
         assert step["output_tokens_per_s"] > 0
         assert step["output_tokens_per_s"] <= step["completed"] * 12 / step["wall_s"] + 1e-9  # max_tokens bounds it
+    # Strata recorded every one of those calls: its profile of the window agrees with the loadtest's counts.
+    sent = sum(step["sent"] for step in report["steps"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    for _ in range(50):
+        seen = subprocess.run(
+            [sys.executable, "-m", "strata", "profile", "--from", began, "--model", "smollm2-135m", "--json",
+             "--config", str(embedded.config_path)],
+            cwd=embedded.workdir, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert seen.returncode == 0, seen.stderr
+        profiled = json.loads(seen.stdout)
+        if profiled["calls"] == sent:
+            break
+        time.sleep(0.2)
+    assert profiled["calls"] == sent and profiled["errors"] == 0
+    assert profiled["tokens"]["completion"]["max"] <= 12
+    assert profiled["traffic"]["peak_concurrency"] <= 2  # never more clients than the loadtest ran
