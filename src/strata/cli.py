@@ -244,10 +244,13 @@ def plan_model(
     gpu_name: Annotated[str, typer.Option(help="Name of the hypothetical GPUs.")] = "GPU",
     nvlink: Annotated[bool, typer.Option(help="Whether the hypothetical GPUs are all NVLink-joined.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    kubernetes: Annotated[
+        bool, typer.Option("--kubernetes", help="Print a vLLM Deployment and Service for the plan (YAML).")
+    ] = False,
 ) -> None:
     """Plan a vLLM deployment: tensor-parallel size, GPUs and KV cache; exit 1 when it does not fit."""
     from strata.compute.catalog import ModelNotFound, find_model
-    from strata.compute.plan_render import plan_json, render_plan
+    from strata.compute.plan_render import kubernetes_manifests, plan_json, render_plan
     from strata.compute.planner import PlanError, hypothetical_gpus, plan
 
     try:
@@ -285,7 +288,9 @@ def plan_model(
     except (ModelNotFound, ValueError) as exc:  # PlanError, unreadable configs and bad --gpus are ValueErrors
         sys.stderr.write(f"cannot plan: {exc}\n")
         raise typer.Exit(2) from None
-    if as_json:
+    if kubernetes and result.fits:
+        sys.stdout.write(kubernetes_manifests(result))
+    elif as_json:
         sys.stdout.write(plan_json(result) + "\n")
     else:
         render_plan(result, out)

@@ -83,6 +83,75 @@ def strata_yaml(plan: Plan) -> str:
     return yaml.safe_dump({"models": [plan.strata_model_entry()]}, sort_keys=False)
 
 
+VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+
+
+def kubernetes_manifests(plan: Plan, name: str | None = None, image: str = VLLM_IMAGE) -> str:
+    """A vLLM Deployment and Service for this plan (one replica = one tensor-parallel group of GPUs on one
+    node), for Strata to reach as an `openai` model at http://<name>:8000/v1."""
+    plan._require_fit()
+    app = name or f"vllm-{plan.shape.name}".replace(".", "-").lower()
+    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/component": "inference"}
+    gpus = plan.tensor_parallel_size
+    args = [plan.shape.model_id, "--host", "0.0.0.0", "--port", "8000", *plan.vllm_args()]
+    args += ["--served-model-name", plan.shape.name, "--api-key", "$(VLLM_API_KEY)"]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": app, "labels": dict(labels)},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": dict(labels)},
+            "strategy": {"type": "Recreate"},  # its GPUs are freed before the new pod wants them
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "image": image,
+                            "command": ["vllm", "serve"],
+                            "args": args,
+                            "env": [
+                                {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "strata-secrets",
+                                                                                       "key": "vllm-api-key"}}},
+                                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "strata-secrets",
+                                                                                   "key": "hf-token",
+                                                                                   "optional": True}}},
+                            ],
+                            "ports": [{"name": "http", "containerPort": 8000}],
+                            "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
+                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+                            "startupProbe": {
+                                "httpGet": {"path": "/health", "port": "http"},
+                                "periodSeconds": 10,
+                                "failureThreshold": 90,  # weights download and load: up to 15 minutes
+                            },
+                            "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"},
+                                             {"name": "cache", "mountPath": "/root/.cache/huggingface"}],
+                        }
+                    ],
+                    # Tensor parallelism shares tensors between GPU processes through shared memory.
+                    "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+                                {"name": "cache", "emptyDir": {}}],
+                },
+            },
+        },
+    }  # fmt: skip
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": app, "labels": dict(labels)},
+        "spec": {"selector": dict(labels), "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
+    }
+    request, gpu = plan.request, plan.gpus[0].name
+    header = (
+        f"# vLLM for {plan.shape.name}, written by `strata plan --kubernetes` for {request.concurrency} sequences of "
+        f"{request.max_context} tokens on {gpu} GPUs.\n# {plan.reason}\n"
+    )
+    return header + yaml.safe_dump_all([deployment, service], sort_keys=False)
+
+
 def render_plan(plan: Plan, console: Console) -> None:
     shape, request = plan.shape, plan.request
     weights = request.quant or request.dtype
