@@ -21,7 +21,7 @@ LLAMA_PROGRESS := '^\s*(\[ *[0-9]+(\/[0-9]+|%)\]|\*\*\*)|^(Collecting|Downloadin
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-.PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv
+.PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv image
 
 bootstrap: $(STAMP)
 
@@ -69,3 +69,8 @@ clean-venv:
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The OCI image (podman; deploy/image/build.sh says how the base is made where no registry is reachable).
+IMAGE ?= strata:0.1.0
+image: $(STAMP)
+	IMAGE=$(IMAGE) WHEELHOUSE=$(WHEELHOUSE) PYTHON=$(PY) deploy/image/build.sh

@@ -27,6 +27,11 @@ COMMANDS = (
     ("bwrap", "bubblewrap", "the python tool's sandbox"),
     ("promtool", "prometheus", "the alert rules' unit tests"),
 )
+# Installed as well when this runs as root; without them, only the tests that need them are skipped.
+OPTIONAL = (
+    ("podman", "podman", "the image test"),
+    ("mmdebstrap", "mmdebstrap", "the image test's Debian base"),
+)
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = ("127.0.0.1", 6379)
 START_WAIT_S = 30.0
@@ -61,14 +66,20 @@ def ensure(machine: Machine, *, dry_run: bool, say: Callable[[str], None]) -> No
 
 def _packages(machine: Machine, dry_run: bool, say: Callable[[str], None]) -> None:
     missing = [(command, package) for command, package, _ in COMMANDS if not machine.which(command)]
-    if not missing:
+    can_install = machine.is_root and machine.which("apt-get")
+    if not missing and not can_install:
         return
     packages = [package for _, package in missing]
     named = " and ".join(f"{package} ({command})" for command, package in missing)
-    if not (machine.is_root and machine.which("apt-get")):
+    if missing and not can_install:
         them = "them" if len(packages) > 1 else "it"
         raise Missing(f"the test suite needs {named}: install {them} (`sudo apt-get install {' '.join(packages)}`)")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    optional = [(command, package) for command, package, _ in OPTIONAL if not machine.which(command)]
+    if not missing and not optional:
+        return
+    wanted = [*missing, *optional]
+    named = " and ".join(f"{package} ({command})" for command, package in wanted)
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *(package for _, package in wanted)]
     _act(machine, dry_run, say, f"installing {named} with apt-get", [["apt-get", "update", "-qq"], install])
     if not dry_run and (still := [command for command, _ in missing if not machine.which(command)]):
         raise Missing(f"apt-get installed {' '.join(packages)} but {', '.join(still)} is still not on PATH")

@@ -47,6 +47,7 @@ class FakeMachine:
         if command[:2] == ["apt-get", "install"]:
             self.commands |= {"bwrap"} if "bubblewrap" in command else set()
             self.commands |= {"promtool"} if "prometheus" in command else set()
+            self.commands |= {name for name in ("podman", "mmdebstrap") if name in command}
         if command[0] == "pg_ctlcluster":
             self.services.add("postgresql")
         if command[0] == "redis-server":
@@ -59,7 +60,7 @@ class FakeMachine:
         return said
 
 
-EVERYTHING = {"bwrap", "promtool", "apt-get", "redis-server"}
+EVERYTHING = {"bwrap", "promtool", "podman", "mmdebstrap", "apt-get", "redis-server"}
 SERVICES = {"postgresql", "redis"}
 
 
@@ -72,8 +73,21 @@ def test_as_root_missing_packages_are_installed_with_apt() -> None:
     machine = FakeMachine({"apt-get", "redis-server"}, SERVICES)
     said = machine.ensure()
     assert machine.ran[0] == ["apt-get", "update", "-qq"]
-    assert machine.ran[1][:2] == ["apt-get", "install"] and machine.ran[1][-2:] == ["bubblewrap", "prometheus"]
-    assert said == ["installing bubblewrap (bwrap) and prometheus (promtool) with apt-get (the test suite needs it)..."]
+    assert machine.ran[1][:2] == ["apt-get", "install"]
+    assert machine.ran[1][-4:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap"]
+    assert said == [
+        "installing bubblewrap (bwrap) and prometheus (promtool) and podman (podman) and mmdebstrap (mmdebstrap) "
+        "with apt-get (the test suite needs it)..."
+    ]
+
+
+def test_optional_packages_are_installed_as_root_and_never_required_otherwise() -> None:
+    required = {"bwrap", "promtool", "apt-get", "redis-server"}
+    root = FakeMachine(required, SERVICES)
+    root.ensure()
+    assert root.ran[1][-2:] == ["podman", "mmdebstrap"]
+    user = FakeMachine(required, SERVICES, root=False)
+    assert user.ensure() == [] and user.ran == []
 
 
 def test_without_root_it_stops_with_one_line_naming_the_packages() -> None:
@@ -112,7 +126,7 @@ def test_a_stopped_service_without_root_says_how_to_start_it() -> None:
 
 
 def test_a_dry_run_changes_nothing_and_says_what_it_would_do() -> None:
-    machine = FakeMachine({"apt-get", "redis-server", "promtool"}, {"postgresql"})
+    machine = FakeMachine({"apt-get", "redis-server", "promtool", "podman", "mmdebstrap"}, {"postgresql"})
     said = machine.ensure(dry_run=True)
     assert machine.ran == []
     assert said[0].startswith(
