@@ -21,7 +21,7 @@ LLAMA_PROGRESS := '^\s*(\[ *[0-9]+(\/[0-9]+|%)\]|\*\*\*)|^(Collecting|Downloadin
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-.PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv image
+.PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv image grpc
 
 bootstrap: $(STAMP)
 
@@ -45,7 +45,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> ready. The strata command is $(VENV)/bin/strata; \`source $(VENV)/bin/activate\` puts it on PATH."
 
-serve: $(STAMP)
+# The gRPC API's code, generated from its contract (proto/); never committed, never edited.
+GRPC_GEN := src/strata/v1/strata_pb2.py
+$(GRPC_GEN): proto/strata/v1/strata.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --grpc_python_out=src --pyi_out=src $<
+	@touch src/strata/v1/__init__.py
+
+grpc: $(GRPC_GEN)
+
+serve: $(STAMP) $(GRPC_GEN)
 	$(VENV)/bin/strata serve
 
 # What the suite needs from the machine (bwrap, promtool, PostgreSQL, Redis): installed or started as root,
@@ -53,11 +61,11 @@ serve: $(STAMP)
 system-deps:
 	@$(PYTHON) scripts/ensure_system_deps.py
 
-test: system-deps $(STAMP) lint
+test: system-deps $(STAMP) $(GRPC_GEN) lint
 	$(PYTEST)
 
 # The same without the slow soak-style tests (marked `slow`); `make test` and CI run everything.
-test-fast: system-deps $(STAMP) lint
+test-fast: system-deps $(STAMP) $(GRPC_GEN) lint
 	$(PYTEST) -m 'not slow'
 
 lint: $(STAMP)
@@ -72,5 +80,5 @@ bench: $(STAMP)
 
 # The OCI image (podman; deploy/image/build.sh says how the base is made where no registry is reachable).
 IMAGE ?= strata:0.1.0
-image: $(STAMP)
+image: $(STAMP) $(GRPC_GEN)
 	IMAGE=$(IMAGE) WHEELHOUSE=$(WHEELHOUSE) PYTHON=$(PY) deploy/image/build.sh

@@ -38,6 +38,7 @@ from strata.api.auth import AuthMiddleware, Guard, authorize
 from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.chat_fast_path import ChatFastPath
 from strata.api.errors import install_error_handlers
+from strata.api.grpc_api.server import grpc_server
 from strata.api.load_shedding import InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
 from strata.api.model_sync import CHANNEL as MODELS_CHANNEL
@@ -233,7 +234,8 @@ def build_app(
         try:
             async with lifespan(app):
                 started = True
-                yield
+                async with grpc_server(app, config.server, config.limits.max_body_bytes):
+                    yield
         except Exception as exc:
             if not started:  # `strata serve` says this in one line; the traceback is for debug logs
                 state.lifecycle.startup_error = describe_failure(exc)

@@ -55,6 +55,10 @@ class ServerConfig(_Strict):
     health_interval_s: float = Field(
         default=5.0, gt=0, le=300, description="How often each backend's health is probed."
     )
+    grpc_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve the gRPC API (proto/strata/v1/strata.proto) on this port too; off by default.",
+    )  # fmt: skip
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve HTTPS.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
     max_in_flight: int | None = Field(
@@ -92,6 +96,8 @@ class ServerConfig(_Strict):
     def _tls_pair(self) -> ServerConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port {self.grpc_port} is the HTTP port too: give gRPC a port of its own")
         return self
 
 

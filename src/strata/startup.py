@@ -54,10 +54,12 @@ def preflight(config: StrataConfig, environ: Mapping[str, str]) -> None:
     if problems := config_problems(config, environ):
         raise StartupRefused(problems[0])
     check_port(config.server.host, config.server.port)
+    if config.server.grpc_port is not None:
+        check_port(config.server.host, config.server.grpc_port, "server.grpc_port")
     asyncio.run(_check_services(config))
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, setting: str = "--port or server.port") -> None:
     """Bind the address as uvicorn will, and let it go: a taken port is found before anything is created."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -67,8 +69,7 @@ def check_port(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupRefused(
-                    f"{host}:{port} is already in use (another Strata?): stop it, or choose another port "
-                    "with --port or server.port"
+                    f"{host}:{port} is already in use (another Strata?): stop it, or choose another port with {setting}"
                 ) from None
             if exc.errno == errno.EACCES:
                 raise StartupRefused(f"cannot listen on {host}:{port}: permission denied") from None
