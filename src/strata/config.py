@@ -383,7 +383,38 @@ class VllmModelConfig(LaunchedModelBase):
     restart_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
 
 
-ModelConfig = Annotated[EmbeddedModelConfig | OpenAIModelConfig | VllmModelConfig, Field(discriminator="kind")]
+class TritonModelConfig(LaunchedModelBase):
+    """An LLM served by Triton Inference Server (TensorRT-LLM and others) over its KServe v2 gRPC API. Strata
+    launches a small OpenAI-compatible adapter on loopback (`strata.serving.triton_adapter`) that applies the
+    chat template, speaks gRPC to Triton and reports Triton's own health; the rest of Strata sees an OpenAI
+    server, as for vLLM."""
+
+    kind: Literal["triton"] = "triton"
+    url: str = Field(description="Triton's gRPC address, host:port (default port 8001).", min_length=3)
+    triton_model: str | None = Field(default=None, description="The model's name in Triton; default: name.")
+    chat_template: Literal["chatml", "llama3", "plain"] = Field(
+        default="chatml",
+        description="How Strata turns messages into the prompt Triton's raw-text model takes (plain: 'role: text').",
+    )
+    input_tensor: str = "text_input"  # the TensorRT-LLM ensemble's names
+    output_tensor: str = "text_output"
+    max_tokens_tensor: str = "max_tokens"
+    stream_tensor: str = "stream"
+    default_max_tokens: int = Field(default=512, ge=1, le=1_048_576)
+    startup_timeout_s: float = Field(default=60.0, gt=0, le=7200, description="Triton and the model becoming ready.")
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if "://" in value or not host or not port.isdigit():
+            raise ValueError(f"{value!r} is not host:port (Triton's gRPC address, e.g. triton:8001)")
+        return value
+
+
+ModelConfig = Annotated[
+    EmbeddedModelConfig | OpenAIModelConfig | VllmModelConfig | TritonModelConfig, Field(discriminator="kind")
+]
 
 
 class EndpointPolicyConfig(_Strict):

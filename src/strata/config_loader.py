@@ -255,7 +255,7 @@ def _issue_from_error(err: Any, data: Any, sources: _Sources) -> ConfigIssue:
 
 def _allowed_keys(path: KeyPath, data: Any) -> list[str]:
     """Field names of the config section at `path`, resolving list items and the model-kind union."""
-    from strata.config import EmbeddedModelConfig, OpenAIModelConfig, VllmModelConfig
+    from strata.config import EmbeddedModelConfig, OpenAIModelConfig, TritonModelConfig, VllmModelConfig
 
     model: type[BaseModel] | None = StrataConfig
     cur = data
@@ -263,7 +263,8 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str]:
         cur = _child(cur, part)
         if isinstance(part, int):  # an entry of the models list: its kind picks the schema
             kind = cur.get("kind") if isinstance(cur, dict) else None
-            model = {"openai": OpenAIModelConfig, "vllm": VllmModelConfig}.get(str(kind), EmbeddedModelConfig)
+            kinds = {"openai": OpenAIModelConfig, "vllm": VllmModelConfig, "triton": TritonModelConfig}
+            model = kinds.get(str(kind), EmbeddedModelConfig)
             continue
         field_info = model.model_fields.get(part) if model else None
         annotation = field_info.annotation if field_info else None

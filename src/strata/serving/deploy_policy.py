@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from strata.config import DeployConfig, EmbeddedModelConfig, ModelConfig, OpenAIModelConfig, VllmModelConfig
+from strata.config import (
+    DeployConfig,
+    EmbeddedModelConfig,
+    ModelConfig,
+    OpenAIModelConfig,
+    TritonModelConfig,
+    VllmModelConfig,
+)
 from strata.config_loader import format_path
 from strata.security.egress import (
     METADATA_ADDRESSES,
@@ -39,8 +46,9 @@ from strata.security.egress_resolver import system_resolver
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 # Fields of launched kinds that name what runs and how: never taken from a request.
 LAUNCH_FIELDS = frozenset(VllmModelConfig.model_fields) | frozenset(EmbeddedModelConfig.model_fields)
+LAUNCH_FIELDS |= frozenset(TritonModelConfig.model_fields)
 LAUNCH_FIELDS -= frozenset(OpenAIModelConfig.model_fields)
-LAUNCHED_KINDS = ("embedded", "vllm")
+LAUNCHED_KINDS = ("embedded", "vllm", "triton")
 _MOST_TELLING = ("executable", "env", "extra_args", "model_path", "model")  # named first when refused
 DNS_TIMEOUT_S = 5.0
 _ECHO_MAX = 64

@@ -13,7 +13,14 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from strata.config import EmbeddedModelConfig, ModelConfig, RouteConfig, StrataConfig, VllmModelConfig
+from strata.config import (
+    EmbeddedModelConfig,
+    ModelConfig,
+    RouteConfig,
+    StrataConfig,
+    TritonModelConfig,
+    VllmModelConfig,
+)
 from strata.resilience.admission import AdmissionController
 from strata.resilience.breaker import BreakerStore, CircuitBreaker, MemoryBreakerStore
 from strata.resilience.retry import RetryBudget, RetryPolicy
@@ -24,6 +31,7 @@ from strata.serving.embedded import EmbeddedDeployment
 from strata.serving.errors import ModelNotFoundError
 from strata.serving.faults import FaultClassifier
 from strata.serving.pool import ModelPool
+from strata.serving.triton import TritonDeployment
 from strata.serving.usage import ApproximateTokenCounter, TokenCounter
 from strata.serving.vllm import VllmDeployment
 
@@ -61,6 +69,8 @@ def build_pool(
         deployments = [EmbeddedDeployment(config, data_dir, guards(f"{config.name}/embedded"))]
     elif isinstance(config, VllmModelConfig):
         deployments = [VllmDeployment(config, data_dir, guards(f"{config.name}/vllm"), counter)]
+    elif isinstance(config, TritonModelConfig):
+        deployments = [TritonDeployment(config, data_dir, guards(f"{config.name}/triton"), counter)]
     else:
         endpoints = config.endpoints()
         hosts = Counter(_host(e.base_url) for e in endpoints)
