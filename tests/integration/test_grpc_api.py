@@ -248,3 +248,28 @@ def test_a_taken_grpc_port_is_refused_before_start(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"127.0.0.1:{port} is already in use" in result.stderr + result.stdout
     assert "server.grpc_port" in result.stderr + result.stdout
+
+
+def test_grpc_speaks_tls_with_the_http_certificate(mock_backend: MockBackend, tmp_path: Path) -> None:
+    from tests.integration.test_security_transport import self_signed
+
+    certificate = self_signed(tmp_path)
+    grpc_port = free_port()
+    config = {"models": [mock_model(mock_backend)], "server": {"drain_delay_s": 0, "grpc_port": grpc_port}}
+    server = StrataProcess(tmp_path / "tls", config, {"MOCK_API_KEY": "mock-secret"},
+                           args=["--tls-cert", str(certificate.cert), "--tls-key", str(certificate.key)],
+                           ca_file=certificate.cert)  # fmt: skip
+    (tmp_path / "tls").mkdir()
+    server.start()
+    try:
+        trust = grpc.ssl_channel_credentials(root_certificates=certificate.cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", trust) as secure:
+            models = rpc.ModelsStub(secure).ListModels(
+                pb.ListModelsRequest(), metadata=auth(server.api_key), timeout=10
+            )
+            assert "mock-model" in [m.id for m in models.data]
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as plain, pytest.raises(grpc.RpcError) as refused:
+            rpc.ModelsStub(plain).ListModels(pb.ListModelsRequest(), metadata=auth(server.api_key), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert server.stop() == 0
