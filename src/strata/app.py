@@ -53,7 +53,7 @@ from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
 from strata.config import StrataConfig
-from strata.coordination import Signal
+from strata.coordination import Signal, redis_client
 from strata.cost.budgets import BudgetAlert
 from strata.cost.gpu_time import GpuTimeShares
 from strata.cost.services import CostServices
@@ -94,7 +94,7 @@ def build_app(
     redactor: Redactor | None = None,
 ) -> FastAPI:
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
-    redis = Redis.from_url(config.redis_url) if config.redis_url else None
+    redis = redis_client(config.redis_url) if config.redis_url else None
     cpu = CpuPool(max_workers=config.compute.cpu_workers, max_queued=config.compute.max_queued_jobs)
     # Counting tokens of huge texts goes to the CPU pool; below the threshold a process hop costs more.
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)

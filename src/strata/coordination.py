@@ -12,10 +12,24 @@ import contextlib
 from collections.abc import Callable
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 
 log = structlog.get_logger("strata.coordination")
+# redis-py's default pool holds 100 connections and raises at the 101st concurrent command: under a burst,
+# rate limits and budgets would then see "Redis down" and fail open for everyone. A blocking pool makes the
+# burst queue for a connection instead, and fails only when none frees up within REDIS_POOL_WAIT_S.
+REDIS_POOL_SIZE = 256
+REDIS_POOL_WAIT_S = 5.0
+
+
+def redis_pool(url: str, **options: object) -> BlockingConnectionPool:
+    return BlockingConnectionPool.from_url(url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S, **options)
+
+
+def redis_client(url: str, **options: object) -> Redis:
+    """A client that owns its (blocking) pool: closing the client closes the pool."""
+    return Redis.from_pool(redis_pool(url, **options))
 
 
 class Signal:

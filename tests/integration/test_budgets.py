@@ -303,6 +303,28 @@ async def test_redis_counters_are_seeded_from_the_usage_table(namespace: str, st
         await guard.aclose()
 
 
+async def test_a_wave_of_requests_seeds_a_counter_with_one_read(make_guard: GuardFactory, store: UsageStore) -> None:
+    """The period's first requests arrive together: one usage-table read starts the counter, not one each."""
+    reads = 0
+    gate = asyncio.Event()
+
+    class SlowStore(UsageStore):
+        async def spent(self, *args: object, **kwargs: object) -> float:
+            nonlocal reads
+            reads += 1
+            await gate.wait()
+            return 0.25
+
+    guard = make_guard([BudgetConfig(scope="key", name="key_abc", period="month", limit_usd=1.0)],
+                       store=SlowStore(store.db))  # fmt: skip
+    waiting = [asyncio.create_task(guard.check(KEY)) for _ in range(50)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    decisions = await asyncio.gather(*waiting)
+    assert all(d.allowed for d in decisions)
+    assert reads == 1
+
+
 async def test_budgets_fail_open_when_redis_is_down(store: UsageStore) -> None:
     guard = BudgetGuard(
         [BudgetConfig(scope="key", name="*", limit_usd=0.01)], store, "redis://127.0.0.1:9/0", clock=Clock()

@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Literal, Protocol, TypeVar
 
 import structlog
@@ -38,6 +39,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from strata.config import BudgetConfig, StrataConfig
+from strata.coordination import redis_client
+from strata.resilience.single_flight import SingleFlight
 from strata.security.principal import Principal
 from strata.store.usage import UsageStore
 
@@ -287,12 +290,13 @@ class BudgetGuard:
         if redis is not None:
             self._counters = _RedisCounters(redis, namespace, owned=False)
         elif redis_url is not None:
-            client = Redis.from_url(redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S)
+            client = redis_client(redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S)
             self._counters = _RedisCounters(client, namespace, owned=True)
         else:
             self._counters = _MemoryCounters(clock)
         self._down_until = 0.0  # monotonic: skip Redis until then, after it failed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._seeding: SingleFlight[str, bool] = SingleFlight()
 
     @classmethod
     def from_config(
@@ -436,19 +440,23 @@ class BudgetGuard:
                 self._alert(item, total / NANO)
 
     async def _seed(self, applied: Sequence[_Applied]) -> bool:
+        """Start missing counters from the usage table: one read per counter however many requests miss it
+        together (a period's first requests, or every request after the counters were lost)."""
+        seeded = await asyncio.gather(*(self._seeding.do(a.counter, partial(self._seed_one, a)) for a in applied))
+        return all(seeded)
+
+    async def _seed_one(self, item: _Applied) -> bool:
+        present = await self._try(self._counters.get([item.counter]))
+        if not isinstance(present, _Failed) and present[0] is not None:
+            return True  # seeded by a flight that ended after this caller's read found it missing
         try:
-            spent = await asyncio.gather(*(self._spent(a) for a in applied))
+            value = await self._spent(item)
         except Exception as exc:
             log.warning("cannot read past spending from the usage table; budgets not enforced now", error=repr(exc))
             return False
-        now = self._clock()
-        for item, value in zip(applied, spent, strict=True):
-            expires_at = item.resets_at + _EXPIRY_GRACE
-            ttl_s = math.ceil((expires_at - now).total_seconds())
-            seeded = await self._try(self._counters.seed(item.counter, value, expires_at, ttl_s))
-            if isinstance(seeded, _Failed):
-                return False
-        return True
+        expires_at = item.resets_at + _EXPIRY_GRACE
+        ttl_s = math.ceil((expires_at - self._clock()).total_seconds())
+        return not isinstance(await self._try(self._counters.seed(item.counter, value, expires_at, ttl_s)), _Failed)
 
     async def _spent(self, item: _Applied) -> int:
         if self.store is None:

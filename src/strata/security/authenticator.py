@@ -27,6 +27,7 @@ from redis.asyncio.client import PubSub
 
 from strata.config import RoleName
 from strata.coordination import follow
+from strata.resilience.single_flight import SingleFlight
 from strata.security.api_keys import KEY_PREFIX, hash_key, is_strata_key
 from strata.security.jwt_auth import JwksUnavailableError, JwtError, JwtVerifier, looks_like_jwt
 from strata.security.principal import Principal
@@ -92,7 +93,7 @@ class Authenticator:
         self._cache: dict[str, _Cached] = {}
         self._unknown: OrderedDict[str, float] = OrderedDict()  # hash -> until (monotonic)
         self._listener: asyncio.Task[None] | None = None
-        self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}  # hash -> the one read under way
+        self._reads: SingleFlight[str, KeyRecord | None] = SingleFlight()  # one database read per key at a time
         self._refreshing: set[asyncio.Task[None]] = set()
         self._forgotten = 0  # bumped by every forget: a read that began before one is not cached
 
@@ -138,7 +139,7 @@ class Authenticator:
         if cached is not None and cached.valid_until > now:
             if cached.expires_at is not None and cached.expires_at <= time.time():
                 raise AuthError(f"the API key {cached.principal.name!r} has expired", code="expired_api_key")
-            if now >= cached.valid_until - self._ttl_s * _REFRESH_AHEAD and digest not in self._inflight:
+            if now >= cached.valid_until - self._ttl_s * _REFRESH_AHEAD and not self._reads.running(digest):
                 task = asyncio.create_task(self._refresh(digest))
                 self._refreshing.add(task)
                 task.add_done_callback(self._refreshing.discard)
@@ -156,14 +157,8 @@ class Authenticator:
         return principal_of(key)
 
     async def _read(self, digest: str) -> KeyRecord | None:
-        """The key behind `digest` from the database, one read per digest at a time; the result is cached.
-        The read runs as its own task, so a caller that goes away does not cancel it for the others."""
-        task = self._inflight.get(digest)
-        if task is None:
-            task = asyncio.create_task(self._load(digest))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda done: self._settled(digest, done))
-        return await asyncio.shield(task)
+        """The key behind `digest` from the database, one read per digest at a time; the result is cached."""
+        return await self._reads.do(digest, lambda: self._load(digest))
 
     async def _load(self, digest: str) -> KeyRecord | None:
         while True:
@@ -173,11 +168,6 @@ class Authenticator:
                 break  # otherwise a revoke landed while reading: read again rather than cache what it dropped
         self._remember(digest, key)
         return key
-
-    def _settled(self, digest: str, done: asyncio.Task[KeyRecord | None]) -> None:
-        self._inflight.pop(digest, None)
-        if not done.cancelled():
-            done.exception()  # retrieved here: when every waiter left, a failure is not "never retrieved"
 
     def _remember(self, digest: str, key: KeyRecord | None) -> None:
         now = self._clock()

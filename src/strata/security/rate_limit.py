@@ -33,7 +33,9 @@ from typing import Literal
 import structlog
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.errors import StorageError
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
+
+from strata.coordination import redis_pool
 
 log = structlog.get_logger("strata.ratelimit")
 
@@ -115,15 +117,13 @@ class RateLimiter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
-        self._pool: ConnectionPool | None = None
+        self._pool: BlockingConnectionPool | None = None
         self._storage: Storage
         if redis_url is None:
             self._storage = _MemoryStorage(wrap_exceptions=True)
         else:
             # redis-py's asyncio client (already a dependency) through a pool we own, so aclose can close it.
-            self._pool = ConnectionPool.from_url(
-                redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
-            )
+            self._pool = redis_pool(redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S)
             self._storage = RedisStorage(
                 "async+" + redis_url,
                 wrap_exceptions=True,
