@@ -4,7 +4,9 @@ real `strata serve` and the scripted mock model."""
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import pytest
 
 from strata.cli_exit import ExitCode
 from tests.conftest import mock_model
+from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend, Reply, ToolCallSpec
 from tests.support.runs import wait_status
 from tests.support.strata_process import StrataProcess
@@ -303,3 +306,34 @@ def test_strata_run_at_a_terminal_asks_and_goes_on(
     assert final["output"] == "it was denied"
     messages = mock_backend.chat_requests()[-1].body["messages"]
     assert "denied" in messages[-1]["content"]
+
+
+def test_the_lists_page_the_same_on_postgresql(
+    mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The keyset pages, the trace grouping and its root-span window query, on the production database."""
+    mock_backend.when({}, Reply(content="ok"))
+    with postgres_database() as url:
+        config = {"models": [mock_model(mock_backend)], "agents": [agent("helper")], "database_url": url}
+        env = {
+            "MOCK_API_KEY": "mock-secret",
+            "STRATA_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
+        server = StrataProcess(tmp_path_factory.mktemp("lists-pg"), config, env).start()
+        try:
+            made = [run_as(server, server.api_key, "helper", f"q{i}") for i in range(5)]
+            runs = [r["id"] for r in all_pages(server, server.api_key, "/v1/runs", limit=2)]
+            assert runs == [r["id"] for r in made[::-1]]
+            sessions = [s["id"] for s in all_pages(server, server.api_key, "/v1/sessions", limit=2)]
+            assert sessions == [r["session_id"] for r in made[::-1]]
+            deadline = time.monotonic() + 10
+            traced: set[str] = set()
+            while len(traced) < 5 and time.monotonic() < deadline:
+                traces = all_pages(server, server.api_key, "/v1/traces", limit=2)
+                traced = {run_id for t in traces for run_id in t["run_ids"]}
+                time.sleep(0.2)
+            assert traced == {r["id"] for r in made}
+            assert len({t["trace_id"] for t in traces}) == len(traces)
+            assert all(t["root"]["name"] and t["cost_usd"] >= 0 for t in traces)
+        finally:
+            assert server.stop() == 0

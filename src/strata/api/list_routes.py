@@ -27,7 +27,7 @@ from strata.api.usage_routes import flushed_usage
 from strata.api.views import run_view, session_view
 from strata.observability import tracing_genai as genai
 from strata.security.rbac import Permission
-from strata.store.pages import DEFAULT_LIMIT, MAX_LIMIT, BadCursor, Page, Position
+from strata.store.pages import DEFAULT_LIMIT, MAX_AT, MAX_LIMIT, BadCursor, Page, Position
 from strata.store.run_queries import RunFilter, RunQueries, SessionFilter, micros
 from strata.store.runs import ACTIVE, TERMINAL
 from strata.store.spans import TraceSummary
@@ -52,7 +52,10 @@ class ListQuery(BaseModel):
     def _utc(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must lie between the years 1 and 9999 in UTC") from None
 
     @model_validator(mode="after")
     def _window(self) -> ListQuery:
@@ -200,7 +203,7 @@ def _queries(request: Request) -> RunQueries:
 
 
 def _ns(when: datetime | None) -> int | None:
-    return None if when is None else micros(when) * 1000
+    return None if when is None else min(micros(when) * 1000, MAX_AT)  # span times are 64-bit nanoseconds
 
 
 def _list(data: list[dict[str, Any]], page: Page[Any], kind: str) -> Response:

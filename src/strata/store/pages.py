@@ -17,6 +17,7 @@ import orjson
 T = TypeVar("T")
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
+MAX_AT = 2**63 - 1  # positions are 64-bit, as the columns they come from
 
 
 class BadCursor(ValueError):
@@ -44,6 +45,8 @@ class Position:
             raise BadCursor("is not a cursor this list handed out (use next_cursor as it is)") from None
         if tag != kind or not isinstance(at, int) or isinstance(at, bool) or not isinstance(id_, str):
             raise BadCursor("is not a cursor of this list (use the next_cursor of the same list)")
+        if not 0 <= at <= MAX_AT or len(id_) > 64:
+            raise BadCursor("is not a cursor this list handed out (use next_cursor as it is)")
         return cls(at, id_)
 
 

@@ -18,6 +18,7 @@ from strata.store.pages import Page, Position
 from strata.store.tables import Run, Session, Usage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MICROS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 
 
 def micros(when: datetime) -> int:
@@ -27,7 +28,8 @@ def micros(when: datetime) -> int:
 
 
 def from_micros(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    """The time of `micros`; beyond what a datetime holds, the latest time there is (no row is later)."""
+    return _EPOCH + timedelta(microseconds=min(value, _MAX_MICROS))
 
 
 @dataclass(frozen=True, slots=True)
