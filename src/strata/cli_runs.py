@@ -58,13 +58,7 @@ def list_runs(
     if as_json:
         _print_json(page)
         return
-    table = _table(("id", "no_wrap"), ("agent", "ellipsis"), ("status", "no_wrap"), ("created", "no_wrap"))
-    table.add_column("cost", justify="right", no_wrap=True)
-    for run in page["data"]:
-        status_text = Text(run["status"], style=_STATUS_STYLE.get(run["status"], ""))
-        table.add_row(
-            run["id"], Text(shown(run["agent"])), status_text, _when(run["created_at"]), format_usd(run["cost_usd"])
-        )
+    table = runs_table(page["data"], out.width)
     _print_page(table, page, "runs")
 
 
@@ -90,11 +84,10 @@ def show(run_id: RunId, as_json: JsonOption = False, url: UrlOption = DEFAULT_UR
         if value:
             say(out, (f"{label:>9}: ", "dim"), str(value))
     if run.get("steps"):
-        steps = _table(("turn", "no_wrap"), ("kind", "no_wrap"), ("name", "ellipsis"), ("status", "no_wrap"))
-        steps.add_column("tokens", justify="right", no_wrap=True)
+        steps = _table("turn>", "kind", "name*", "status", "tokens>")
         for step in run["steps"]:
             tokens = step["usage"]["prompt_tokens"] + step["usage"]["completion_tokens"]
-            steps.add_row(str(step["turn"]), step["kind"], Text(shown(step["name"])), step["status"], f"{tokens:,}")
+            steps.add_row(str(step["turn"]), step["kind"], _cut(step["name"]), step["status"], f"{tokens:,}")
         out.print(steps)
     for pending in run.get("pending_approval") or []:
         say(out, ("waits for approval: ", "yellow"), f"{pending['name']}({pending['arguments']})  call {pending['id']}")
@@ -225,11 +218,7 @@ def list_sessions(
     if as_json:
         _print_json(page)
         return
-    table = _table(("id", "no_wrap"), ("agent", "ellipsis"), ("user", "ellipsis"), ("created", "no_wrap"))
-    table.add_column("runs", justify="right", no_wrap=True)
-    for session in page["data"]:
-        cells = (Text(shown(session["agent"])), Text(shown(session.get("owner") or "-")))
-        table.add_row(session["id"], *cells, _when(session["created_at"]), str(session["runs"]))
+    table = sessions_table(page["data"])
     _print_page(table, page, "sessions")
 
 
@@ -250,15 +239,39 @@ def _decide(
 _STATUS_STYLE = {"completed": "green", "failed": "red", "cancelled": "red", "awaiting_approval": "yellow"}
 
 
-def _table(*columns: tuple[str, str]) -> Table:
-    """A borderless table: ids are never broken (they are copied into other commands), names are cut short."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for name, mode in columns:
-        if mode == "no_wrap":
-            table.add_column(name, no_wrap=True)
-        else:
-            table.add_column(name, no_wrap=True, overflow="ellipsis", max_width=24)
+def runs_table(runs: list[dict[str, Any]], width: int = 80) -> Table:
+    """Runs at `width` columns: the cost only where it fits beside ids that are never cut."""
+    with_cost = width >= 90
+    table = _table("id", "agent*", "status", "created", *(["cost>"] if with_cost else []))
+    for run in runs:
+        status = Text(run["status"], style=_STATUS_STYLE.get(run["status"], ""))
+        cost = [format_usd(run["cost_usd"])] if with_cost else []
+        table.add_row(run["id"], _cut(run["agent"]), status, _when(run["created_at"], short=True), *cost)
     return table
+
+
+def sessions_table(sessions: list[dict[str, Any]]) -> Table:
+    table = _table("id", "agent*", "user*", "created", "runs>")
+    for session in sessions:
+        cells = (_cut(session["agent"]), _cut(session.get("owner") or "-"), _when(session["created_at"], short=True))
+        table.add_row(session["id"], *cells, str(session["runs"]))
+    return table
+
+
+def _table(*columns: str) -> Table:
+    """A borderless table that fits 80 columns: only the names (marked `*`) give way, cut short with an
+    ellipsis; ids are never broken (they are copied into other commands), nor times and numbers (`>`: right)."""
+    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
+    for column in columns:
+        name = column.rstrip("*>")
+        justify = "right" if column.endswith(">") else "left"
+        names = column.endswith("*")
+        table.add_column(name, justify=justify, no_wrap=not names, max_width=32 if names else None)  # type: ignore[arg-type]
+    return table
+
+
+def _cut(value: object) -> Text:
+    return Text(shown(value), no_wrap=True, overflow="ellipsis")
 
 
 def _print_page(table: Table, page: dict[str, Any], what: str) -> None:
@@ -274,6 +287,8 @@ def _print_json(body: object) -> None:
     sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _when(iso: str | None) -> str:
-    """A time in UTC to the second: short enough for an 80-column table."""
-    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S") if iso else ""
+def _when(iso: str | None, *, short: bool = False) -> str:
+    """A time in UTC, to the second; `short`: month, day, hours and minutes, for an 80-column table."""
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S UTC")

@@ -61,7 +61,9 @@ def trace_table(spans: list[dict[str, Any]]) -> Table:
     first = min((t[0] for t in times), default=0.0)
     total = max((t[1] for t in times), default=0.0) - first
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("span", overflow="ellipsis", no_wrap=True, ratio=1, min_width=16)
+    # The only column that gives way on a narrow terminal (its cells are cut short, never wrapped): the
+    # durations and the timeline keep their width.
+    table.add_column("span", min_width=16)
     table.add_column("timeline", no_wrap=True, width=BAR_WIDTH)
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True, width=2)
@@ -69,7 +71,7 @@ def trace_table(spans: list[dict[str, Any]]) -> Table:
         start, end = _seconds(span["start_time"]), _seconds(span["end_time"])
         status = span.get("status") or "unset"
         style = _STATUS_STYLE.get(status, "")
-        label = Text(prefix, style="dim") + Text(shown(_label(span)), style=style)
+        label = Text(prefix, style="dim", no_wrap=True, overflow="ellipsis") + Text(shown(_label(span)), style=style)
         mark = Text("✗", style="red") if status == "error" else Text("")
         table.add_row(label, Text(bar(start, end, first, total), style="cyan"), duration(span["duration_ms"]), mark)
     return table

@@ -228,8 +228,9 @@ def test_cli_lists_shows_and_exits_by_kind_of_failure(
     strata: StrataProcess, mock_backend: MockBackend, keys: dict[str, str]
 ) -> None:
     mock_backend.when({}, Reply(content="ok"))
+    run_as(strata, keys["ada"], "other", "an older one")
     run = run_as(strata, keys["ada"], "other", "list me")
-    table = cli(strata, keys["ada"], "runs", "list", "--agent", "other", "--limit", "3")
+    table = cli(strata, keys["ada"], "runs", "list", "--agent", "other", "--limit", "1")
     assert table.returncode == 0, table.stderr
     assert run["id"] in table.stdout and all(len(line) <= 80 for line in table.stdout.splitlines())
     assert "more: --cursor " in table.stderr
