@@ -163,15 +163,18 @@ def _ask_approvals(
     for pending in calls:
         say(console, ("approval needed: ", "yellow"), (f"{pending['name']}({pending['arguments']})", "bold"))
     if not (sys.stdin.isatty() and console.is_terminal):
-        say(console, ("run ", "yellow"), (run_id, "bold"), (" waits for approval; decide with:", "yellow"))
-        say(console, f"  strata runs approve {run_id}")
-        say(console, f"  strata runs deny {run_id}")
+        _decide_later(run_id, console)
         return False
     for pending in calls:
-        answer = Prompt.ask(
-            Text.assemble("[a]pprove or [d]eny ", (shown(pending["name"]), "bold"), "?"),
-            console=console, choices=["a", "d"], show_choices=False,
-        )  # fmt: skip
+        try:
+            answer = Prompt.ask(
+                Text.assemble("[a]pprove or [d]eny ", (shown(pending["name"]), "bold"), "?"),
+                console=console, choices=["a", "d"], show_choices=False,
+            )  # fmt: skip
+        except (EOFError, KeyboardInterrupt):  # the person left without deciding: the run goes on waiting
+            console.print()
+            _decide_later(run_id, console)
+            return False
         decision = {"decision": "approve" if answer == "a" else "deny", "call_id": pending["id"]}
         if pending.get("binding"):
             decision["binding"] = pending["binding"]
@@ -184,6 +187,12 @@ def _ask_approvals(
             f" {pending['name']}",
         )
     return True
+
+
+def _decide_later(run_id: str, console: Console) -> None:
+    say(console, ("run ", "yellow"), (run_id, "bold"), (" waits for approval; decide with:", "yellow"))
+    say(console, f"  strata runs approve {run_id}")
+    say(console, f"  strata runs deny {run_id}")
 
 
 def chat_loop(remote: Remote, agent: str, console: Console) -> None:

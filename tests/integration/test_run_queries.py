@@ -15,25 +15,15 @@ from strata.store.pages import Page, Position
 from strata.store.run_queries import RunFilter, RunQueries
 from strata.store.spans import SpanRecord, SpanStore
 from strata.store.tables import Run
-from tests.support.databases import fresh_postgres, sqlite_url
+from tests.support.databases import migrated
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        with sqlite_url(tmp_path) as url:
-            database = Database(url)
-            await database.upgrade()
-            yield database
-            await database.dispose()
-    else:
-        async with fresh_postgres() as url:
-            database = Database(url)
-            await database.upgrade()
-            yield database
-            await database.dispose()
+    async with migrated(request.param, tmp_path) as database:
+        yield database
 
 
 def run_row(run_id: str, created_at: datetime, owner: str = "ada", status: str = "completed") -> Run:
