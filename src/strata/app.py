@@ -25,6 +25,7 @@ from strata.api import (
     audit_routes,
     health_routes,
     keys_routes,
+    list_routes,
     mcp_routes,
     meta_routes,
     openai_routes,
@@ -262,7 +263,7 @@ def build_app(
     app.include_router(openai_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
-    for routes in (usage_routes, trace_routes, mcp_routes):
+    for routes in (usage_routes, trace_routes, mcp_routes, list_routes):
         app.include_router(routes.router)
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)

@@ -13,10 +13,14 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
+from strata import __version__
 from strata.cli_audit import audit_app
+from strata.cli_exit import ExitCode
+from strata.cli_http import DEFAULT_URL, KeyOption, UrlOption, call
 from strata.cli_keys import keys_app
 from strata.cli_loadtest import loadtest_command
 from strata.cli_profile import profile_command
+from strata.cli_runs import runs_app, sessions_app
 from strata.cli_support import load_or_exit
 from strata.cli_usage import usage
 from strata.compute.planner import GpuSlot, GpuTopology
@@ -24,6 +28,23 @@ from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, Trito
 from strata.config_loader import redacted, resolve_config_path
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"strata {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Strata: a production runtime for AI agents."""
+
+
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
 db_app = typer.Typer(no_args_is_help=True, help="The state database.")
@@ -32,6 +53,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Models on a running Strata:
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(runs_app, name="runs")
+app.add_typer(sessions_app, name="sessions")
 app.command("usage")(usage)
 app.command("profile")(profile_command)
 app.command("loadtest")(loadtest_command)
@@ -57,7 +80,7 @@ def config_check(
     if problems := config_problems(loaded, os.environ):  # what `strata serve` would refuse to start with
         sys.stderr.write("strata serve would not start:\n")
         sys.stderr.writelines(f"  {problem}\n" for problem in problems)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.USAGE)
     effective = redacted(loaded)
     if as_json:
         sys.stdout.write(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -134,17 +157,11 @@ def db_upgrade(config: ConfigOption = None) -> None:
     out.print(f"database is up to date: {asyncio.run(upgrade())}", highlight=False)
 
 
-UrlOption = Annotated[str, typer.Option("--url", envvar="STRATA_URL", help="The Strata server.")]
-KeyOption = Annotated[
-    str | None, typer.Option("--api-key", envvar="STRATA_API_KEY", help="API key (default: $STRATA_API_KEY).")
-]
-
-
 @app.command("run")
 def run_agent(
     agent: Annotated[str, typer.Argument(help="The agent's name.")],
     message: Annotated[str, typer.Argument(help="What to ask it.")],
-    url: UrlOption = "http://127.0.0.1:8000",
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     session: Annotated[str | None, typer.Option(help="Continue this session.")] = None,
 ) -> None:
@@ -157,7 +174,7 @@ def run_agent(
 @app.command("chat")
 def chat_agent(
     agent: Annotated[str, typer.Argument(help="The agent's name.")],
-    url: UrlOption = "http://127.0.0.1:8000",
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
 ) -> None:
     """An interactive session with an agent (empty line or Ctrl-D to leave)."""
@@ -180,7 +197,7 @@ def gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
 
 
 @models_app.command("list")
-def models_list(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None) -> None:
+def models_list(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     """Each model's version in service and its deployments."""
     from rich.table import Table
 
@@ -207,21 +224,21 @@ def models_deploy(
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="YAML or JSON: an openai endpoint (kind, base_url, ...).")
     ] = None,
-    url: UrlOption = "http://127.0.0.1:8000",
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     health_timeout_s: Annotated[float, typer.Option(help="How long the new version may take to get healthy.")] = 120,
 ) -> None:
     """Hot-swap a model to a config profile or an endpoint: start, health-check, switch traffic, drain the old."""
     if (profile is None) == (file is None):
         err.print("[red]give either --profile or --file[/]", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.USAGE)
     spec: object = {"profile": profile}
     if file is not None:
         try:
             spec = yaml.safe_load(file.read_text())
         except (OSError, yaml.YAMLError) as exc:
             err.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.USAGE) from None
     with err.status(f"deploying {name}: starting and health-checking the new version..."):
         result = _admin(url, api_key, "POST", f"/admin/models/{name}/deploy?health_timeout_s={health_timeout_s}", spec)
     out.print(f"[green]{name} v{result['version']} is serving[/] on {', '.join(result['deployments'])}")
@@ -268,7 +285,7 @@ def plan_model(
                     "no GPUs found on this machine; pass --gpu-count and --gpu-memory-gib to plan for hypothetical "
                     "hardware (e.g. --gpu-count 8 --gpu-memory-gib 80)\n"
                 )
-                raise typer.Exit(2)
+                raise typer.Exit(ExitCode.USAGE)
         if gpus is not None:
             wanted = {int(i) for i in gpus.split(",") if i.strip()}
             if missing := wanted - {s.index for s in slots}:
@@ -287,14 +304,14 @@ def plan_model(
         )
     except (ModelNotFound, ValueError) as exc:  # PlanError, unreadable configs and bad --gpus are ValueErrors
         sys.stderr.write(f"cannot plan: {exc}\n")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
     if kubernetes and result.fits:
         sys.stdout.write(kubernetes_manifests(result))
     elif as_json:
         sys.stdout.write(plan_json(result) + "\n")
     else:
         render_plan(result, out)
-    raise typer.Exit(0 if result.fits else 1)
+    raise typer.Exit(ExitCode.OK if result.fits else ExitCode.FAILED)
 
 
 def _machine_gpus() -> tuple[list[GpuSlot], GpuTopology]:
@@ -309,25 +326,15 @@ def _machine_gpus() -> tuple[list[GpuSlot], GpuTopology]:
 
 
 def _admin(url: str, api_key: str | None, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
-    import httpx
+    from strata.terminal import Remote
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=None)
-    except httpx.HTTPError as exc:
-        err.print(f"[red]cannot reach Strata at {url}:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    if response.status_code >= 400:
-        error = response.json().get("error", {}) if "json" in response.headers.get("content-type", "") else {}
-        err.print(f"[red]error {response.status_code}:[/] {error.get('message', response.text)}", highlight=False)
-        raise typer.Exit(1)
-    return response.json()
+    return call(Remote(url, api_key), method, path, body=body)  # type: ignore[no-any-return]
 
 
 def _cannot_start(reason: str) -> NoReturn:
     # Plain write: one line that people and scripts read alike, never wrapped or styled away.
     sys.stderr.write(f"cannot start: {reason}\n")
-    raise typer.Exit(2)
+    raise typer.Exit(ExitCode.USAGE)
 
 
 def _banner(config: StrataConfig) -> None:

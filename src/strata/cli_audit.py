@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from strata.cli_exit import ExitCode
 from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
 from strata.security.audit import VerifyResult
@@ -70,7 +71,7 @@ def verify(
     for line in result.checked:
         out.print(f"  - {escape(line)}", highlight=False)
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _keyring(config: StrataConfig) -> Keyring | None:
@@ -97,7 +98,7 @@ def export(
             written = _with_store(loaded, lambda store: _export(store, handle))
     except OSError as exc:
         err.print(f"[red]cannot write {escape(out_path)}:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
     where = "standard output" if out_path == "-" else out_path
     err.print(f"exported {written:,} audit rows to {escape(where)}", highlight=False)
 

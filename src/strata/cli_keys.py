@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from strata.cli_exit import ExitCode
 from strata.cli_support import keyring_or_exit, load_or_exit, on_database, require_database
 from strata.config import StrataConfig
 
@@ -191,7 +192,7 @@ def rotate(
         new_id, secret = _with_store(loaded, work)
     except KeyNotFound as exc:
         err.print(Text(str(exc), style="red"), highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.NOT_FOUND) from None
     _show_secret(new_id, secret)
     out.print(Text(f"{key_id} keeps working for {overlap}"), highlight=False)
 
@@ -212,7 +213,7 @@ def revoke(key_id: Annotated[str, typer.Argument(help="The key to revoke.")], co
         _with_store(loaded, work)
     except KeyNotFound as exc:
         err.print(Text(str(exc), style="red"), highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.NOT_FOUND) from None
     out.print(Text(f"revoked {key_id}"), highlight=False)
 
 

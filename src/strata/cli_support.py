@@ -16,6 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from strata.cli_exit import ExitCode
 from strata.config import StrataConfig
 from strata.config_loader import ConfigError, load_config, resolve_config_path
 from strata.security.encryption import EncryptionError, Keyring, load_keyring
@@ -33,7 +34,7 @@ def load_or_exit(path: Path | None) -> StrataConfig:
         # Plain writes: these lines are read by people and grep alike, so they must never wrap.
         sys.stderr.write(f"invalid configuration ({source or 'defaults and environment'}):\n")
         sys.stderr.writelines(f"  {issue}\n" for issue in exc.issues)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
 
 
 def on_database(
@@ -70,7 +71,7 @@ def on_database(
         hint = " (run `strata db upgrade` first?)" if table in str(exc) else ""
         reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).splitlines()[0]
         err.print(f"[red]cannot {what}{hint}:[/] {escape(reason)}", highlight=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
 
 
 def require_database(config: StrataConfig, what: str) -> None:
@@ -94,7 +95,7 @@ def keyring_or_exit(config: StrataConfig, *, create: bool = True) -> Keyring:
         return load_keyring(config, os.environ, create=create).keyring
     except EncryptionError as exc:
         err.print(f"[red]cannot load the encryption keys:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
 
 
 def _sqlite_file_exists(database: str | None) -> bool:
@@ -111,4 +112,4 @@ async def _has_schema(db: Database) -> bool:
 
 def _refuse(message: str) -> NoReturn:
     sys.stderr.write(message + "\n")  # plain: one line people and scripts read alike
-    raise typer.Exit(2)
+    raise typer.Exit(ExitCode.USAGE)

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from strata.cli_exit import ExitCode
 from strata.cli_support import load_or_exit, on_database
 from strata.config import StrataConfig
 from strata.cost.budgets import format_usd
@@ -63,7 +64,7 @@ def usage(
         message = first["msg"].removeprefix("Value error, ")
         option = "--" + where.replace("_", "-") + ": " if where else ""
         err.print(f"[red]invalid option:[/] {escape(option + message)}", highlight=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.USAGE) from None
     loaded = load_or_exit(config)
     rows, total = _read(loaded, query.group_by, query.since, query.until, query.user, query.kind)
     if as_json:

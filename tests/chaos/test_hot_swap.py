@@ -156,7 +156,7 @@ def test_strata_models_deploy_and_list_from_the_command_line(tmp_path: Path) -> 
                 timeout=60,
                 env=env,
             )
-            assert refused.returncode == 1
+            assert refused.returncode == 2  # USAGE: the server refused the spec as invalid
             assert "error 400" in refused.stderr and "base_url" in refused.stderr
         finally:
             strata.stop()

@@ -222,7 +222,7 @@ def test_cli_keys_act_on_the_running_server(server: StrataProcess) -> None:
         time.sleep(0.2)
     assert any(e["actor"].startswith("cli:") for e in _audit(server, "key.revoked"))
     missing = _cli(server, "keys", "revoke", "key_doesnotexist")
-    assert missing.returncode == 1 and "no API key" in missing.stderr
+    assert missing.returncode == 5 and "no API key" in missing.stderr  # NOT_FOUND
 
 
 def test_the_first_admin_key_is_generated_and_shown_once(mock_backend: MockBackend, tmp_path: Path) -> None:

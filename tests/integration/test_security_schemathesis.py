@@ -132,6 +132,8 @@ def test_the_schema_needs_credentials(throwaway: StrataProcess) -> None:
 BIG = 2**63  # past SQLite's and PostgreSQL's integers
 BOTH = ("sqlite", "postgresql")
 PG = ("postgresql",)  # SQLite stores these or finds nothing (201/200/404 are right there)
+# A cursor in the shape the lists hand out, at a position no 64-bit column holds.
+CURSOR_PAST_INT64 = base64.urlsafe_b64encode(b'["runs",' + str(2**64).encode() + b',"run_x"]').decode().rstrip("=")
 FINDINGS: list[tuple[str, str, str, dict[str, Any], tuple[str, ...]]] = [
     ("key-expires-in-overflow", "POST", "/admin/keys", {"json": {"name": "a", "expires_in_s": 1e300}}, BOTH),
     ("key-expires-in-past-year-9999", "POST", "/admin/keys", {"json": {"name": "a", "expires_in_s": 1e12}}, BOTH),
@@ -142,6 +144,9 @@ FINDINGS: list[tuple[str, str, str, dict[str, Any], tuple[str, ...]]] = [
     ("audit-after-id-too-big", "GET", "/admin/audit", {"params": {"after_id": BIG}}, BOTH),
     ("audit-since-year-1", "GET", "/admin/audit", {"params": {"since": "0001-01-01T00:00:00+14:00"}}, BOTH),
     ("audit-since-year-9999", "GET", "/admin/audit", {"params": {"since": "9999-12-31T23:59:59-14:00"}}, BOTH),
+    ("runs-from-year-1", "GET", "/v1/runs", {"params": {"from": "0001-01-01T00:00:00+14:00"}}, BOTH),
+    ("traces-to-year-9999", "GET", "/v1/traces", {"params": {"to": "9999-12-31T23:59:59-14:00"}}, BOTH),
+    ("runs-cursor-past-int64", "GET", "/v1/runs", {"params": {"cursor": CURSOR_PAST_INT64}}, BOTH),
     ("session-metadata-huge-int", "POST", "/v1/sessions", {"json": {"agent": "demo", "metadata": {"n": 10**40}}}, BOTH),
     (
         "key-expires-at-year-1",
@@ -161,6 +166,7 @@ FINDINGS: list[tuple[str, str, str, dict[str, Any], tuple[str, ...]]] = [
     ("nul-in-run-id", "GET", "/v1/runs/a%00b", {}, PG),
     ("nul-in-session-id", "GET", "/v1/sessions/a%00b", {}, PG),
     ("nul-in-audit-action", "GET", "/admin/audit", {"params": {"action": "a\0b"}}, PG),
+    ("nul-in-runs-agent", "GET", "/v1/runs", {"params": {"agent": "a\0b"}}, PG),
     ("nul-in-run-session-id", "POST", "/v1/agents/demo/runs", {"json": {"input": "hi", "session_id": "a\0b"}}, PG),
 ]
 

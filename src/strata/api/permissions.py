@@ -38,6 +38,9 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("POST", "/v1/agents/{agent}/runs"): P.AGENTS_INVOKE,
     ("WS", "/v1/agents/{agent}/ws"): P.AGENTS_INVOKE,
     ("POST", "/v1/sessions"): P.AGENTS_INVOKE,
+    ("GET", "/v1/runs"): P.RUNS_READ,  # lists: one's own rows; runs:read_all sees everyone's (api/list_routes.py)
+    ("GET", "/v1/sessions"): P.RUNS_READ,
+    ("GET", "/v1/traces"): P.RUNS_READ,
     ("GET", "/v1/sessions/{session_id}"): P.RUNS_READ,
     ("GET", "/v1/sessions/{session_id}/messages"): P.RUNS_READ,
     ("GET", "/v1/runs/{run_id}"): P.RUNS_READ,

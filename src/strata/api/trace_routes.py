@@ -72,21 +72,21 @@ def span_view(span: SpanRecord) -> dict[str, Any]:
         "parent_span_id": span.parent_span_id,
         "name": span.name,
         "kind": span.kind,
-        "start_time": _iso(span.start_ns),
-        "end_time": _iso(span.end_ns),
+        "start_time": iso_ns(span.start_ns),
+        "end_time": iso_ns(span.end_ns),
         "duration_ms": round((span.end_ns - span.start_ns) / 1e6, 3),
         "status": span.status,
         "status_message": span.status_message,
         "run_id": span.run_id,
         "attributes": span.attributes,
         "events": [
-            {"name": e.get("name"), "time": _iso(int(e.get("time_ns") or 0)), "attributes": e.get("attributes") or {}}
+            {"name": e.get("name"), "time": iso_ns(int(e.get("time_ns") or 0)), "attributes": e.get("attributes") or {}}
             for e in span.events
         ],
     }
 
 
-def _iso(ns: int) -> str:
+def iso_ns(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat()
 
 

@@ -33,9 +33,7 @@ async def usage(request: Request, query: Annotated[UsageQuery, Query()]) -> Resp
         if user is not None and user != who.user:
             raise ApiError(403, "you may read only your own usage", type_="permission_error", code="forbidden")
         user = who.user
-    cost = _services(request)
-    with contextlib.suppress(TimeoutError):  # what this replica recorded a moment ago is part of the answer
-        await asyncio.wait_for(cost.meter.flush(), FLUSH_WAIT_S)
+    cost = await flushed_usage(request)
     since, until = query.since, query.until
     rows = await cost.store.aggregate(query.group_by, since, until, user=user, kind=query.kind, limit=query.limit)
     totals = await cost.store.aggregate(None, since, until, user=user, kind=query.kind)
@@ -75,6 +73,14 @@ def budget_refusal(decision: BudgetDecision) -> ApiError:
         headers=decision.headers,
         extra=extra,
     )
+
+
+async def flushed_usage(request: Request) -> CostServices:
+    """The cost services, once what this replica metered a moment ago is written: part of the answer."""
+    cost = _services(request)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cost.meter.flush(), FLUSH_WAIT_S)
+    return cost
 
 
 def _services(request: Request) -> CostServices:

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import and_, case, delete, func, insert, or_, select
+from sqlalchemy.orm import aliased
 
 from strata.store.database import Database
+from strata.store.pages import Page, Position
 from strata.store.tables import Span
 
 MAX_SPANS_PER_READ = 10_000
@@ -71,6 +73,20 @@ class SpanRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class TraceSummary:
+    """One trace as a list shows it: its root span (the one with no parent here, else the earliest), its
+    extent over the spans read, how many spans and errors, and the runs it holds."""
+
+    trace_id: str
+    start_ns: int
+    end_ns: int
+    spans: int
+    errors: int
+    root: SpanRecord
+    run_ids: list[str]
+
+
 class SpanStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -98,6 +114,70 @@ class SpanStore:
         """The spans of one run: its `invoke_agent` spans and everything under them, earliest first."""
         statement = select(Span).where(Span.run_id == run_id).order_by(Span.start_ns, Span.id).limit(limit)
         return await self._read(statement)
+
+    async def recent(
+        self,
+        limit: int,
+        after: Position | None = None,
+        *,
+        owner: str | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+    ) -> Page[TraceSummary]:
+        """Traces, latest first by their earliest span (within `since_ns`..`until_ns`); with `owner`, only that
+        user's spans count (a trace of which they own none is not listed)."""
+        visible = [Span.owner == owner] if owner is not None else []
+        start = func.min(Span.start_ns)
+        grouped = select(
+            Span.trace_id,
+            start.label("start_ns"),
+            func.max(Span.end_ns).label("end_ns"),
+            func.count().label("spans"),
+            func.sum(case((Span.status == "error", 1), else_=0)).label("errors"),
+        ).where(*visible)
+        if since_ns is not None:  # every span of a trace that starts after `since_ns` does too
+            grouped = grouped.where(Span.start_ns >= since_ns)
+        grouped = grouped.group_by(Span.trace_id)
+        if until_ns is not None:
+            grouped = grouped.having(start < until_ns)
+        if after is not None:
+            grouped = grouped.having(or_(start < after.at, and_(start == after.at, Span.trace_id < after.id)))
+        grouped = grouped.order_by(start.desc(), Span.trace_id.desc()).limit(limit + 1)
+        async with self.db.sessions() as session:
+            rows = (await session.execute(grouped)).all()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            ids = [row.trace_id for row in rows]
+            roots = await self._roots(session, ids, visible)
+            runs: dict[str, list[str]] = {}
+            if ids:
+                pairs = select(Span.trace_id, Span.run_id).where(
+                    Span.trace_id.in_(ids), Span.run_id.is_not(None), *visible
+                )
+                for trace_id, run_id in (await session.execute(pairs.distinct())).all():
+                    runs.setdefault(trace_id, []).append(run_id)
+        summaries = [
+            TraceSummary(
+                row.trace_id, int(row.start_ns), int(row.end_ns), int(row.spans), int(row.errors or 0),
+                roots[row.trace_id], sorted(runs.get(row.trace_id, [])),
+            )
+            for row in rows
+        ]  # fmt: skip
+        last = summaries[-1] if more else None
+        return Page(summaries, Position(last.start_ns, last.trace_id) if last else None)
+
+    @staticmethod
+    async def _roots(session: Any, trace_ids: list[str], visible: list[Any]) -> dict[str, SpanRecord]:
+        if not trace_ids:
+            return {}
+        rank = func.row_number().over(
+            partition_by=Span.trace_id,
+            order_by=(case((Span.parent_span_id.is_(None), 0), else_=1), Span.start_ns, Span.id),
+        )
+        ranked = select(Span, rank.label("rank")).where(Span.trace_id.in_(trace_ids), *visible).subquery()
+        root = aliased(Span, ranked)
+        rows = (await session.execute(select(root).where(ranked.c.rank == 1))).scalars()
+        return {row.trace_id: _record(row) for row in rows}
 
     async def prune(self, before_ns: int) -> int:
         """Delete spans that started before `before_ns`; returns how many."""

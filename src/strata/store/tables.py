@@ -39,6 +39,7 @@ class AgentVersion(Base):
 
 class Session(Base):
     __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     agent: Mapped[str] = mapped_column(String(64), index=True)
@@ -69,6 +70,8 @@ class Run(Base):
     __table_args__ = (
         UniqueConstraint("agent", "idempotency_key"),
         Index("ix_runs_claim", "status", "created_at"),
+        Index("ix_runs_created", "created_at", "id"),  # lists, newest first (store/run_queries.py)
+        Index("ix_runs_owner_created", "owner", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
