@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 COMMANDS = (
     ("bwrap", "bubblewrap", "the python tool's sandbox"),
     ("promtool", "prometheus", "the alert rules' unit tests"),
+    ("haproxy", "haproxy", "the cluster tests' load balancer"),
 )
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = ("127.0.0.1", 6379)

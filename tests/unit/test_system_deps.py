@@ -45,8 +45,7 @@ class FakeMachine:
     def _run(self, command: Sequence[str]) -> int:
         self.ran.append(list(command))
         if command[:2] == ["apt-get", "install"]:
-            self.commands |= {"bwrap"} if "bubblewrap" in command else set()
-            self.commands |= {"promtool"} if "prometheus" in command else set()
+            self.commands |= {name for name, package, _ in deps.COMMANDS if package in command}
         if command[0] == "pg_ctlcluster":
             self.services.add("postgresql")
         if command[0] == "redis-server":
@@ -59,7 +58,7 @@ class FakeMachine:
         return said
 
 
-EVERYTHING = {"bwrap", "promtool", "apt-get", "redis-server"}
+EVERYTHING = {"bwrap", "promtool", "haproxy", "apt-get", "redis-server"}
 SERVICES = {"postgresql", "redis"}
 
 
@@ -72,12 +71,19 @@ def test_as_root_missing_packages_are_installed_with_apt() -> None:
     machine = FakeMachine({"apt-get", "redis-server"}, SERVICES)
     said = machine.ensure()
     assert machine.ran[0] == ["apt-get", "update", "-qq"]
-    assert machine.ran[1][:2] == ["apt-get", "install"] and machine.ran[1][-2:] == ["bubblewrap", "prometheus"]
-    assert said == ["installing bubblewrap (bwrap) and prometheus (promtool) with apt-get (the test suite needs it)..."]
+    assert machine.ran[1][:2] == ["apt-get", "install"] and machine.ran[1][-3:] == [
+        "bubblewrap",
+        "prometheus",
+        "haproxy",
+    ]
+    assert said == [
+        "installing bubblewrap (bwrap) and prometheus (promtool) and haproxy (haproxy) with apt-get "
+        "(the test suite needs it)..."
+    ]
 
 
 def test_without_root_it_stops_with_one_line_naming_the_packages() -> None:
-    machine = FakeMachine({"apt-get", "promtool"}, SERVICES, root=False)
+    machine = FakeMachine({"apt-get", "promtool", "haproxy"}, SERVICES, root=False)
     with pytest.raises(deps.Missing) as missing:
         machine.ensure()
     assert (
@@ -112,7 +118,7 @@ def test_a_stopped_service_without_root_says_how_to_start_it() -> None:
 
 
 def test_a_dry_run_changes_nothing_and_says_what_it_would_do() -> None:
-    machine = FakeMachine({"apt-get", "redis-server", "promtool"}, {"postgresql"})
+    machine = FakeMachine({"apt-get", "redis-server", "promtool", "haproxy"}, {"postgresql"})
     said = machine.ensure(dry_run=True)
     assert machine.ran == []
     assert said[0].startswith(
