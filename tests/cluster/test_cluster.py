@@ -71,7 +71,7 @@ def cluster(
             "agents": [{"name": "clerk", "model": "agent-model", "tools": ["record"]}],
             "runs": {"workers": 4, "poll_s": 0.1, "lease_s": 2},
             # drain_delay_s: well over HAProxy's 2 checks 200 ms apart, on a busy machine.
-            "server": {"health_interval_s": 0.5, "drain_delay_s": 1.5, "shutdown_grace_s": 10},
+            "server": {"health_interval_s": 0.5, "drain_delay_s": 2.5, "shutdown_grace_s": 10},
             # Polling once a minute: only Redis can carry a deploy to every replica within a test.
             "deploy": {"endpoints": LOOPBACK, "sync_interval_s": 60},
         }
@@ -98,29 +98,34 @@ def chat(load: Load, client: httpx.Client, n: int) -> None:
     load.measure("chat", call)
 
 
-def chat_stream(load: Load, client: httpx.Client, n: int) -> None:
-    text = f"stream {n} of some words {uuid.uuid4().hex}"
+def chat_stream(kind: str, words: int) -> Callable[[Load, httpx.Client, int], None]:
+    """A streamed chat of about `words` chunks, 50 ms apart: every chunk must arrive, then [DONE]."""
 
-    def call() -> None:
-        body = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": text}]}
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise Failed(f"stream: {response.status_code} {response.read()[:200]!r}")
-            pieces, done = [], False
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                event = json.loads(line[len("data: ") :])
-                if "error" in event:
-                    raise Failed(f"stream: error event {event['error']}")
-                pieces += [c["delta"].get("content") or "" for c in event.get("choices", [])]
-        if not done or "".join(pieces) != text:
-            raise Failed(f"stream: cut short (done={done}): {''.join(pieces)!r}")
+    def action(load: Load, client: httpx.Client, n: int) -> None:
+        text = " ".join([f"stream {n} {uuid.uuid4().hex}", *["word"] * (words - 3)])
 
-    load.measure("chat.stream", call)
+        def call() -> None:
+            body = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": text}]}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise Failed(f"{kind}: {response.status_code} {response.read()[:200]!r}")
+                pieces, done = [], False
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if "error" in event:
+                        raise Failed(f"{kind}: error event {event['error']}")
+                    pieces += [c["delta"].get("content") or "" for c in event.get("choices", [])]
+            if not done or "".join(pieces) != text:
+                raise Failed(f"{kind}: cut short (done={done}) after {len(pieces)} chunks")
+
+        load.measure(kind, call)
+
+    return action
 
 
 def agent_runs(
@@ -249,7 +254,9 @@ def test_a_rolling_restart_under_load_fails_no_request(
     load = Load(cluster.url, cluster.headers)
     with load.running():
         load.clients(4, chat)
-        load.clients(3, chat_stream)
+        load.clients(2, chat_stream("chat.stream", words=8))
+        # Longer than the drain delay: some are still streaming when their replica closes its listener.
+        load.clients(3, chat_stream("chat.long", words=70))
         load.clients(3, agent_runs(runs, create_attempts=1))
         time.sleep(2)
         for index, replica in enumerate(cluster.replicas):
@@ -284,8 +291,10 @@ def test_a_replica_killed_mid_runs_leaves_every_run_to_the_others(
         cluster.restart(1)
         time.sleep(1)
     report_load(measured(load, runs, effects))
-    # What was in flight on the victim fails, unless the balancer could send it again (reads only).
-    assert not [o for o in load.failures() if o.kind == "run.read"], load.report()
+    # Only what was in flight on the victim may fail (at most one request per client), and never a read:
+    # the balancer sends those again.
+    failures = load.failures()
+    assert len(failures) <= 8 and not [o for o in failures if o.kind == "run.read"], load.report()
     assert_every_run_completed_and_no_tool_call_lost(runs, effects)
     resumed = [run for run in runs.values() if run and run["attempts"] > 1]
     assert resumed, "some run was cut off on the victim and finished on another replica"
