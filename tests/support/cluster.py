@@ -36,6 +36,8 @@ from tests.support.strata_process import ADMIN_KEY, StrataProcess, start_listeni
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CHECK_INTERVAL_MS = 200
 WAIT_S = 30.0  # bound on every wait for the balancer or a replica to converge
+# Bound on a replica's start: three start at once, and on 2 cores that other test runs keep busy each is slow.
+START_S = 180.0
 
 HAPROXY_CONFIG = """\
 global
@@ -164,7 +166,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         with ThreadPoolExecutor(len(self.replicas)) as pool:
-            list(pool.map(lambda replica: replica.start(), self.replicas))
+            list(pool.map(lambda replica: replica.start(timeout_s=START_S), self.replicas))
         self.balancer.ports = [r.port for r in self.replicas]
         self.balancer.start()
         for index in range(len(self.replicas)):
@@ -180,7 +182,7 @@ class Cluster:
     def restart(self, index: int) -> None:
         """Start replica `index` again (on its port if it is free) and wait until the balancer sends it traffic."""
         replica = self.replicas[index]
-        replica.start()
+        replica.start(timeout_s=START_S)
         if replica.port != self.balancer.ports[index]:
             self.balancer.move(index, replica.port)
         self.balancer.wait_state(index, "UP")
