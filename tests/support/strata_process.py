@@ -22,8 +22,9 @@ from strata.serving.supervisor import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The admin key every test server starts with (STRATA_ADMIN_KEY); tests make narrower keys from it.
 ADMIN_KEY = "test-admin-key-not-for-production"
-# What `strata serve` says when its port is taken (strata.startup); the test server then moves.
-PORT_IN_USE = "is already in use"
+# What `strata serve` says when its port is taken (strata.startup), or when another process took it between that
+# check and uvicorn's bind (uvicorn's message); the test server then moves.
+PORT_IN_USE = ("is already in use", "address already in use")
 PORT_ATTEMPTS = 5
 
 
@@ -176,7 +177,7 @@ class StrataProcess:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                if self.process.returncode != 0 and PORT_IN_USE in self.logs():
+                if self.process.returncode != 0 and any(words in self.logs() for words in PORT_IN_USE):
                     raise PortTaken(self.port)
                 raise RuntimeError(f"strata exited with {self.process.returncode}:\n{self.logs()}")
             try:
