@@ -18,7 +18,6 @@ import csv
 import io
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -189,37 +188,11 @@ class Cluster:
         self.balancer.wait_state(index, "UP")
 
     def kill(self, index: int) -> None:
-        """kill -9 replica `index`, then what it started (its CPU pool): as a container runtime kills a whole
-        container. Left alone, those would outlive the test, re-parented to init."""
-        replica = self.replicas[index]
-        assert replica.process is not None
-        below = descendants(replica.process.pid)
-        replica.signal(signal.SIGKILL)
-        assert replica.process.wait(10) == -signal.SIGKILL
-        for pid in below:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """kill -9 replica `index` (and its CPU pool: see StrataProcess.kill)."""
+        self.replicas[index].kill()
 
     def logs(self) -> str:
         return "\n".join(f"--- replica {i} ---\n{r.logs()[-4000:]}" for i, r in enumerate(self.replicas))
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`: its children, theirs, and so on."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
 
 
 @dataclass(frozen=True)

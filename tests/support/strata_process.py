@@ -28,6 +28,24 @@ PORT_IN_USE = ("is already in use", "address already in use")
 PORT_ATTEMPTS = 5
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 class PortTaken(Exception):
     """The port picked for a test server was bound by someone else before the server got it."""
 
@@ -195,6 +213,17 @@ class StrataProcess:
     def signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9, then what it started (its CPU pool's processes), as a container runtime kills a whole
+        container: left alone, those would outlive the test under init."""
+        assert self.process is not None
+        below = descendants(self.process.pid)
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(10) == -signal.SIGKILL
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process is None or self.process.poll() is not None:
