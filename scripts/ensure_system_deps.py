@@ -31,6 +31,7 @@ COMMANDS = (
 OPTIONAL = (
     ("podman", "podman", "the image test"),
     ("mmdebstrap", "mmdebstrap", "the image test's Debian base"),
+    ("haproxy", "haproxy", "the cluster tests' load balancer"),
 )
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = ("127.0.0.1", 6379)
@@ -78,7 +79,7 @@ def _packages(machine: Machine, dry_run: bool, say: Callable[[str], None]) -> No
     if not missing and not optional:
         return
     wanted = [*missing, *optional]
-    named = " and ".join(f"{package} ({command})" for command, package in wanted)
+    named = ", ".join(f"{package} ({command})" for command, package in wanted)
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *(package for _, package in wanted)]
     _act(machine, dry_run, say, f"installing {named} with apt-get", [["apt-get", "update", "-qq"], install])
     if not dry_run and (still := [command for command, _ in missing if not machine.which(command)]):

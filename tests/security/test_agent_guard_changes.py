@@ -3,7 +3,6 @@ with who made it and the spec before and after; a run keeps the version it start
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,8 +170,7 @@ def test_a_run_keeps_its_version_through_a_new_version_and_a_crash(tmp_path: Pat
         while len(mock.chat_requests()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(mock.chat_requests()) == 2, "the run reached its second model call"
-        first.signal(signal.SIGKILL)
-        assert first.process is not None and first.process.wait(10) == -signal.SIGKILL
+        first.kill()
 
         second = StrataProcess(tmp_path, config(mock), env=env)
         second.port = first.port

@@ -22,9 +22,28 @@ from strata.serving.supervisor import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The admin key every test server starts with (STRATA_ADMIN_KEY); tests make narrower keys from it.
 ADMIN_KEY = "test-admin-key-not-for-production"
-# What `strata serve` says when its port is taken (strata.startup); the test server then moves.
-PORT_IN_USE = "is already in use"
+# What `strata serve` says when its port is taken (strata.startup), or when another process took it between that
+# check and uvicorn's bind (uvicorn's message); the test server then moves.
+PORT_IN_USE = ("is already in use", "address already in use")
 PORT_ATTEMPTS = 5
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 class PortTaken(Exception):
@@ -176,7 +195,7 @@ class StrataProcess:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                if self.process.returncode != 0 and PORT_IN_USE in self.logs():
+                if self.process.returncode != 0 and any(words in self.logs() for words in PORT_IN_USE):
                     raise PortTaken(self.port)
                 raise RuntimeError(f"strata exited with {self.process.returncode}:\n{self.logs()}")
             try:
@@ -194,6 +213,17 @@ class StrataProcess:
     def signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9, then what it started (its CPU pool's processes), as a container runtime kills a whole
+        container: left alone, those would outlive the test under init."""
+        assert self.process is not None
+        below = descendants(self.process.pid)
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(10) == -signal.SIGKILL
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process is None or self.process.poll() is not None:

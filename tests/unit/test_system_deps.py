@@ -45,9 +45,7 @@ class FakeMachine:
     def _run(self, command: Sequence[str]) -> int:
         self.ran.append(list(command))
         if command[:2] == ["apt-get", "install"]:
-            self.commands |= {"bwrap"} if "bubblewrap" in command else set()
-            self.commands |= {"promtool"} if "prometheus" in command else set()
-            self.commands |= {name for name in ("podman", "mmdebstrap") if name in command}
+            self.commands |= {name for name, package, _ in (*deps.COMMANDS, *deps.OPTIONAL) if package in command}
         if command[0] == "pg_ctlcluster":
             self.services.add("postgresql")
         if command[0] == "redis-server":
@@ -60,7 +58,7 @@ class FakeMachine:
         return said
 
 
-EVERYTHING = {"bwrap", "promtool", "podman", "mmdebstrap", "apt-get", "redis-server"}
+EVERYTHING = {"bwrap", "promtool", "podman", "mmdebstrap", "haproxy", "apt-get", "redis-server"}
 SERVICES = {"postgresql", "redis"}
 
 
@@ -74,10 +72,10 @@ def test_as_root_missing_packages_are_installed_with_apt() -> None:
     said = machine.ensure()
     assert machine.ran[0] == ["apt-get", "update", "-qq"]
     assert machine.ran[1][:2] == ["apt-get", "install"]
-    assert machine.ran[1][-4:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap"]
+    assert machine.ran[1][-5:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap", "haproxy"]
     assert said == [
-        "installing bubblewrap (bwrap) and prometheus (promtool) and podman (podman) and mmdebstrap (mmdebstrap) "
-        "with apt-get (the test suite needs it)..."
+        "installing bubblewrap (bwrap), prometheus (promtool), podman (podman), mmdebstrap (mmdebstrap), "
+        "haproxy (haproxy) with apt-get (the test suite needs it)..."
     ]
 
 
@@ -85,13 +83,13 @@ def test_optional_packages_are_installed_as_root_and_never_required_otherwise() 
     required = {"bwrap", "promtool", "apt-get", "redis-server"}
     root = FakeMachine(required, SERVICES)
     root.ensure()
-    assert root.ran[1][-2:] == ["podman", "mmdebstrap"]
+    assert root.ran[1][-3:] == ["podman", "mmdebstrap", "haproxy"]
     user = FakeMachine(required, SERVICES, root=False)
     assert user.ensure() == [] and user.ran == []
 
 
 def test_without_root_it_stops_with_one_line_naming_the_packages() -> None:
-    machine = FakeMachine({"apt-get", "promtool"}, SERVICES, root=False)
+    machine = FakeMachine({"apt-get", "promtool", "haproxy"}, SERVICES, root=False)
     with pytest.raises(deps.Missing) as missing:
         machine.ensure()
     assert (
@@ -126,7 +124,7 @@ def test_a_stopped_service_without_root_says_how_to_start_it() -> None:
 
 
 def test_a_dry_run_changes_nothing_and_says_what_it_would_do() -> None:
-    machine = FakeMachine({"apt-get", "redis-server", "promtool", "podman", "mmdebstrap"}, {"postgresql"})
+    machine = FakeMachine({"apt-get", "redis-server", "promtool", "podman", "mmdebstrap", "haproxy"}, {"postgresql"})
     said = machine.ensure(dry_run=True)
     assert machine.ran == []
     assert said[0].startswith(
