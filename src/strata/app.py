@@ -28,6 +28,7 @@ from strata.api import (
     mcp_routes,
     meta_routes,
     openai_routes,
+    responses_routes,
     runs_routes,
     sessions_routes,
     trace_routes,
@@ -220,6 +221,7 @@ def build_app(
             await gpus.stop()
             await cpu.shutdown()
             await alerter.stop()
+            await state.lifecycle.stop_background()  # marks unfinished background responses failed
             await state.cost.stop()  # after everything that may spend; flushes the usage rows
             await state.guard.audit.stop()  # after everything that may record; flushes: nothing is lost
             await state.runtime.close()
@@ -258,6 +260,7 @@ def build_app(
     registry.register(RejectedRowsCollector(lambda: _rejected_rows(state, tracing)))
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
     for routes in (usage_routes, trace_routes, mcp_routes):

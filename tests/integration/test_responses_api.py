@@ -1,0 +1,306 @@
+"""The Responses API (`/v1/responses`) driven by the real `openai` SDK and the OpenAI Agents SDK on its default
+Responses path, against a real `strata serve` in front of the mock backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import mock_model
+from tests.support.mock_backend import MockBackend, Reply, ToolCallSpec
+from tests.support.strata_process import StrataProcess
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+@pytest.fixture(scope="module")
+def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
+    workdir = tmp_path_factory.mktemp("responses")
+    config = {
+        "models": [mock_model(mock_backend)],
+        "tools": {"functions": [{"name": "record", "import_path": "tests.support.agent_tools:record_call"}]},
+        "agents": [
+            {"name": "helper", "model": "mock-model", "system_prompt": "You help.", "tools": ["calculator"]},
+            {
+                "name": "approver",
+                "model": "mock-model",
+                "system_prompt": "You record.",
+                "tools": ["record"],
+                "require_approval": ["record"],
+            },
+        ],
+        "runs": {"lease_s": 2, "poll_s": 0.1},
+        "server": {"health_interval_s": 0.5, "drain_delay_s": 0, "shutdown_grace_s": 5},
+    }
+    env = {"MOCK_API_KEY": "mock-secret", "TEST_SIDE_EFFECTS_LOG": str(workdir / "calls.log")}
+    process = StrataProcess(workdir, config, env=env).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def client(strata: StrataProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
+
+
+def sent_messages(mock: MockBackend) -> list[dict[str, Any]]:
+    body = mock.chat_requests()[-1].body
+    assert body is not None
+    return body["messages"]
+
+
+def test_create_answers_with_text_usage_and_instructions(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="The sky is blue.", prompt_tokens=7, completion_tokens=5))
+    response = client.responses.create(model="mock-model", input="What colour is the sky?", instructions="Be brief.")
+    assert (response.status, response.output_text) == ("completed", "The sky is blue.")
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (7, 5, 12)
+    assert sent_messages(mock_backend) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What colour is the sky?"},
+    ]
+
+
+def test_stream_sends_typed_events_in_order(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="one two three"))
+    with client.responses.stream(model="mock-model", input="Count") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:5] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "one two three"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "one two three"
+    assert final.usage is not None and final.usage.output_tokens > 0
+    assert client.responses.retrieve(final.id).output_text == "one two three"  # stored once the stream ended
+
+
+def test_function_call_and_its_output_continue_the_conversation(
+    client: openai.OpenAI, mock_backend: MockBackend
+) -> None:
+    mock_backend.script(Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Paris"}, id="call_7")]))
+    first = client.responses.create(model="mock-model", input="Weather in Paris?", tools=[WEATHER])
+    call = first.output[0]
+    assert call.type == "function_call"
+    assert (call.call_id, call.name, json.loads(call.arguments)) == ("call_7", "get_weather", {"city": "Paris"})
+    assert mock_backend.chat_requests()[-1].body["tools"][0]["function"]["name"] == "get_weather"  # type: ignore[index]
+    mock_backend.script(Reply(content="Sunny in Paris."))
+    second = client.responses.create(
+        model="mock-model",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": "call_7", "output": '{"sky": "sunny"}'}],
+        tools=[WEATHER],
+    )
+    assert second.output_text == "Sunny in Paris."
+    assert second.previous_response_id == first.id
+    messages = sent_messages(mock_backend)
+    assert messages[0] == {"role": "user", "content": "Weather in Paris?"}
+    assert messages[1]["tool_calls"][0]["id"] == "call_7"
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_7", "content": '{"sky": "sunny"}'}
+
+
+def test_streamed_function_call_arrives_as_argument_deltas(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_9")]))
+    with client.responses.stream(model="mock-model", input="Weather in Oslo?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert json.loads(done.arguments) == {"city": "Oslo"}
+    call = final.output[0]
+    assert call.type == "function_call"
+    assert (call.call_id, call.name, json.loads(call.arguments)) == ("call_9", "get_weather", {"city": "Oslo"})
+
+
+def test_stored_responses_are_their_owners_only(strata: StrataProcess, client: openai.OpenAI) -> None:
+    created = client.responses.create(model="mock-model", input="remember me")
+    assert client.responses.retrieve(created.id).output_text == created.output_text
+    other = openai.OpenAI(base_url=strata.base_url, api_key=strata.create_key("user"), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError) as refused:
+        other.responses.create(model="mock-model", input="continue", previous_response_id=created.id)
+    assert "previous_response_id" in str(refused.value)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(created.id)
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+
+
+def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="mock-model", input="forget me", store=False)
+    assert response.output_text
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+
+
+def test_stored_content_is_encrypted_at_rest(strata: StrataProcess, client: openai.OpenAI) -> None:
+    secret = "the launch code is 7351"
+    response = client.responses.create(model="mock-model", input=secret, store=True)
+    databases = list(Path(strata.workdir).rglob("*.db"))
+    assert databases
+    with sqlite3.connect(databases[0]) as db:
+        body, conversation = db.execute(
+            "SELECT body, conversation FROM responses WHERE id = ?", (response.id,)
+        ).fetchone()
+    assert "$enc" in body and "$enc" in conversation
+    assert "7351" not in body + conversation
+
+
+def test_background_response_completes_later(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="done in the background", latency_s=0.5))
+    queued = client.responses.create(model="mock-model", input="take your time", background=True)
+    assert queued.status in ("queued", "in_progress")
+    for _ in range(100):
+        current = client.responses.retrieve(queued.id)
+        if current.status not in ("queued", "in_progress"):
+            break
+        time.sleep(0.1)
+    assert (current.status, current.output_text) == ("completed", "done in the background")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(strata: StrataProcess, fields: dict[str, Any], param: str) -> None:
+    body = {"model": "mock-model", "input": "hi", **fields}
+    with strata.client() as http:
+        response = http.post("/v1/responses", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+
+
+def test_agent_model_runs_the_agent_durably(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(
+        Reply(tool_calls=[ToolCallSpec("calculator", {"expression": "6*7"}, id="c1")]), Reply(content="It is 42.")
+    )
+    response = client.responses.create(model="agent:helper", input="What is 6*7?")
+    assert (response.status, response.output_text) == ("completed", "It is 42.")
+    run_id = response.metadata["strata_run_id"]
+    with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/"), headers=_auth(client)) as http:
+        run = http.get(f"/v1/runs/{run_id}").json()
+    assert run["status"] == "completed" and [s["kind"] for s in run["steps"]].count("tool") == 1
+    assert response.usage is not None and response.usage.total_tokens == run["usage"]["total_tokens"]
+
+
+def test_agent_waiting_for_approval_says_how_to_approve(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(tool_calls=[ToolCallSpec("record", {"label": "x"}, id="r1")]), Reply(content="Recorded."))
+    response = client.responses.create(model="agent:approver", input="Record x")
+    assert response.status == "incomplete"
+    details = response.incomplete_details.model_dump()  # type: ignore[union-attr]
+    run_id = details["run_id"]
+    assert details["reason"] == "awaiting_approval" and f"/v1/runs/{run_id}/approval" in details["message"]
+    with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/"), headers=_auth(client)) as http:
+        assert http.post(f"/v1/runs/{run_id}/approval", json={"decision": "approve"}).status_code == 200
+    for _ in range(100):
+        current = client.responses.retrieve(response.id)
+        if current.status not in ("incomplete", "queued", "in_progress"):
+            break
+        time.sleep(0.1)
+    assert (current.status, current.output_text) == ("completed", "Recorded.")
+
+
+def test_agent_model_streams(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="Streaming from an agent."))
+    with client.responses.stream(model="agent:helper", input="Say something") as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert final.output_text == "Streaming from an agent."
+
+
+def _auth(client: openai.OpenAI) -> dict[str, str]:
+    return {"Authorization": f"Bearer {client.api_key}"}
+
+
+# -- the OpenAI Agents SDK, on its default (Responses) path ------------------------------------------------------
+
+
+def _agents_sdk_agent(strata: StrataProcess) -> Any:
+    from agents import Agent, OpenAIResponsesModel, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # the SDK would export its traces to OpenAI
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        return f"sunny in {city}"
+
+    model = OpenAIResponsesModel(
+        "mock-model", openai.AsyncOpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
+    )
+    return Agent(name="weather", instructions="Use the tool.", tools=[get_weather], model=model)
+
+
+def _script_tool_round(mock: MockBackend) -> None:
+    mock.script(
+        Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Rome"}, id="call_r")]),
+        Reply(answer_after_tool="It is sunny in Rome."),
+    )
+
+
+def test_agents_sdk_default_path_runs_a_function_tool(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    from agents import Runner
+
+    _script_tool_round(mock_backend)
+    result = asyncio.run(Runner.run(_agents_sdk_agent(strata), "Weather in Rome?"))
+    assert result.final_output == "It is sunny in Rome."
+    tool_message = sent_messages(mock_backend)[-1]
+    assert tool_message == {"role": "tool", "tool_call_id": "call_r", "content": "sunny in Rome"}
+
+
+def test_agents_sdk_default_path_streams(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    from agents import Runner
+
+    _script_tool_round(mock_backend)
+
+    async def run() -> tuple[Any, list[str]]:
+        result = Runner.run_streamed(_agents_sdk_agent(strata), "Weather in Rome?")
+        deltas = [
+            event.data.delta
+            async for event in result.stream_events()
+            if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
+        ]
+        return result.final_output, deltas
+
+    final, deltas = asyncio.run(run())
+    assert final == "It is sunny in Rome." and "".join(deltas) == final
