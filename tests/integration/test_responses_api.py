@@ -31,7 +31,7 @@ WEATHER = {
 def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
     workdir = tmp_path_factory.mktemp("responses")
     config = {
-        "models": [mock_model(mock_backend)],
+        "models": [mock_model(mock_backend), mock_model(mock_backend, "mock-other")],
         "tools": {"functions": [{"name": "record", "import_path": "tests.support.agent_tools:record_call"}]},
         "agents": [
             {"name": "helper", "model": "mock-model", "system_prompt": "You help.", "tools": ["calculator"]},
@@ -187,6 +187,27 @@ def test_background_response_completes_later(client: openai.OpenAI, mock_backend
             break
         time.sleep(0.1)
     assert (current.status, current.output_text) == ("completed", "done in the background")
+
+
+def test_a_stream_cut_short_by_the_backend_ends_failed(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="one two three four five six", reset="mid_stream"))
+    events = list(client.responses.create(model="mock-model", input="Count", stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error is not None and failed.error.message
+    assert client.responses.retrieve(failed.id).status == "failed"  # stored as it ended
+
+
+def test_a_key_limited_to_other_models_is_refused(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    narrow = openai.OpenAI(
+        base_url=strata.base_url, api_key=strata.create_key("user", models=["mock-other"]), max_retries=0
+    )
+    with pytest.raises(openai.PermissionDeniedError):
+        narrow.responses.create(model="mock-model", input="hi")
+    with pytest.raises(openai.PermissionDeniedError):  # the agent's model is mock-model too
+        narrow.responses.create(model="agent:helper", input="hi")
+    assert narrow.responses.create(model="mock-other", input="hi").output_text
+    assert mock_backend.chat_requests()[-1].body["model"] == "upstream-mock-other"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
