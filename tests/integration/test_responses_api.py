@@ -219,6 +219,9 @@ def test_a_key_limited_to_other_models_is_refused(strata: StrataProcess, mock_ba
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"tools": [{**WEATHER, "name": "get weather"}]}, "tools[0].name"),
+        ({"input": "a\u0000b"}, "input"),
+        ({"input": [{"type": "message", "content": "no role"}]}, "input[0].role"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(strata: StrataProcess, fields: dict[str, Any], param: str) -> None:
@@ -228,6 +231,11 @@ def test_unsupported_fields_are_refused_by_name(strata: StrataProcess, fields: d
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"]
+
+
+def test_background_for_an_unknown_model_is_refused_at_once(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.responses.create(model="no-such-model", input="hi", background=True)
 
 
 def test_agent_model_runs_the_agent_durably(client: openai.OpenAI, mock_backend: MockBackend) -> None:

@@ -92,6 +92,15 @@ async def create_response(request: Request) -> Response:
     response_id, created_at = new_id("resp"), time.time()
     conversation = call.payload["messages"][1 if body.instructions else 0 :]
     if body.background:
+        if len(state.lifecycle.background) >= state.config.limits.max_background_responses:
+            raise ApiError(
+                503,
+                "too many background responses in progress on this replica; retry shortly",
+                type_="server_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        state.router.resolve(call.request.model)  # an unknown model is a 404 now, not a failed response later
         queued = response_object(body, response_id=response_id, created_at=created_at, status="queued")
         await store.save(queued, owner=who.user, conversation=conversation)
         task = asyncio.create_task(_in_background(state, store, body, queued, call, account, conversation))

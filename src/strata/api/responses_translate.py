@@ -8,6 +8,7 @@ that names the field: never silently dropped.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from strata.api.errors import ApiError, invalid_body
 from strata.serving.usage import Usage
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Known Responses fields Strata does not implement: each gets its own reason instead of "extra field".
 UNSUPPORTED = {
     "conversation": "server-side conversations are not supported; use previous_response_id",
@@ -98,7 +100,7 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     for index, item in enumerate(request.input):
         where = f"input[{index}]"
         kind = item.get("type", "message")
-        if kind == "message" and "role" in item:
+        if kind == "message":
             messages.append(_message(item, where))
         elif kind == "function_call":
             call = {
@@ -130,7 +132,7 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    role = item["role"]
+    role = item.get("role")
     if role not in ("user", "system", "developer", "assistant"):
         raise ApiError(
             400, f"{where}.role: must be user, system, developer or assistant, not {role!r}", param=f"{where}.role"
@@ -208,6 +210,12 @@ def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
             "'function' tools (give agents built-in tools through a Strata agent: model 'agent:<name>')",
         )
     function = {"name": _text_field(tool, "name", where)}
+    if not _TOOL_NAME.fullmatch(function["name"]):
+        raise ApiError(
+            400,
+            f"{where}.name: {function['name']!r} is not a function name (letters, digits, _ and -, up to 64)",
+            param=f"{where}.name",
+        )
     for key in ("description", "parameters", "strict"):
         if tool.get(key) is not None:
             function[key] = tool[key]
