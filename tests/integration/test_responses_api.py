@@ -251,6 +251,20 @@ def test_agent_model_runs_the_agent_durably(client: openai.OpenAI, mock_backend:
     assert response.usage is not None and response.usage.total_tokens == run["usage"]["total_tokens"]
 
 
+def test_agent_follow_up_continues_the_runs_session(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="Noted: blue."), Reply(echo=True))
+    first = client.responses.create(model="agent:helper", input="My colour is blue.")
+    second = client.responses.create(model="agent:helper", input="What is my colour?", previous_response_id=first.id)
+    assert second.output_text == "What is my colour?"
+    contents = [m.get("content") for m in sent_messages(mock_backend)]
+    assert "My colour is blue." in contents and "Noted: blue." in contents  # the session's earlier turn
+    with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/"), headers=_auth(client)) as http:
+        runs = [http.get(f"/v1/runs/{r.metadata['strata_run_id']}").json() for r in (first, second)]
+    assert runs[0]["session_id"] == runs[1]["session_id"]
+    with pytest.raises(openai.BadRequestError, match="tools"):  # the agent brings its own
+        client.responses.create(model="agent:helper", input="hi", tools=[WEATHER])
+
+
 def test_agent_waiting_for_approval_says_how_to_approve(client: openai.OpenAI, mock_backend: MockBackend) -> None:
     mock_backend.script(Reply(tool_calls=[ToolCallSpec("record", {"label": "x"}, id="r1")]), Reply(content="Recorded."))
     response = client.responses.create(model="agent:approver", input="Record x")

@@ -47,6 +47,7 @@ from strata.store.tables import StoredResponse
 router = APIRouter(prefix="/v1", tags=["openai"])
 log = structlog.get_logger("strata.responses")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REQUEST_SCHEMA = ResponsesRequest.model_json_schema()
 
 
 def _store(state: AppState) -> ResponseStore:
@@ -62,7 +63,13 @@ def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
-@router.post("/responses", summary="Create a response (OpenAI Responses API)")
+@router.post(
+    "/responses",
+    summary="Create a response (OpenAI Responses API)",
+    openapi_extra={  # the body is read raw (parse_request), so FastAPI would not describe it
+        "requestBody": {"required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}
+    },
+)
 async def create_response(request: Request) -> Response:
     state: AppState = request.app.state.strata
     raw = await request.body()
