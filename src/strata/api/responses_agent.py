@@ -38,7 +38,16 @@ from strata.store.responses import ResponseStore
 from strata.store.tables import Run, StoredResponse
 
 AGENT_PREFIX = "agent:"
-_SETTINGS = ("instructions", "tools", "tool_choice", "text", "max_output_tokens", "temperature", "top_p")
+_SETTINGS = (
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "text",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+)
 _ENDED = ("completed", "failed", "cancelled", "incomplete")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -40,7 +40,7 @@ from strata.api.state import AppState
 from strata.serving.chat import ChatCall, Completion
 from strata.serving.errors import ServingError
 from strata.serving.schemas import ChatCompletionRequest
-from strata.serving.stream_relay import ChatStreamRelay
+from strata.serving.stream_relay import ChatStreamRelay, StreamStats
 from strata.store.responses import ResponseStore
 from strata.store.tables import StoredResponse
 
@@ -94,7 +94,8 @@ async def create_response(request: Request) -> Response:
             "continue it with that model",
             param="previous_response_id",
         )
-    call = _chat_call(state, body, previous.conversation if previous is not None else [])
+    tag = request.headers.get("x-strata-tag") or (body.metadata or {}).get("tag")  # for route rules, as on chat
+    call = _chat_call(state, body, previous.conversation if previous is not None else [], tag)
     call, account = await admit_chat(request, call)
     response_id, created_at = new_id("resp"), time.time()
     conversation = call.payload["messages"][1 if body.instructions else 0 :]
@@ -134,14 +135,13 @@ async def create_response(request: Request) -> Response:
     return _json(result, {COST_HEADER: f"{usd:.9f}"})
 
 
-def _chat_call(state: AppState, body: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCall:
+def _chat_call(state: AppState, body: ResponsesRequest, history: list[dict[str, Any]], tag: str | None) -> ChatCall:
     payload = chat_payload(body, history)
     try:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:  # what the chat schema refuses of the translated request (a bad tool name...)
         raise invalid_body(exc.errors(include_url=False)) from None
     check_bounds(request, state.config.limits)
-    tag = (body.metadata or {}).get("tag")
     return ChatCall(request, payload, tag=tag)
 
 
@@ -161,7 +161,7 @@ def _answer(body: ResponsesRequest, response_id: str, created_at: float, complet
 
 async def _stream_events(
     chunks: AsyncIterator[bytes],
-    stats: Any,
+    stats: StreamStats,
     events: ResponseStream,
     store: ResponseStore | None,
     owner: str | None,
