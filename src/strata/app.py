@@ -214,6 +214,7 @@ def build_app(
             await state.guard.auth.stop()
             await state.guard.limiter.aclose()
             await state.sync.stop()  # before the runtime: it may be mid-deploy; its rows leave the listing
+            await state.lifecycle.stop_background()  # unfinished background responses are marked failed
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
@@ -221,7 +222,6 @@ def build_app(
             await gpus.stop()
             await cpu.shutdown()
             await alerter.stop()
-            await state.lifecycle.stop_background()  # marks unfinished background responses failed
             await state.cost.stop()  # after everything that may spend; flushes the usage rows
             await state.guard.audit.stop()  # after everything that may record; flushes: nothing is lost
             await state.runtime.close()

@@ -210,6 +210,17 @@ def test_a_key_limited_to_other_models_is_refused(strata: StrataProcess, mock_ba
     assert mock_backend.chat_requests()[-1].body["model"] == "upstream-mock-other"  # type: ignore[index]
 
 
+def test_a_background_response_cut_by_a_restart_says_so(strata: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(hang=True))
+    client = openai.OpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
+    queued = client.responses.create(model="mock-model", input="never answered", background=True)
+    strata.stop()
+    strata.start()  # the module's server again, on the same data
+    interrupted = client.responses.retrieve(queued.id)
+    assert interrupted.status == "failed"
+    assert interrupted.error is not None and interrupted.error.code == "interrupted"
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
