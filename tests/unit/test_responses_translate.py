@@ -84,6 +84,8 @@ def test_settings_map_to_their_chat_names() -> None:
             "input[0].content[0].type",
         ),
         ({"background": True, "stream": True}, "background"),
+        ({"input": ["not an item"]}, "input"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "w"}]}, "input[0].arguments"),
     ],
 )
 def test_what_strata_cannot_do_is_refused_by_name(fields: dict[str, Any], param: str) -> None:

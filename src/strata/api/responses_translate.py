@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from strata.api.errors import ApiError, invalid_body
 from strata.serving.usage import Usage
@@ -62,6 +62,17 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = Field(default=None, max_length=256)
     service_tier: Literal["auto", "default"] | None = None
     truncation: Literal["disabled"] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_or_items(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ValueError(f"item {index} must be an object (a message or another input item)")
+        elif not isinstance(value, str):
+            raise ValueError("must be text or a list of input items")
+        return value
 
 
 def parse_request(payload: Any) -> ResponsesRequest:
@@ -113,11 +124,8 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
                     "arguments": _text_field(item, "arguments", where),
                 },
             }
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)  # parallel calls: one assistant turn
-            elif last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
-                last["tool_calls"] = [call]  # the text the model said before calling
+            if messages and messages[-1]["role"] == "assistant":  # its text, or parallel calls: one turn
+                messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
