@@ -309,8 +309,10 @@ def _auth(client: openai.OpenAI) -> dict[str, str]:
 # -- the OpenAI Agents SDK, on its default (Responses) path ------------------------------------------------------
 
 
-def _agents_sdk_agent(strata: StrataProcess) -> Any:
-    from agents import Agent, OpenAIResponsesModel, function_tool, set_tracing_disabled
+def _agents_sdk_agent(strata: StrataProcess) -> tuple[Any, Any]:
+    """An agent with a function tool, and the run config that points the SDK's default provider (Responses API,
+    the model named by a string) at Strata: no global client is set, so nothing leaks into other tests."""
+    from agents import Agent, OpenAIProvider, RunConfig, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)  # the SDK would export its traces to OpenAI
 
@@ -319,10 +321,17 @@ def _agents_sdk_agent(strata: StrataProcess) -> Any:
         """Current weather for a city."""
         return f"sunny in {city}"
 
-    model = OpenAIResponsesModel(
-        "mock-model", openai.AsyncOpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
-    )
-    return Agent(name="weather", instructions="Use the tool.", tools=[get_weather], model=model)
+    client = openai.AsyncOpenAI(base_url=strata.base_url, api_key=strata.api_key, max_retries=0)
+    agent = Agent(name="weather", instructions="Use the tool.", tools=[get_weather], model="mock-model")
+    return agent, RunConfig(model_provider=OpenAIProvider(openai_client=client))
+
+
+def _responses_served(strata: StrataProcess) -> float:
+    """`POST /v1/responses` requests answered 200, from Strata's metrics."""
+    with strata.client() as http:
+        text = http.get("/metrics").text
+    prefix = 'strata_requests_total{method="POST",model="mock-model",route="/v1/responses",status="200"}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def _script_tool_round(mock: MockBackend) -> None:
@@ -336,7 +345,10 @@ def test_agents_sdk_default_path_runs_a_function_tool(strata: StrataProcess, moc
     from agents import Runner
 
     _script_tool_round(mock_backend)
-    result = asyncio.run(Runner.run(_agents_sdk_agent(strata), "Weather in Rome?"))
+    agent, config = _agents_sdk_agent(strata)
+    before = _responses_served(strata)
+    result = asyncio.run(Runner.run(agent, "Weather in Rome?", run_config=config))
+    assert _responses_served(strata) == before + 2  # both model turns went through /v1/responses
     assert result.final_output == "It is sunny in Rome."
     tool_message = sent_messages(mock_backend)[-1]
     assert tool_message == {"role": "tool", "tool_call_id": "call_r", "content": "sunny in Rome"}
@@ -348,7 +360,8 @@ def test_agents_sdk_default_path_streams(strata: StrataProcess, mock_backend: Mo
     _script_tool_round(mock_backend)
 
     async def run() -> tuple[Any, list[str]]:
-        result = Runner.run_streamed(_agents_sdk_agent(strata), "Weather in Rome?")
+        agent, config = _agents_sdk_agent(strata)
+        result = Runner.run_streamed(agent, "Weather in Rome?", run_config=config)
         deltas = [
             event.data.delta
             async for event in result.stream_events()
