@@ -29,6 +29,7 @@ from strata.api import (
     mcp_routes,
     meta_routes,
     openai_routes,
+    responses_routes,
     runs_routes,
     sessions_routes,
     trace_routes,
@@ -215,6 +216,7 @@ def build_app(
             await state.guard.auth.stop()
             await state.guard.limiter.aclose()
             await state.sync.stop()  # before the runtime: it may be mid-deploy; its rows leave the listing
+            await state.lifecycle.stop_background()  # unfinished background responses are marked failed
             await state.runtime.stop()
             await state.deployer.wait_drained()
             await router.stop(grace_s=10.0)
@@ -261,6 +263,7 @@ def build_app(
     registry.register(RejectedRowsCollector(lambda: _rejected_rows(state, tracing)))
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
     for routes in (usage_routes, trace_routes, mcp_routes, list_routes):

@@ -829,6 +829,12 @@ class LimitsConfig(_Strict):
     max_messages: int = Field(default=1024, ge=1, le=100_000)
     max_tokens: int = Field(default=131_072, ge=1, description="Upper bound on a request's max_tokens.")
     max_tools: int = Field(default=128, ge=0, le=10_000)
+    max_background_responses: int = Field(
+        default=256,
+        ge=0,
+        le=100_000,
+        description="Responses API `background: true` responses one replica works on at once; more get 503.",
+    )
     default_rpm: int | None = Field(default=None, ge=1, description="Requests per minute of a key without its own.")
     default_tpm: int | None = Field(default=None, ge=1, description="Tokens per minute of a key without its own.")
 

@@ -64,13 +64,18 @@ def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
 
 
 def chat_and_run(server: StrataProcess, canary: str, control: str) -> dict[str, str]:
-    """A chat completion and a sync agent run carrying the canary; returns the run's and session's ids."""
+    """A chat completion, a stored response and a sync agent run carrying the canary; returns the run's and
+    session's ids."""
     with server.client(timeout=30) as client:
         chat = client.post(
             "/v1/chat/completions", json={"model": "mock-model", "messages": [{"role": "user", "content": canary}]}
         )
         assert chat.status_code == 200, chat.text
         assert chat.json()["choices"][0]["message"]["content"] == canary  # the mock echoes it
+        stored = client.post("/v1/responses", json={"model": "mock-model", "input": canary, "metadata": {"n": canary}})
+        assert stored.status_code == 200, stored.text
+        again = client.get(f"/v1/responses/{stored.json()['id']}").json()  # a stored response, read back
+        assert (again["output"][0]["content"][0]["text"], again["metadata"]) == (canary, {"n": canary})
 
         server.create_key(name=control)  # stored as it is: the control the scans must see
         session = client.post("/v1/sessions", json={"agent": "demo", "metadata": {"note": canary}})

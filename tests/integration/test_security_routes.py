@@ -26,6 +26,7 @@ PARAMS = {
     "agent": "demo",
     "name": "demo",
     "run_id": "run_x",
+    "response_id": "resp_x",
     "session_id": "ses_x",
     "key_id": "key_x",
     "trace_id": "0" * 32,

@@ -24,7 +24,7 @@ from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.api.strings import bad_json_string, has_nul_escape
 from strata.config import LimitsConfig
-from strata.serving.chat import ChatCall
+from strata.serving.chat import ChatCall, Completion
 from strata.serving.errors import ServingError
 from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay
@@ -78,6 +78,17 @@ def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.strata
     call = parse_chat(await request.body(), request.headers.get("x-strata-tag"), state.config.limits)
+    call, account = await admit_chat(request, call)
+    answer = await send_chat(request, call, account)
+    if isinstance(answer, ChatStreamRelay):
+        body = metered(answer, account, state.lifecycle.streams)
+        return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+    usd = account.settle(answer.usage, busy_s=answer.busy_s, served_by=answer.model)
+    return Response(answer.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})
+
+
+async def admit_chat(request: Request, call: ChatCall) -> tuple[ChatCall, ChatAccount]:
+    """The caller's key may use the model (and only its allowed models may stand in), and the budget allows it."""
     model = call.request.model
     structlog.contextvars.bind_contextvars(model=model)
     who = principal(request)
@@ -87,25 +98,26 @@ async def chat_completions(request: Request) -> Response:
         call = replace(call, allowed=who.models)
     account = ChatAccount(request, model)
     await account.admit()
+    return call, account
+
+
+async def send_chat(request: Request, call: ChatCall, account: ChatAccount) -> Completion | ChatStreamRelay:
+    """The call to the backend (a stream if the call asks for one); a failure before any answer is settled here.
+    Chat completions and the Responses API both send through here."""
+    state: AppState = request.app.state.strata
     request_id = current_request_id()
     headers = {"X-Request-ID": request_id} if request_id else {}
     try:
         with waiting_on_backend(request.scope):
             if call.request.stream:
-                relay = await state.chat.open_stream(call, headers)
-            else:
-                completion = await cancel_on_disconnect(request, state.chat.complete(call, headers))
+                return await state.chat.open_stream(call, headers)
+            return await cancel_on_disconnect(request, state.chat.complete(call, headers))
     except ServingError as exc:
         account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
         raise
-    if call.request.stream:
-        body = _metered(relay, account, state.lifecycle.streams)
-        return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
-    usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
-    return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})
 
 
-async def _metered(
+async def metered(
     relay: ChatStreamRelay, account: ChatAccount, open_streams: set[ChatStreamRelay]
 ) -> AsyncIterator[bytes]:
     open_streams.add(relay)  # so that a shutdown whose grace runs out ends it with an error event

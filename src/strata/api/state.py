@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ class Lifecycle:
     draining: bool = False
     startup_error: str | None = None  # why the lifespan's start-up failed, for the one line `strata serve` prints
     streams: set[ChatStreamRelay] = field(default_factory=set)
+    # Work that outlives its request (Responses `background: true`): cancelled at shutdown, which marks it failed.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def cut_streams(self) -> int:
         """End every open stream with a `server_shutting_down` error event; returns how many there were."""
@@ -45,6 +48,12 @@ class Lifecycle:
         for relay in streams:
             relay.interrupt(error)
         return len(streams)
+
+    async def stop_background(self) -> None:
+        tasks = list(self.background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass

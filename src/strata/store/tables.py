@@ -286,3 +286,24 @@ class ConfigReload(Base):
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     at: Mapped[datetime]
     by: Mapped[str | None] = mapped_column(String(160))
+
+
+class StoredResponse(Base):
+    """A Responses API response kept for retrieval and `previous_response_id` (`store: true`).
+
+    `body` is the response object as the client got it; `conversation` the chat messages that led to it and
+    its answer, which a follow-up request continues. A response answered by an agent keeps its run (and the
+    run's session, which a follow-up continues) instead of a conversation."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)
+    model: Mapped[str] = mapped_column(RedactedString(256))
+    status: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("responses.body"))
+    conversation: Mapped[list[Any]] = mapped_column(EncryptedJSON("responses.conversation"))
+    run_id: Mapped[str | None] = mapped_column(String(40))
+    session_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
