@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import orjson
 import structlog
@@ -16,14 +17,14 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from strata.api.auth import principal
-from strata.api.chat_accounting import COST_HEADER, ChatAccount
-from strata.api.disconnect import cancel_on_disconnect
+from strata.api.chat_accounting import ChatAccount, answer_settled
 from strata.api.errors import ApiError, from_serving_error, invalid_body
 from strata.api.metrics_middleware import waiting_on_backend
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.api.strings import bad_json_string, has_nul_escape
 from strata.config import LimitsConfig
+from strata.security.principal import Principal
 from strata.serving.chat import ChatCall
 from strata.serving.errors import ServingError
 from strata.serving.schemas import ChatCompletionRequest
@@ -34,17 +35,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None = None) -> ChatCall:
-    if not body:
-        raise ApiError(400, "the request body is empty; send a JSON chat-completion request")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        bad = bad_json_string(body)  # orjson refuses a lone surrogate: name its field
-        raise (bad.error() if bad else ApiError(400, f"the request body is not valid JSON: {exc}")) from None
-    if has_nul_escape(body) and (bad := bad_json_string(body)):
-        raise bad.error()
-    if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    payload = json_object(body, "chat-completion")
     try:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
@@ -55,6 +46,22 @@ def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None 
     if tag is None and isinstance(metadata, dict) and isinstance(metadata.get("tag"), str):
         tag = metadata["tag"]
     return ChatCall(request, payload, tag=tag)
+
+
+def json_object(body: bytes, what: str) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong and where."""
+    if not body:
+        raise ApiError(400, f"the request body is empty; send a JSON {what} request")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        bad = bad_json_string(body)  # orjson refuses a lone surrogate: name its field
+        raise (bad.error() if bad else ApiError(400, f"the request body is not valid JSON: {exc}")) from None
+    if has_nul_escape(body) and (bad := bad_json_string(body)):
+        raise bad.error()
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return payload
 
 
 def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
@@ -74,6 +81,11 @@ def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
         )
 
 
+def check_model_allowed(who: Principal, model: str) -> None:
+    if not who.may_use_model(model):
+        raise ApiError(403, f"this key may not use model {model!r}", type_="permission_error", code="model_not_allowed")
+
+
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.strata
@@ -81,28 +93,28 @@ async def chat_completions(request: Request) -> Response:
     model = call.request.model
     structlog.contextvars.bind_contextvars(model=model)
     who = principal(request)
-    if not who.may_use_model(model):
-        raise ApiError(403, f"this key may not use model {model!r}", type_="permission_error", code="model_not_allowed")
+    check_model_allowed(who, model)
     if who.models is not None:
         call = replace(call, allowed=who.models)
     account = ChatAccount(request, model)
     await account.admit()
-    request_id = current_request_id()
-    headers = {"X-Request-ID": request_id} if request_id else {}
+    headers = request_id_header()
+    if not call.request.stream:
+        return await answer_settled(request, account, state.chat.complete(call, headers))
     try:
         with waiting_on_backend(request.scope):
-            if call.request.stream:
-                relay = await state.chat.open_stream(call, headers)
-            else:
-                completion = await cancel_on_disconnect(request, state.chat.complete(call, headers))
+            relay = await state.chat.open_stream(call, headers)
     except ServingError as exc:
         account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
         raise
-    if call.request.stream:
-        body = _metered(relay, account, state.lifecycle.streams)
-        return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
-    usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
-    return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})
+    body = _metered(relay, account, state.lifecycle.streams)
+    return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+def request_id_header() -> dict[str, str]:
+    """The request's id for the backend's logs."""
+    request_id = current_request_id()
+    return {"X-Request-ID": request_id} if request_id else {}
 
 
 async def _metered(
@@ -129,9 +141,30 @@ async def _metered(
             account.stream_failed(error, relay.deployment, stats.chunks)
 
 
-@router.get("/models", summary="List the models this Strata serves")
+@router.get("/models", summary="List the models this Strata serves (those the caller's key may use)")
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    created = int(state.started_at)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "strata"} for name in state.router.models]
+    who = principal(request)
+    data = [_model_object(state, name) for name in state.router.models if who.may_use_model(name)]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/models/{model_id:path}", summary="One model (404 for a model the caller's key may not use)")
+async def retrieve_model(model_id: str, request: Request) -> Response:
+    state: AppState = request.app.state.strata
+    if model_id not in state.router.models or not principal(request).may_use_model(model_id):
+        # the same answer for both: a key must not learn which models exist beyond its own
+        raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+    return Response(orjson.dumps(_model_object(state, model_id)), media_type="application/json")
+
+
+def _model_object(state: AppState, name: str) -> dict[str, Any]:
+    """OpenAI's model object, plus Strata's `kind` (the backend kind, or "route") and the `endpoints` it answers."""
+    model: dict[str, Any] = {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "strata"}
+    if state.router.is_model(name):
+        deployment = state.router.pool(name).deployments[0]
+        model["kind"] = deployment.kind
+        model["endpoints"] = [f"/v1{path}" for path in sorted(deployment.serves)]
+    else:
+        model["kind"] = "route"
+    return model

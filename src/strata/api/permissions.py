@@ -32,6 +32,8 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     # OpenAI-compatible
     ("POST", "/v1/chat/completions"): P.MODELS_INVOKE,
     ("GET", "/v1/models"): P.MODELS_READ,
+    ("GET", "/v1/models/{model_id:path}"): P.MODELS_READ,
+    ("POST", "/v1/embeddings"): P.MODELS_INVOKE,
     # agents, sessions, runs (ownership is checked per resource, see api/ownership.py)
     ("GET", "/v1/agents"): P.AGENTS_READ,
     ("GET", "/v1/agents/{name}"): P.AGENTS_READ,

@@ -16,7 +16,7 @@ import structlog
 from strata.cost.gpu_time import GpuTimeShares
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, fail, with_trace_headers
-from strata.serving.deployment import Deployment
+from strata.serving.deployment import CHAT, Deployment
 from strata.serving.dispatch import Dispatcher
 from strata.serving.errors import ServingError, UpstreamStatusError
 from strata.serving.router import Router, RoutingHints
@@ -24,7 +24,7 @@ from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay, prompt_tokens_estimate
 from strata.serving.usage import Usage
 
-CHAT_PATH = "/chat/completions"
+CHAT_PATH = CHAT
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,12 @@ class ChatService:
     def _model(self, call: ChatCall) -> str:
         requested = call.request.model
         if self._router.is_model(requested):
-            return requested  # the common case: no route, no hints to compute
-        hints = RoutingHints(call.agent, call.tag, len(call.request.prompt_text()) // 4)
-        return self._router.route(requested, hints)
+            model = requested  # the common case: no route, no hints to compute
+        else:
+            hints = RoutingHints(call.agent, call.tag, len(call.request.prompt_text()) // 4)
+            model = self._router.route(requested, hints)
+        self._router.check_serves(model, CHAT_PATH)
+        return model
 
     def _body(self, call: ChatCall, *, stream: bool) -> Any:
         payload = dict(call.payload)

@@ -15,6 +15,9 @@ from strata.resilience.breaker import CircuitBreaker
 from strata.serving.client import OpenAIClient
 from strata.serving.usage import TokenCounter
 
+CHAT, EMBEDDINGS, COMPLETIONS = "/chat/completions", "/embeddings", "/completions"  # the backend paths
+WHAT = {CHAT: "chat completions", EMBEDDINGS: "embeddings", COMPLETIONS: "text completions"}
+
 
 @dataclass(frozen=True)
 class Guards:
@@ -42,6 +45,8 @@ class Deployment(ABC):
     reports_stream_usage: bool = True
     #: Can the backend stream an answer when `tools` are offered with tool_choice "auto"?
     streams_tool_calls: bool = True
+    #: The OpenAI endpoints it answers (below /v1): an OpenAI-compatible server is taken at its word for all.
+    serves: frozenset[str] = frozenset({CHAT, EMBEDDINGS, COMPLETIONS})
 
     def __init__(
         self,

@@ -133,3 +133,64 @@ class ChatCompletionRequest(BaseModel):
 
     def prompt_text(self) -> str:
         return "\n".join(message.text() for message in self.messages)
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request. Token ids are passed on: an OpenAI-compatible backend may take them (the
+    embedded model refuses them, naming `input`)."""
+
+    model_config = _Open
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _inputs(cls, value: object) -> object:
+        """One message per mistake, in OpenAI's terms (pydantic's union errors name its own types)."""
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("an empty string has no embedding")
+            return value
+        if not isinstance(value, list):
+            raise ValueError("give a string or a list of strings (or of token ids, or of lists of token ids)")
+        if not value:
+            raise ValueError("give at least one input")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(value)} inputs, more than the {MAX_EMBEDDING_INPUTS} one request may have")
+        if all(isinstance(item, str) for item in value):
+            for index, item in enumerate(value):
+                if not item:
+                    raise ValueError(f"input[{index}] is an empty string, which has no embedding")
+        elif all(_is_token(item) for item in value):
+            pass
+        elif all(isinstance(item, list) for item in value):
+            for index, item in enumerate(value):
+                if not item:
+                    raise ValueError(f"input[{index}] is an empty list of token ids")
+                if not all(_is_token(token) for token in item):
+                    raise ValueError(f"input[{index}] must hold token ids (integers of 0 or more)")
+        else:
+            raise ValueError("a list of strings, of token ids or of lists of token ids, not a mix of them")
+        return value
+
+    def texts(self) -> list[str]:
+        """The inputs that are text (token ids are counted as they are)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return [item for item in self.input if isinstance(item, str)]
+
+    def token_count(self) -> int:
+        """Tokens given as ids; text inputs are counted by the deployment's counter."""
+        if isinstance(self.input, str):
+            return 0
+        return sum(1 if _is_token(item) else len(item) for item in self.input if not isinstance(item, str))
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,0 +1,173 @@
+"""`/v1/embeddings` and `GET /v1/models/{id}` through a real `strata serve` in front of the mock backend, driven
+with the `openai` SDK and langchain-openai: what a user of either notices (vectors, usage, cost, key limits)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from langchain_openai import OpenAIEmbeddings
+
+from tests.conftest import mock_model
+from tests.support.mock_backend import MockBackend, Reply
+from tests.support.strata_process import StrataProcess
+
+PRICED = {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0}
+
+
+@pytest.fixture(scope="module")
+def server(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
+    workdir: Path = tmp_path_factory.mktemp("endpoints")
+    config = {
+        "models": [mock_model(mock_backend, **PRICED), mock_model(mock_backend, "mock-hidden-model")],
+        "server": {"health_interval_s": 0.5, "drain_delay_s": 0, "shutdown_grace_s": 5},
+    }
+    process = StrataProcess(workdir, config, env={"MOCK_API_KEY": "mock-secret"}).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(server: StrataProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_sdk_embeddings_come_back_decoded_with_usage(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    texts = ["the cat sat on the mat", "a cat sat on a mat", "stock markets fell sharply"]
+    result = client.embeddings.create(model="mock-model", input=texts)
+    vectors = [item.embedding for item in result.data]
+    assert [item.index for item in result.data] == [0, 1, 2]
+    assert all(len(v) == 64 for v in vectors)
+    assert _cosine(vectors[0], vectors[1]) > _cosine(vectors[0], vectors[2])
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (16, 16)  # the mock counts words
+    sent = [r for r in mock_backend.requests if r.path == "/v1/embeddings"][-1].body
+    assert sent is not None
+    assert sent["model"] == "upstream-mock-model"  # the deployment's own name for it
+    assert sent["encoding_format"] == "base64"  # what the SDK asks for; the answer went back as the backend sent it
+
+
+def test_embeddings_are_priced_and_metered(server: StrataProcess, mock_backend: MockBackend) -> None:
+    with server.client() as http:
+        response = http.post("/v1/embeddings", json={"model": "mock-model", "input": "one two three four"})
+        assert response.status_code == 200, response.text
+        assert float(response.headers["x-strata-cost-usd"]) == pytest.approx(4 * 2.0 / 1e6)
+        rows: list[dict[str, object]] = []
+        for _ in range(100):  # usage rows are written in the background
+            rows = http.get("/v1/usage", params={"kind": "embeddings", "group_by": "model"}).json()["data"]
+            if rows:
+                break
+            time.sleep(0.1)
+    assert rows, "no usage row of kind 'embeddings'"
+    assert rows[0]["group"] == "mock-model"
+    assert rows[0]["prompt_tokens"] >= 4
+
+
+def test_missing_usage_is_counted(server: StrataProcess, mock_backend: MockBackend) -> None:
+    mock_backend.embeddings_usage = False
+    with server.client() as http:
+        body = http.post("/v1/embeddings", json={"model": "mock-model", "input": ["hello world"]}).json()
+    assert body["usage"]["prompt_tokens"] > 0
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"model": "mock-model", "input": ""}, "input", "an empty string has no embedding"),
+        ({"model": "mock-model", "input": []}, "input", "give at least one input"),
+        ({"model": "mock-model", "input": ["ok", ""]}, "input", "input[1] is an empty string"),
+        ({"model": "mock-model", "input": ["ok", 3]}, "input", "not a mix"),
+        ({"model": "mock-model", "input": [[]]}, "input", "input[0] is an empty list of token ids"),
+        ({"model": "mock-model", "input": {"text": "hi"}}, "input", "a string or a list"),
+        ({"model": "mock-model"}, "input", "required field is missing"),
+        ({"input": "hi"}, "model", "required field is missing"),
+        ({"model": "mock-model", "input": "hi", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
+        ({"model": "mock-model", "input": "hi", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+    ],
+)
+def test_bad_embedding_requests_get_400_naming_the_field(
+    server: StrataProcess, mock_backend: MockBackend, body: dict[str, object], param: str, words: str
+) -> None:
+    with server.client() as http:
+        response = http.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(param)
+    assert words in error["message"]
+    assert not [r for r in mock_backend.requests if r.path == "/v1/embeddings"]  # nothing reached the backend
+
+
+def test_backend_refusal_reaches_the_client(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.when({"dimensions": 3}, Reply(status=400, error_message="dimensions not supported", error_param="x"))
+    with pytest.raises(openai.BadRequestError, match="dimensions not supported"):
+        client.embeddings.create(model="mock-model", input="hi", dimensions=3)
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.embeddings.create(model="no-such-model", input="hi")
+
+
+def test_embeddings_tokens_count_against_the_keys_token_limit(server: StrataProcess) -> None:
+    key = server.create_key(tpm=5)
+    with server.client(key) as http:
+        first = http.post("/v1/embeddings", json={"model": "mock-model", "input": "a b c d e f g h"})
+        assert first.status_code == 200, first.text
+        second = http.post("/v1/embeddings", json={"model": "mock-model", "input": "a"})
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "rate_limit_tokens"
+
+
+def test_model_allow_list_hides_other_models(server: StrataProcess) -> None:
+    key = server.create_key(models=["mock-model"])
+    sdk = openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
+    assert [m.id for m in sdk.models.list()] == ["mock-model"]
+    model = sdk.models.retrieve("mock-model")
+    assert (model.id, model.object, model.owned_by) == ("mock-model", "model", "strata")
+    with server.client(key) as http:
+        hidden = http.get("/v1/models/mock-hidden-model")
+        unknown = http.get("/v1/models/no-such-model")
+        refused = http.post("/v1/embeddings", json={"model": "mock-hidden-model", "input": "hi"})
+    assert hidden.status_code == unknown.status_code == 404
+    assert hidden.json()["error"]["message"].replace("mock-hidden-model", "X") == unknown.json()["error"][
+        "message"
+    ].replace("no-such-model", "X")
+    assert hidden.json()["error"]["code"] == "model_not_found"
+    assert refused.status_code == 403
+
+
+def test_admin_sees_every_model_with_its_kind(server: StrataProcess) -> None:
+    with server.client() as http:
+        listed = http.get("/v1/models").json()["data"]
+        one = http.get("/v1/models/mock-model").json()
+    assert {m["id"] for m in listed} == {"mock-model", "mock-hidden-model"}
+    assert one["kind"] == "openai"
+    assert one["endpoints"] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+
+
+def test_langchain_embeddings(server: StrataProcess) -> None:
+    embeddings = OpenAIEmbeddings(
+        model="mock-model", base_url=server.base_url, api_key=server.api_key, check_embedding_ctx_length=False
+    )
+    vectors = embeddings.embed_documents(["the cat sat", "the cat sat down", "markets fell"])
+    query = embeddings.embed_query("the cat sat")
+    assert len(vectors) == 3 and len(query) == 64
+    assert _cosine(query, vectors[1]) > _cosine(query, vectors[2])
+
+
+def test_token_ids_pass_through(server: StrataProcess, mock_backend: MockBackend) -> None:
+    """What langchain-openai sends by default (tiktoken ids): an OpenAI-compatible backend gets them as they are."""
+    with server.client() as http:
+        response = http.post("/v1/embeddings", json={"model": "mock-model", "input": [[15339, 1070], [9906]]})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
+    sent = [r for r in mock_backend.requests if r.path == "/v1/embeddings"][-1].body
+    assert sent is not None and sent["input"] == [[15339, 1070], [9906]]
