@@ -171,3 +171,76 @@ def test_token_ids_pass_through(server: StrataProcess, mock_backend: MockBackend
     assert len(response.json()["data"]) == 2
     sent = [r for r in mock_backend.requests if r.path == "/v1/embeddings"][-1].body
     assert sent is not None and sent["input"] == [[15339, 1070], [9906]]
+
+
+def test_sdk_text_completion(client: openai.OpenAI, mock_backend: MockBackend, server: StrataProcess) -> None:
+    mock_backend.script(Reply(content=" blue.", prompt_tokens=4, completion_tokens=2))
+    raw = client.completions.with_raw_response.create(
+        model="mock-model", prompt="The sky is", max_tokens=5, stop=["\n"], echo=True
+    )
+    result = raw.parse()
+    assert result.choices[0].text == "The sky is blue."  # echo: the backend's own, passed through
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (4, 2)
+    assert float(raw.headers["x-strata-cost-usd"]) == pytest.approx((4 * 2.0 + 2 * 8.0) / 1e6)
+    sent = [r for r in mock_backend.requests if r.path == "/v1/completions"][-1].body
+    assert sent == {
+        "model": "upstream-mock-model",
+        "prompt": "The sky is",
+        "max_tokens": 5,
+        "stop": ["\n"],
+        "echo": True,
+    }
+
+
+def test_sdk_text_completion_streams(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="one two three", prompt_tokens=3, completion_tokens=3))
+    chunks = list(
+        client.completions.create(
+            model="mock-model", prompt="count:", stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "one two three"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    mock_backend.script(Reply(content="four five"))
+    quiet = list(client.completions.create(model="mock-model", prompt="count:", stream=True))
+    assert all(c.usage is None for c in quiet)  # Strata asked for usage to meter it, and kept it to itself
+    sent = [r for r in mock_backend.requests if r.path == "/v1/completions"][-1].body
+    assert sent is not None and sent["stream_options"] == {"include_usage": True}
+
+
+def test_text_completion_without_backend_usage_is_counted(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    mock_backend.script(Reply(content="a fairly long answer here", usage=False))
+    result = client.completions.create(model="mock-model", prompt=["first prompt"])
+    assert result.usage is not None and result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"model": "mock-model"}, "prompt", "required field is missing"),
+        ({"model": "mock-model", "prompt": []}, "prompt", "non-empty list"),
+        ({"model": "mock-model", "prompt": ["a", 1]}, "prompt", "not a mix"),
+        ({"model": "mock-model", "prompt": "x", "logprobs": 6}, "logprobs", "less than or equal to 5"),
+        ({"model": "mock-model", "prompt": "x", "max_tokens": 10**9}, "max_tokens", "more than the limit"),
+        ({"model": "mock-model", "prompt": "x", "stream_options": {}}, "stream_options", "only allowed when"),
+    ],
+)
+def test_bad_completion_requests_get_400_naming_the_field(
+    server: StrataProcess, mock_backend: MockBackend, body: dict[str, object], param: str, words: str
+) -> None:
+    with server.client() as http:
+        response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(param)
+    assert words in error["message"]
+    assert not [r for r in mock_backend.requests if r.path == "/v1/completions"]
+
+
+def test_langchain_legacy_llm(server: StrataProcess, mock_backend: MockBackend) -> None:
+    from langchain_openai import OpenAI
+
+    mock_backend.default = Reply(content="Paris")
+    llm = OpenAI(model="mock-model", base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    assert llm.invoke("The capital of France is") == "Paris"
+    assert "".join(llm.stream("The capital of France is")) == "Paris"

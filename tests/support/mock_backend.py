@@ -153,6 +153,7 @@ class MockBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._text_completion)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_post("/_mock/script", self._control_script)
@@ -278,6 +279,37 @@ class MockBackend:
             tokens = sum(len(str(text).split()) for text in inputs)
             answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
         return web.json_response(answer)
+
+    async def _text_completion(self, request: web.Request) -> web.StreamResponse:
+        """Legacy completions: the scripted reply's content as the text (after the prompt when `echo`)."""
+        body = orjson.loads(await request.read())
+        self._record(request, body)
+        if not self._authorised(request):
+            return _error(401, "invalid api key")
+        reply = self._next_reply(body)
+        if reply.status >= 400:
+            return _error(reply.status, reply.error_message, reply.error_param)
+        text = reply.content or ""
+        if body.get("echo") and isinstance(body.get("prompt"), str):
+            text = body["prompt"] + text
+        head = {"id": f"cmpl-mock{next(_ids)}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = body.get("model", "")
+        pieces = _split(text, reply.chunks)
+        usage = _usage(reply, len(pieces))
+        if not body.get("stream"):
+            answer = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}]}
+            return web.json_response({**answer, **({"usage": usage} if reply.usage else {})})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, piece in enumerate(pieces):
+            finish = "stop" if index == len(pieces) - 1 else None
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+            await response.write(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+        if reply.usage and (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _answer(self, request: web.Request, body: dict[str, Any], reply: Reply) -> web.StreamResponse:
         if reply.hang:

@@ -112,6 +112,10 @@ class ChatAccount:
             self.state.guard.count_tokens(self.who, usage.total_tokens)
         return usd
 
+    def failed(self, error: ServingError) -> None:
+        """Settle a call that failed before any of its answer went out."""
+        self.settle(None, status=from_serving_error(error).status, error_type=error.code or type(error).__name__)
+
     def stream_failed(self, error: ServingError, deployment: str, chunks: int) -> None:
         """One line and one count for a stream cut short after it started (the client got an error event)."""
         if self.state.request_metrics is not None:
@@ -132,7 +136,7 @@ async def answer_settled(request: Request, account: ChatAccount, work: Awaitable
         with waiting_on_backend(request.scope):
             completion = await cancel_on_disconnect(request, work)
     except ServingError as exc:
-        account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
+        account.failed(exc)
         raise
     usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
     return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})

@@ -6,7 +6,7 @@ response serialisation would cost more than the rest of the request path togethe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -72,9 +72,7 @@ def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
             param="messages",
         )  # fmt: skip
     for name in ("max_tokens", "max_completion_tokens"):
-        value = getattr(request, name)
-        if value is not None and value > limits.max_tokens:
-            raise ApiError(400, f"{name}: {value} is more than the limit of {limits.max_tokens}", param=name)
+        check_max_tokens(name, getattr(request, name), limits)
     if request.tools and len(request.tools) > limits.max_tools:
         raise ApiError(
             400, f"tools: {len(request.tools)} tools, more than the limit of {limits.max_tools}", param="tools"
@@ -84,6 +82,11 @@ def check_bounds(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
 def check_model_allowed(who: Principal, model: str) -> None:
     if not who.may_use_model(model):
         raise ApiError(403, f"this key may not use model {model!r}", type_="permission_error", code="model_not_allowed")
+
+
+def check_max_tokens(name: str, value: int | None, limits: LimitsConfig) -> None:
+    if value is not None and value > limits.max_tokens:
+        raise ApiError(400, f"{name}: {value} is more than the limit of {limits.max_tokens}", param=name)
 
 
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
@@ -101,11 +104,18 @@ async def chat_completions(request: Request) -> Response:
     headers = request_id_header()
     if not call.request.stream:
         return await answer_settled(request, account, state.chat.complete(call, headers))
+    return await stream_settled(request, account, state.chat.open_stream(call, headers))
+
+
+async def stream_settled(request: Request, account: ChatAccount, opening: Awaitable[ChatStreamRelay]) -> Response:
+    """A streamed call: open it (a failure before the first byte is an error status), relay it, and settle what it
+    used and cost when it ends, however it ends."""
+    state: AppState = request.app.state.strata
     try:
         with waiting_on_backend(request.scope):
-            relay = await state.chat.open_stream(call, headers)
+            relay = await opening
     except ServingError as exc:
-        account.settle(None, status=from_serving_error(exc).status, error_type=exc.code or type(exc).__name__)
+        account.failed(exc)
         raise
     body = _metered(relay, account, state.lifecycle.streams)
     return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -34,6 +34,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("GET", "/v1/models"): P.MODELS_READ,
     ("GET", "/v1/models/{model_id:path}"): P.MODELS_READ,
     ("POST", "/v1/embeddings"): P.MODELS_INVOKE,
+    ("POST", "/v1/completions"): P.MODELS_INVOKE,
     # agents, sessions, runs (ownership is checked per resource, see api/ownership.py)
     ("GET", "/v1/agents"): P.AGENTS_READ,
     ("GET", "/v1/agents/{name}"): P.AGENTS_READ,

@@ -95,6 +95,10 @@ class Deployment(ABC):
         """The request body as this backend needs it (most need nothing changed)."""
         return payload
 
+    def adapt_completion(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A legacy text-completion request body as this backend needs it."""
+        return payload
+
     def check_available(self) -> None:
         """Raise `BackendNotReadyError` when the deployment is known to be unable to answer now."""
         return None

@@ -70,6 +70,9 @@ class EmbeddedDeployment(LaunchedDeployment):
     def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
         return embedded_request.adapt(payload, self.name)
 
+    def adapt_completion(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return embedded_request.adapt_completion(payload, self.name)
+
     def launch(self, port: int, token: str) -> Launch:
         if self.config.embedding:
             return self._launch_embeddings(port, token)

@@ -17,9 +17,9 @@ from strata.cost.gpu_time import GpuTimeShares
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, with_trace_headers
 from strata.serving.chat import Completion
+from strata.serving.client import answer_object
 from strata.serving.deployment import EMBEDDINGS, Deployment
 from strata.serving.dispatch import Dispatcher
-from strata.serving.errors import UpstreamStatusError
 from strata.serving.router import Router
 from strata.serving.schemas import EmbeddingRequest
 from strata.serving.usage import Usage
@@ -67,7 +67,7 @@ class EmbeddingService:
         deployment, reply = await self._dispatcher.complete(
             model, body, EMBEDDINGS, with_trace_headers(headers, span), allowed=allowed
         )
-        answer = _object(reply.body, deployment.name)
+        answer = answer_object(reply.body, deployment.name, "data")
         reported = answer.get("usage")
         if isinstance(reported, dict) and isinstance(reported.get("prompt_tokens"), int):
             usage = Usage(reported["prompt_tokens"], 0)
@@ -86,15 +86,3 @@ class EmbeddingService:
                 }
             )
         return completion
-
-
-def _object(body: bytes, deployment: str) -> dict[str, Any]:
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        answer = None
-    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-        raise UpstreamStatusError(
-            "the backend's embeddings answer is not a JSON object with 'data'", status=502, deployment=deployment
-        )
-    return answer

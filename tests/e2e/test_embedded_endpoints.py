@@ -1,5 +1,5 @@
-"""The embedded embedding model (`smollm2-135m-embed`, in the default config) through `strata serve`, driven with
-the openai SDK and langchain-openai."""
+"""The embedded models of the default config through `strata serve`, on the endpoints beside chat: embeddings
+(`smollm2-135m-embed`) and legacy text completions (`smollm2-135m`), driven with the openai SDK and langchain-openai."""
 
 from __future__ import annotations
 
@@ -98,3 +98,53 @@ def test_a_backend_error_leaves_the_server_answering(embedded: StrataProcess) ->
         http.post("/v1/embeddings", json={"model": EMBED, "input": [[1]]})
         after = http.post("/v1/embeddings", json={"model": EMBED, "input": "still here"})
     assert after.status_code == 200
+
+
+def test_text_completion_continues_the_prompt(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
+    assert result.choices[0].text.strip()
+    assert 0 < result.usage.completion_tokens <= 6
+    assert result.usage.prompt_tokens > 3
+
+
+def test_text_completion_streams_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model="smollm2-135m",
+            prompt="Once upon a time",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices).strip()
+    usage = chunks[-1].usage
+    assert usage is not None and 0 < usage.completion_tokens <= 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"suffix": " the end"}, "suffix"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"best_of": 3}, "best_of"),
+        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": [[1, 2]]}, "prompt"),
+    ],
+)
+def test_what_embedded_completions_cannot_do_is_a_400_naming_it(
+    embedded: StrataProcess, extra: dict[str, object], param: str
+) -> None:
+    with embedded.client(timeout=60) as http:
+        response = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_langchain_legacy_llm(embedded: StrataProcess) -> None:
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model="smollm2-135m", base_url=embedded.base_url, api_key=embedded.api_key, max_tokens=8)
+    assert llm.invoke("The capital of France is").strip()
