@@ -148,3 +148,33 @@ def test_langchain_legacy_llm(embedded: StrataProcess) -> None:
 
     llm = OpenAI(model="smollm2-135m", base_url=embedded.base_url, api_key=embedded.api_key, max_tokens=8)
     assert llm.invoke("The capital of France is").strip()
+
+
+def test_legacy_functions_are_a_400_saying_what_to_send(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="send tools instead") as refused:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "What time is it?"}],
+            functions=[{"name": "get_time", "parameters": {"type": "object", "properties": {}}}],  # type: ignore[arg-type]
+        )
+    assert refused.value.body["param"] == "functions"  # type: ignore[index]
+
+
+def test_allowed_tools_get_a_call_of_an_allowed_tool(client: openai.OpenAI) -> None:
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+        for name in ("get_weather", "get_time")
+    ]
+    result = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is the weather?"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice={  # type: ignore[arg-type,misc]
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]},
+        },
+        max_tokens=48,
+        temperature=0,
+    )
+    calls = result.choices[0].message.tool_calls or []
+    assert [call.function.name for call in calls] == ["get_time"]  # type: ignore[union-attr]

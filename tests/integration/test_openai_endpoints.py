@@ -13,7 +13,7 @@ import pytest
 from langchain_openai import OpenAIEmbeddings
 
 from tests.conftest import mock_model
-from tests.support.mock_backend import MockBackend, Reply
+from tests.support.mock_backend import MockBackend, Reply, ToolCallSpec
 from tests.support.strata_process import StrataProcess
 
 PRICED = {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0}
@@ -244,3 +244,74 @@ def test_langchain_legacy_llm(server: StrataProcess, mock_backend: MockBackend) 
     llm = OpenAI(model="mock-model", base_url=server.base_url, api_key=server.api_key, max_retries=0)
     assert llm.invoke("The capital of France is") == "Paris"
     assert "".join(llm.stream("The capital of France is")) == "Paris"
+
+
+def _tool(name: str) -> dict[str, object]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_allowed_tools_reach_any_backend_as_the_narrowed_tools(
+    client: openai.OpenAI, mock_backend: MockBackend
+) -> None:
+    mock_backend.script(Reply(tool_calls=[ToolCallSpec(name="get_time", arguments={})]))
+    result = client.chat.completions.create(
+        model="mock-model",
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=[_tool("get_weather"), _tool("get_time")],  # type: ignore[list-item]
+        tool_choice={  # type: ignore[arg-type,misc]
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]},
+        },
+    )
+    assert result.choices[0].message.tool_calls[0].function.name == "get_time"  # type: ignore[index,union-attr]
+    sent = mock_backend.chat_requests()[-1].body
+    assert sent is not None
+    assert (sent["tools"], sent["tool_choice"]) == ([_tool("get_time")], "required")
+
+
+def test_custom_tools_are_a_400_naming_the_tool(client: openai.OpenAI, mock_backend: MockBackend) -> None:
+    with pytest.raises(openai.BadRequestError, match="'custom' tools") as refused:
+        client.chat.completions.create(
+            model="mock-model",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[_tool("a"), {"type": "custom", "custom": {"name": "sql"}}],  # type: ignore[list-item]
+        )
+    assert refused.value.body["param"] == "tools[1].type"  # type: ignore[index]
+    assert not mock_backend.chat_requests()
+
+
+def test_legacy_functions_pass_through_to_an_openai_compatible_backend(
+    client: openai.OpenAI, mock_backend: MockBackend
+) -> None:
+    functions = [{"name": "get_time", "parameters": {"type": "object", "properties": {}}}]
+    client.chat.completions.create(
+        model="mock-model",
+        messages=[{"role": "user", "content": "hi"}],
+        functions=functions,  # type: ignore[arg-type]
+        function_call={"name": "get_time"},
+    )
+    sent = mock_backend.chat_requests()[-1].body
+    assert sent is not None and (sent["functions"], sent["function_call"]) == (functions, {"name": "get_time"})
+
+
+def test_langchain_chat_model(server: StrataProcess, mock_backend: MockBackend) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+
+    llm = ChatOpenAI(model="mock-model", base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    mock_backend.script(
+        Reply(content="Hello there."),
+        Reply(content="one two three"),
+        Reply(tool_calls=[ToolCallSpec(name="get_time", arguments={})]),
+        Reply(content='{"name": "Paris"}'),
+    )
+    assert llm.invoke("hi").content == "Hello there."
+    assert "".join(str(chunk.content) for chunk in llm.stream("count")) == "one two three"
+    called = llm.bind_tools([_tool("get_time")]).invoke("time?")
+    assert [call["name"] for call in called.tool_calls] == ["get_time"]
+    assert llm.with_structured_output(City).invoke("Capital of France?") == City(name="Paris")
+    structured = mock_backend.chat_requests()[-1].body
+    assert structured is not None and structured["response_format"]["type"] == "json_schema"

@@ -29,13 +29,14 @@ from strata.serving.chat import ChatCall
 from strata.serving.errors import ServingError
 from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay
+from strata.serving.tool_fields import normalise_tools
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None = None) -> ChatCall:
-    payload = json_object(body, "chat-completion")
+    payload = normalise_tools(json_object(body, "chat-completion"))
     try:
         request = ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:

@@ -8,7 +8,9 @@ server refuses or ignores:
 - `max_completion_tokens`: ignored, so generation ran on to the context size;
 - `response_format` of type `json_schema`: refused; it takes `json_object` with a `schema`;
 - a tool without `parameters`: refused;
-- `n` > 1: ignored (one choice came back): refused here with a 400 naming `n`.
+- `n` > 1: ignored (one choice came back): refused here with a 400 naming `n`;
+- the deprecated `functions` / `function_call`: refused with a 400 naming them and saying what to send instead
+  (Strata's chat handling speaks tools only; an OpenAI-compatible backend gets them as they are).
 
 Parts other than text (images, audio, files) are refused with a 400 naming the part: the model reads text only.
 """
@@ -25,6 +27,14 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 def adapt(payload: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
     """A copy of `payload` that the server takes and means the same; the caller's payload is left as it is."""
     adapted = _one_choice(payload, deployment)
+    for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if legacy in adapted:
+            raise RequestNotSupportedError(
+                f"{legacy}: the embedded model takes '{instead}' (OpenAI's replacement for the deprecated "
+                f"'{legacy}'); send {instead} instead",
+                param=legacy,
+                deployment=deployment,
+            )
     adapted["messages"] = [_message(m, i, deployment) for i, m in enumerate(payload.get("messages") or ())]
     limit = adapted.pop("max_completion_tokens", None)
     if limit is not None:
