@@ -4,18 +4,16 @@ the same key checks, budgets, token limits, usage rows and cost as chat; streame
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from strata.api.auth import principal
 from strata.api.chat_accounting import ChatAccount, answer_settled
-from strata.api.errors import invalid_body
 from strata.api.openai_routes import (
     check_max_tokens,
     check_model_allowed,
-    json_object,
     request_id_header,
     stream_settled,
+    validated,
 )
 from strata.api.state import AppState
 from strata.serving.schemas import CompletionRequest
@@ -26,11 +24,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 @router.post("/completions", summary="Create a text completion (OpenAI's legacy completions API)")
 async def create_completion(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    payload = json_object(await request.body(), "text-completion")
-    try:
-        completion = CompletionRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise invalid_body(exc.errors(include_url=False)) from None
+    payload, completion = await validated(request, CompletionRequest, "text-completion")
     check_max_tokens("max_tokens", completion.max_tokens, state.config.limits)
     who = principal(request)
     check_model_allowed(who, completion.model)

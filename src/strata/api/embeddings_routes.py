@@ -4,13 +4,11 @@ checks, budgets, token limits, usage rows and cost."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from strata.api.auth import principal
 from strata.api.chat_accounting import ChatAccount, answer_settled
-from strata.api.errors import invalid_body
-from strata.api.openai_routes import check_model_allowed, json_object, request_id_header
+from strata.api.openai_routes import check_model_allowed, request_id_header, validated
 from strata.api.state import AppState
 from strata.serving.schemas import EmbeddingRequest
 
@@ -20,11 +18,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 @router.post("/embeddings", summary="Create embeddings (OpenAI-compatible)")
 async def create_embeddings(request: Request) -> Response:
     state: AppState = request.app.state.strata
-    payload = json_object(await request.body(), "embeddings")
-    try:
-        embedding = EmbeddingRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise invalid_body(exc.errors(include_url=False)) from None
+    payload, embedding = await validated(request, EmbeddingRequest, "embeddings")
     who = principal(request)
     check_model_allowed(who, embedding.model)
     account = ChatAccount(request, embedding.model, kind="embeddings")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from strata.api.auth import principal
@@ -32,6 +32,7 @@ from strata.serving.stream_relay import ChatStreamRelay
 from strata.serving.tool_fields import normalise_tools
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+Schema = TypeVar("Schema", bound=BaseModel)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -47,6 +48,15 @@ def parse_chat(body: bytes, tag: str | None = None, limits: LimitsConfig | None 
     if tag is None and isinstance(metadata, dict) and isinstance(metadata.get("tag"), str):
         tag = metadata["tag"]
     return ChatCall(request, payload, tag=tag)
+
+
+async def validated(request: Request, schema: type[Schema], what: str) -> tuple[dict[str, Any], Schema]:
+    """The request's JSON body as it was sent, and checked against `schema`; a 400 naming the field if it is not."""
+    payload = json_object(await request.body(), what)
+    try:
+        return payload, schema.model_validate(payload)
+    except ValidationError as exc:
+        raise invalid_body(exc.errors(include_url=False)) from None
 
 
 def json_object(body: bytes, what: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import structlog
 from strata.cost.gpu_time import GpuTimeShares
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, fail, with_trace_headers
+from strata.serving.client import UpstreamStream
 from strata.serving.deployment import CHAT, Deployment
 from strata.serving.dispatch import Dispatcher
 from strata.serving.errors import ServingError, UpstreamStatusError
@@ -164,18 +165,7 @@ class ChatService:
                 own.end()
                 raise
         request = call.request
-
-        async def prompt_tokens() -> int:
-            return await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
-
-        relay = ChatStreamRelay(
-            stream,
-            client_wants_usage=request.wants_stream_usage,
-            backend_reports_usage=deployment.reports_stream_usage,
-            prompt_tokens=prompt_tokens,
-            counter=deployment.counter,
-        )
-        relay.model = deployment.model
+        relay = relay_for(stream, deployment, request.wants_stream_usage, request.prompt_text(), len(request.messages))
         if span is not None and span.is_recording():
             span.set_attributes(
                 {genai.PROVIDER: genai.provider_name(deployment.kind), genai.DEPLOYMENT: deployment.name}
@@ -195,6 +185,25 @@ class ChatService:
         request = call.request
         prompt = await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
         return Usage(prompt, await deployment.counter.count("".join(text)))
+
+
+def relay_for(
+    stream: UpstreamStream, deployment: Deployment, client_wants_usage: bool, prompt: str, messages: int
+) -> ChatStreamRelay:
+    """The relay of a stream from `deployment`, which counts the usage itself where the backend reports none."""
+
+    async def prompt_tokens() -> int:
+        return await prompt_tokens_estimate(prompt, messages, deployment.counter)
+
+    relay = ChatStreamRelay(
+        stream,
+        client_wants_usage=client_wants_usage,
+        backend_reports_usage=deployment.reports_stream_usage,
+        prompt_tokens=prompt_tokens,
+        counter=deployment.counter,
+    )
+    relay.model = deployment.model  # a fallback may answer for the model asked for
+    return relay
 
 
 def _has_usage(body: dict[str, Any]) -> bool:

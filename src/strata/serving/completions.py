@@ -18,13 +18,13 @@ import structlog
 from strata.cost.gpu_time import GpuTimeShares
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, with_trace_headers
-from strata.serving.chat import Completion
+from strata.serving.chat import Completion, relay_for
 from strata.serving.client import answer_object
 from strata.serving.deployment import COMPLETIONS, Deployment
 from strata.serving.dispatch import Dispatcher
 from strata.serving.router import Router
 from strata.serving.schemas import CompletionRequest
-from strata.serving.stream_relay import ChatStreamRelay, prompt_tokens_estimate
+from strata.serving.stream_relay import ChatStreamRelay
 from strata.serving.usage import Usage
 
 OPERATION = "text_completion"
@@ -129,18 +129,7 @@ class CompletionService:
             if span is not None:
                 span.end()
             raise
-
-        async def prompt_tokens() -> int:
-            return await prompt_tokens_estimate(request.prompt_text(), 0, deployment.counter)
-
-        relay = ChatStreamRelay(
-            stream,
-            client_wants_usage=request.wants_stream_usage,
-            backend_reports_usage=deployment.reports_stream_usage,
-            prompt_tokens=prompt_tokens,
-            counter=deployment.counter,
-        )
-        relay.model = deployment.model
+        relay = relay_for(stream, deployment, request.wants_stream_usage, request.prompt_text(), 0)
         relay.chunk_object = "text_completion"
         if span is not None:
             stream.on_close(lambda: _end_span(span, deployment, relay))
