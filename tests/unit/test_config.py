@@ -194,13 +194,13 @@ def test_config_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
 def test_the_documented_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "strata.example.yaml"
     config = load_config(example, {"VLLM_API_KEY": "k"})
-    assert [m.name for m in config.models] == ["smollm2-135m", "llama-3.1-8b"]
+    assert [m.name for m in config.models] == ["smollm2-135m", "smollm2-135m-embed", "llama-3.1-8b"]
     # Every default the example documents is the real default.
     defaults = load_config(None, {"STRATA_CONFIG": ""})
     assert config.server == defaults.server
     assert config.logging == defaults.logging
     assert config.tracing == defaults.tracing
-    assert config.models[0] == defaults.models[0]
+    assert config.models[:2] == defaults.models
     assert config.tools == defaults.tools
     assert config.runs == defaults.runs
     assert config.compute == defaults.compute
