@@ -79,30 +79,61 @@ def test_missing_usage_is_counted(server: StrataProcess, mock_backend: MockBacke
 
 
 @pytest.mark.parametrize(
-    ("body", "param", "words"),
+    ("path", "body", "param", "words"),
     [
-        ({"model": "mock-model", "input": ""}, "input", "an empty string has no embedding"),
-        ({"model": "mock-model", "input": []}, "input", "give at least one input"),
-        ({"model": "mock-model", "input": ["ok", ""]}, "input", "input[1] is an empty string"),
-        ({"model": "mock-model", "input": ["ok", 3]}, "input", "not a mix"),
-        ({"model": "mock-model", "input": [[]]}, "input", "input[0] is an empty list of token ids"),
-        ({"model": "mock-model", "input": {"text": "hi"}}, "input", "a string or a list"),
-        ({"model": "mock-model"}, "input", "required field is missing"),
-        ({"input": "hi"}, "model", "required field is missing"),
-        ({"model": "mock-model", "input": "hi", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
-        ({"model": "mock-model", "input": "hi", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+        ("/v1/embeddings", {"model": "mock-model", "input": ""}, "input", "an empty string has no embedding"),
+        ("/v1/embeddings", {"model": "mock-model", "input": []}, "input", "give at least one input"),
+        ("/v1/embeddings", {"model": "mock-model", "input": ["ok", ""]}, "input", "input[1] is an empty string"),
+        ("/v1/embeddings", {"model": "mock-model", "input": ["ok", 3]}, "input", "not a mix"),
+        ("/v1/embeddings", {"model": "mock-model", "input": [[]]}, "input", "input[0] is an empty list of token ids"),
+        ("/v1/embeddings", {"model": "mock-model", "input": {"text": "hi"}}, "input", "a string or a list"),
+        ("/v1/embeddings", {"model": "mock-model"}, "input", "required field is missing"),
+        ("/v1/embeddings", {"input": "hi"}, "model", "required field is missing"),
+        (
+            "/v1/embeddings",
+            {"model": "mock-model", "input": "hi", "encoding_format": "int8"},
+            "encoding_format",
+            "'float' or 'base64'",
+        ),
+        (
+            "/v1/embeddings",
+            {"model": "mock-model", "input": "hi", "dimensions": 0},
+            "dimensions",
+            "greater than or equal to 1",
+        ),
+        ("/v1/completions", {"model": "mock-model"}, "prompt", "required field is missing"),
+        ("/v1/completions", {"model": "mock-model", "prompt": []}, "prompt", "non-empty list"),
+        ("/v1/completions", {"model": "mock-model", "prompt": ["a", 1]}, "prompt", "not a mix"),
+        (
+            "/v1/completions",
+            {"model": "mock-model", "prompt": "x", "logprobs": 6},
+            "logprobs",
+            "less than or equal to 5",
+        ),
+        (
+            "/v1/completions",
+            {"model": "mock-model", "prompt": "x", "max_tokens": 10**9},
+            "max_tokens",
+            "more than the limit",
+        ),
+        (
+            "/v1/completions",
+            {"model": "mock-model", "prompt": "x", "stream_options": {}},
+            "stream_options",
+            "only allowed when",
+        ),
     ],
 )
-def test_bad_embedding_requests_get_400_naming_the_field(
-    server: StrataProcess, mock_backend: MockBackend, body: dict[str, object], param: str, words: str
+def test_bad_requests_get_400_naming_the_field(
+    server: StrataProcess, mock_backend: MockBackend, path: str, body: dict[str, object], param: str, words: str
 ) -> None:
     with server.client() as http:
-        response = http.post("/v1/embeddings", json=body)
+        response = http.post(path, json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param)
     assert words in error["message"]
-    assert not [r for r in mock_backend.requests if r.path == "/v1/embeddings"]  # nothing reached the backend
+    assert not [r for r in mock_backend.requests if r.path == path]  # nothing reached the backend
 
 
 def test_backend_refusal_reaches_the_client(client: openai.OpenAI, mock_backend: MockBackend) -> None:
@@ -212,29 +243,6 @@ def test_text_completion_without_backend_usage_is_counted(client: openai.OpenAI,
     mock_backend.script(Reply(content="a fairly long answer here", usage=False))
     result = client.completions.create(model="mock-model", prompt=["first prompt"])
     assert result.usage is not None and result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
-
-
-@pytest.mark.parametrize(
-    ("body", "param", "words"),
-    [
-        ({"model": "mock-model"}, "prompt", "required field is missing"),
-        ({"model": "mock-model", "prompt": []}, "prompt", "non-empty list"),
-        ({"model": "mock-model", "prompt": ["a", 1]}, "prompt", "not a mix"),
-        ({"model": "mock-model", "prompt": "x", "logprobs": 6}, "logprobs", "less than or equal to 5"),
-        ({"model": "mock-model", "prompt": "x", "max_tokens": 10**9}, "max_tokens", "more than the limit"),
-        ({"model": "mock-model", "prompt": "x", "stream_options": {}}, "stream_options", "only allowed when"),
-    ],
-)
-def test_bad_completion_requests_get_400_naming_the_field(
-    server: StrataProcess, mock_backend: MockBackend, body: dict[str, object], param: str, words: str
-) -> None:
-    with server.client() as http:
-        response = http.post("/v1/completions", json=body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] is not None and error["param"].startswith(param)
-    assert words in error["message"]
-    assert not [r for r in mock_backend.requests if r.path == "/v1/completions"]
 
 
 def test_langchain_legacy_llm(server: StrataProcess, mock_backend: MockBackend) -> None:
