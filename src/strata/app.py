@@ -23,6 +23,8 @@ from strata.api import (
     admin_routes,
     agents_routes,
     audit_routes,
+    completions_routes,
+    embeddings_routes,
     health_routes,
     keys_routes,
     list_routes,
@@ -77,6 +79,8 @@ from strata.security.jwt_auth import JwtVerifier
 from strata.security.rate_limit import RateLimiter
 from strata.security.redaction import Redactor, upstream_key_envs
 from strata.serving.chat import ChatService
+from strata.serving.completions import CompletionService
+from strata.serving.embeddings import EmbeddingService
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router, build_router
 from strata.startup import describe_failure
@@ -132,6 +136,8 @@ def build_app(
         config=config,
         router=router,
         chat=ChatService(router, tracing, gpu_time),
+        embeddings=EmbeddingService(router, tracing, gpu_time),
+        completions=CompletionService(router, tracing, gpu_time),
         started_at=time.time(),
         deployer=ModelDeployer(router, drain_grace_s=config.server.shutdown_grace_s),
         metrics=registry,
@@ -264,6 +270,8 @@ def build_app(
     app.include_router(health_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
+    app.include_router(embeddings_routes.router)
+    app.include_router(completions_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
     for routes in (usage_routes, trace_routes, mcp_routes, list_routes):

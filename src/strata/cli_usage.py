@@ -49,7 +49,7 @@ def usage(
         str | None, typer.Option("--to", help="ISO date (included) or date-time (excluded); default: now.")
     ] = None,
     user: Annotated[str | None, typer.Option(help="Only this user's usage.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Only chat (API requests) or run_step (agent model calls).")] = None,
+    kind: Annotated[str | None, typer.Option(help="chat, embeddings, completions (API) or run_step (agents).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     config: ConfigOption = None,
 ) -> None:

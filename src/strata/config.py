@@ -241,6 +241,9 @@ class LaunchedModelBase(_ModelBase):
     restart_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
 
 
+EMBEDDED_EMBEDDING_MODEL = "smollm2-135m-embed"  # the default config's embedding model
+
+
 class EmbeddedModelConfig(LaunchedModelBase):
     """A llama.cpp server that Strata launches and supervises on loopback."""
 
@@ -258,6 +261,11 @@ class EmbeddedModelConfig(LaunchedModelBase):
         "of llama-cpp-python.",
     )
     n_threads: int | None = Field(default=None, ge=1, le=1024)
+    embedding: bool = Field(
+        default=False,
+        description="Serve /v1/embeddings (mean-pooled hidden states of the GGUF model) instead of chat and text "
+        "completions. The default config runs one such model, smollm2-135m-embed, beside the chat model.",
+    )
 
     @field_validator("model_path")
     @classmethod
@@ -973,7 +981,12 @@ class AlertsConfig(_Strict):
 
 class StrataConfig(_Strict):
     server: ServerConfig = ServerConfig()
-    models: list[ModelConfig] = Field(default_factory=lambda: [EmbeddedModelConfig()])
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [
+            EmbeddedModelConfig(),
+            EmbeddedModelConfig(name=EMBEDDED_EMBEDDING_MODEL, embedding=True),
+        ]
+    )
     data_dir: Path = Path("strata-data")
     redis_url: str | None = Field(
         default=None, description="redis://host:6379/0 — shares breaker state (and more) across replicas."

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from strata.serving.embedded import SERVER_MODULE
+from strata.serving.embedded import EMBEDDING_SERVER_MODULE, SERVER_MODULE
 from tests.support.strata_process import StrataProcess
 
 pytestmark = pytest.mark.e2e
@@ -121,13 +121,17 @@ def test_the_model_server_is_private_to_strata(embedded: StrataProcess) -> None:
     assert config["api_key"].encode() not in cmdline  # the token is not visible in `ps`
 
 
+def _state(process: StrataProcess, model: str) -> str:
+    return str(httpx.get(process.url + "/readyz").json()["models"][model])
+
+
 def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: openai.OpenAI) -> None:
     [child] = embedded.children(SERVER_MODULE)
     os.kill(child, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while httpx.get(embedded.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
+    while _state(embedded, "smollm2-135m") == "ready" and time.monotonic() < deadline:
         time.sleep(0.05)
-    embedded.wait_for("/readyz", timeout_s=120)
+    embedded.wait_for_models(timeout_s=120)  # /readyz stays 200 meanwhile: the embedding model is up
     [new_child] = embedded.children(SERVER_MODULE)
     assert new_child != child
     result = client.chat.completions.create(
@@ -139,21 +143,28 @@ def test_a_killed_model_server_is_restarted(embedded: StrataProcess, client: ope
 
 def test_shutdown_stops_the_model_server(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {"server": {"drain_delay_s": 0}}).start(timeout_s=180)
-    [child] = strata.children(SERVER_MODULE)
+    children = _model_servers(strata)
     assert strata.stop() == 0
-    assert not Path(f"/proc/{child}").exists()
+    assert not [child for child in children if Path(f"/proc/{child}").exists()]
 
 
 def test_model_server_dies_with_a_killed_strata(tmp_path: Path) -> None:
     strata = StrataProcess(tmp_path, {}).start(timeout_s=180)
-    [child] = strata.children(SERVER_MODULE)
+    children = _model_servers(strata)
     assert strata.process is not None
     strata.process.kill()
     strata.process.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists(), "the model server outlived a kill -9 of strata"
+    assert not [c for c in children if Path(f"/proc/{c}").exists()], "a model server outlived a kill -9 of strata"
+
+
+def _model_servers(strata: StrataProcess) -> list[int]:
+    """The chat model's server and the embedding model's (the default config runs both)."""
+    [chat] = strata.children(SERVER_MODULE)
+    [embeddings] = strata.children(EMBEDDING_SERVER_MODULE)
+    return [chat, embeddings]
 
 
 def test_an_agent_run_on_the_embedded_model_calls_a_tool(embedded: StrataProcess) -> None:

@@ -7,6 +7,7 @@ that declares no permission stops the app from being built at all.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ PARAMS = {
     "session_id": "ses_x",
     "key_id": "key_x",
     "trace_id": "0" * 32,
+    "model_id": "mock-model",
 }
 
 
@@ -63,7 +65,7 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
 
 
 def _url(path: str) -> str:
-    return path.format(**PARAMS)
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path).format(**PARAMS)  # {model_id:path}: a converter
 
 
 def _call(client: httpx.Client, method: str, path: str) -> int:

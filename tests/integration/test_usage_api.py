@@ -133,7 +133,7 @@ async def test_windows(client: httpx.AsyncClient, services: CostServices) -> Non
         ({"from": "2026-11-10", "to": "2026-11-01"}, "'from' (2026-11-10T00:00:00Z) must be before 'to'"),
         ({"to": "9999-12-31"}, "'from' and 'to' must lie between the years 1 and 9999 in UTC"),
         ({"limit": "0"}, "limit: Input should be greater than or equal to 1"),
-        ({"kind": "embedding"}, "kind: Input should be 'chat' or 'run_step'"),
+        ({"kind": "embedding"}, "kind: Input should be 'chat', 'embeddings', 'completions' or 'run_step'"),
     ],
 )
 async def test_bad_queries_are_400_with_a_clear_message(

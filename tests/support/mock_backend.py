@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import itertools
+import math
 import random
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -93,6 +97,7 @@ class MockBackend:
         self.rules: list[tuple[dict[str, Any], Reply]] = []  # (body values to match, what to answer)
         self._rng = random.Random(1234)
         self.chat_attempts = 0  # every chat request that reached the mock, failed or not
+        self.embeddings_usage = True  # report usage in embeddings answers
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +127,7 @@ class MockBackend:
             self.error_retry_after = None
             self.rules.clear()
             self.chat_attempts = 0
+            self.embeddings_usage = True
 
     def _next_reply(self, body: dict[str, Any]) -> Reply:
         with self._lock:
@@ -146,6 +152,8 @@ class MockBackend:
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._text_completion)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_post("/_mock/script", self._control_script)
@@ -247,6 +255,61 @@ class MockBackend:
             return await self._answer(request, body, reply)
         finally:
             self.in_flight -= 1
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Bag-of-words vectors (texts sharing words are close); `when()` rules with an error status apply."""
+        body = orjson.loads(await request.read())
+        self._record(request, body)
+        if not self._authorised(request):
+            return _error(401, "invalid api key")
+        for match, reply in self.rules:
+            if reply.status >= 400 and all(body.get(key) == value for key, value in match.items()):
+                return _error(reply.status, reply.error_message, reply.error_param)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dimensions = body.get("dimensions") or 64
+        data = []
+        for index, text in enumerate(inputs):
+            vector = _bag_of_words(text if isinstance(text, str) else " ".join(map(str, text)), dimensions)
+            encoded: object = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model")}
+        if self.embeddings_usage:
+            tokens = sum(len(str(text).split()) for text in inputs)
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response(answer)
+
+    async def _text_completion(self, request: web.Request) -> web.StreamResponse:
+        """Legacy completions: the scripted reply's content as the text (after the prompt when `echo`)."""
+        body = orjson.loads(await request.read())
+        self._record(request, body)
+        if not self._authorised(request):
+            return _error(401, "invalid api key")
+        reply = self._next_reply(body)
+        if reply.status >= 400:
+            return _error(reply.status, reply.error_message, reply.error_param)
+        text = reply.content or ""
+        if body.get("echo") and isinstance(body.get("prompt"), str):
+            text = body["prompt"] + text
+        head = {"id": f"cmpl-mock{next(_ids)}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = body.get("model", "")
+        pieces = _split(text, reply.chunks)
+        usage = _usage(reply, len(pieces))
+        if not body.get("stream"):
+            answer = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}]}
+            return web.json_response({**answer, **({"usage": usage} if reply.usage else {})})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, piece in enumerate(pieces):
+            finish = "stop" if index == len(pieces) - 1 else None
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+            await response.write(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+        if reply.usage and (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _answer(self, request: web.Request, body: dict[str, Any], reply: Reply) -> web.StreamResponse:
         if reply.hang:
@@ -369,6 +432,14 @@ def _abort(request: web.Request) -> None:
 def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
     payload = {"error": {"message": message, "type": "mock_error", "param": param, "code": None}}
     return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+def _bag_of_words(text: str, dimensions: int) -> list[float]:
+    vector = [0.0] * dimensions
+    for word in text.lower().split():
+        vector[zlib.crc32(word.strip(".,!?").encode()) % dimensions] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def _last_user_text(body: dict[str, Any]) -> str:

@@ -157,6 +157,8 @@ class StrataProcess:
             try:
                 self._launch()
                 self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
+                if wait_ready and "models" not in self.config:
+                    self.wait_for_models(timeout_s)
                 return self
             except PortTaken:
                 if attempt == PORT_ATTEMPTS - 1:
@@ -206,6 +208,17 @@ class StrataProcess:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"strata did not answer 200 on {path} within {timeout_s}s:\n{self.logs()}")
+
+    def wait_for_models(self, timeout_s: float) -> None:
+        """Until every model is healthy: /readyz is 200 once one is, and the default config has two (the embedded
+        chat and embedding models), so a test's first chat could otherwise meet a model still loading."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            models = httpx.get(self.url + "/readyz", timeout=1.0, verify=self.verify).json().get("models") or {}
+            if models and all(state in ("healthy", "ready") for state in models.values()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"not every model was healthy within {timeout_s}s:\n{self.logs()}")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

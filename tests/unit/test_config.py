@@ -23,9 +23,10 @@ def test_no_file_gives_the_embedded_quick_start(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     config = load_config(None, {})
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8000)
-    [model] = config.models
-    assert isinstance(model, EmbeddedModelConfig)
-    assert (model.name, model.model_path) == ("smollm2-135m", None)
+    [model, embeddings] = config.models
+    assert isinstance(model, EmbeddedModelConfig) and isinstance(embeddings, EmbeddedModelConfig)
+    assert (model.name, model.model_path, model.embedding) == ("smollm2-135m", None, False)
+    assert (embeddings.name, embeddings.model_path, embeddings.embedding) == ("smollm2-135m-embed", None, True)
 
 
 def test_environment_overrides_the_file_including_list_entries(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ BAD_CONFIGS = [
         {"STRATA_SERVER__PORT": "eighty", "STRATA_MODELS__3__N_CTX": "5", "STRATA_SERVRE__HOST": "x"},
         [
             "environment variable STRATA_MODELS__3__N_CTX: models[3].n_ctx: "
-            "index 3 is out of range: models has 1 entries",
+            "index 3 is out of range: models has 2 entries",
             "environment variable STRATA_SERVER__PORT: server.port: Input should be a valid integer, "
             "unable to parse string as an integer (got 'eighty')",
             "environment variable STRATA_SERVRE__HOST: servre: unknown key 'servre'; did you mean 'server'? "
@@ -193,13 +194,13 @@ def test_config_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
 def test_the_documented_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "strata.example.yaml"
     config = load_config(example, {"VLLM_API_KEY": "k"})
-    assert [m.name for m in config.models] == ["smollm2-135m", "llama-3.1-8b"]
+    assert [m.name for m in config.models] == ["smollm2-135m", "smollm2-135m-embed", "llama-3.1-8b"]
     # Every default the example documents is the real default.
     defaults = load_config(None, {"STRATA_CONFIG": ""})
     assert config.server == defaults.server
     assert config.logging == defaults.logging
     assert config.tracing == defaults.tracing
-    assert config.models[0] == defaults.models[0]
+    assert config.models[:2] == defaults.models
     assert config.tools == defaults.tools
     assert config.runs == defaults.runs
     assert config.compute == defaults.compute

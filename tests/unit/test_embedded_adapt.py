@@ -15,7 +15,7 @@ from strata.resilience.breaker import CircuitBreaker
 from strata.serving.client import OpenAIClient, as_uuid
 from strata.serving.deployment import Guards
 from strata.serving.embedded import EmbeddedDeployment
-from strata.serving.embedded_request import adapt
+from strata.serving.embedded_request import adapt, adapt_completion
 from strata.serving.errors import RequestNotSupportedError
 
 CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -74,6 +74,40 @@ def test_more_than_one_choice_is_refused_naming_n(n: int) -> None:
     assert refused.value.param == "n"
     assert refused.value.deployment == "smollm2-135m/embedded"
     assert "n" not in adapt({"messages": [], "n": 1})
+
+
+@pytest.mark.parametrize(("field", "instead"), [("functions", "tools"), ("function_call", "tool_choice")])
+def test_legacy_function_fields_are_refused_naming_them(field: str, instead: str) -> None:
+    with pytest.raises(RequestNotSupportedError, match=f"send {instead} instead") as refused:
+        adapt({"messages": [{"role": "user", "content": "hi"}], field: [] if field == "functions" else "auto"})
+    assert refused.value.param == field
+
+
+def test_the_embedded_deployment_serves_chat_or_embeddings(tmp_path: Path) -> None:
+    assert deployment(tmp_path).serves == {"/chat/completions", "/completions"}
+    config = EmbeddedModelConfig(name="e", embedding=True)
+    guards = Guards(AdmissionController.from_config(AdmissionConfig()), CircuitBreaker("e", BreakerConfig()))
+    embedder = EmbeddedDeployment(config, tmp_path, guards)
+    assert embedder.serves == {"/embeddings"}
+    assert embedder.launch(1234, "t").argv[2] == "strata.serving.embedding_server"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"n": 2}, "n"), ({"suffix": "x"}, "suffix"), ({"logprobs": 1}, "logprobs"), ({"best_of": 2}, "best_of")],
+)
+def test_completion_fields_the_server_would_get_wrong_are_refused(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestNotSupportedError) as refused:
+        adapt_completion({"prompt": "x", **extra})
+    assert refused.value.param == param
+
+
+def test_a_one_prompt_list_becomes_the_prompt() -> None:
+    assert adapt_completion({"prompt": ["hello"], "n": 1, "best_of": 1}) == {"prompt": "hello"}
+    for prompt in (["a", "b"], [[1, 2]]):
+        with pytest.raises(RequestNotSupportedError) as refused:
+            adapt_completion({"prompt": prompt})
+        assert refused.value.param == "prompt"
 
 
 def test_an_image_part_is_refused_naming_it() -> None:

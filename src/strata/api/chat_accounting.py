@@ -8,24 +8,30 @@ A stream that fails after its 200 went out cannot say so in its status code: `st
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import structlog
 from starlette.requests import Request
+from starlette.responses import Response
 
 from strata.api.auth import principal
-from strata.api.metrics_middleware import request_started_at, set_model
+from strata.api.disconnect import cancel_on_disconnect
+from strata.api.errors import from_serving_error
+from strata.api.metrics_middleware import request_started_at, set_model, waiting_on_backend
 from strata.api.request_id import current_request_id
 from strata.api.state import AppState
 from strata.api.usage_routes import budget_refusal
 from strata.cost.prices import ModelUse
-from strata.cost.records import UsageEvent
+from strata.cost.records import UsageEvent, UsageKind
 from strata.security.principal import Principal
+from strata.serving.chat import Completion
 from strata.serving.errors import ServingError
 from strata.serving.usage import Usage
 
 log = structlog.get_logger("strata.chat")
 COST_HEADER = "x-strata-cost-usd"
+OPERATIONS = {"chat": "chat", "embeddings": "embeddings", "completions": "text_completion", "run_step": "chat"}
 
 
 async def admit_budget(state: AppState, who: Principal, agent: str | None) -> None:
@@ -41,7 +47,10 @@ async def admit_budget(state: AppState, who: Principal, agent: str | None) -> No
 
 
 class ChatAccount:
-    def __init__(self, request: Request, model: str) -> None:
+    """The accounts of one model call from a client: chat, and the embeddings and text completions alike."""
+
+    def __init__(self, request: Request, model: str, kind: UsageKind = "chat") -> None:
+        self.kind: UsageKind = kind
         self.state: AppState = request.app.state.strata
         self.scope = request.scope
         self.who: Principal = principal(request)
@@ -74,9 +83,10 @@ class ChatAccount:
         usd = cost.catalog.charge(ModelUse(self.model, prompt, completion, busy_s=busy_s)) if cost else 0.0
         metrics = self.state.request_metrics
         if metrics is not None:
-            metrics.observe_operation(self.model, latency, error_type=error_type)
+            operation = OPERATIONS[self.kind]
+            metrics.observe_operation(self.model, latency, error_type=error_type, operation=operation)
             if usage is not None:
-                metrics.observe_tokens(self.model, prompt, completion)
+                metrics.observe_tokens(self.model, prompt, completion, operation=operation)
             metrics.observe_cost(self.model, self.who.key_id or "", usd)
             if ttft_s is not None:
                 metrics.observe_ttft(self.model, ttft_s)
@@ -86,7 +96,7 @@ class ChatAccount:
             event = UsageEvent(
                 ts=datetime.now(UTC),
                 request_id=current_request_id(),
-                kind="chat",
+                kind=self.kind,
                 model=self.model,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
@@ -102,6 +112,10 @@ class ChatAccount:
             self.state.guard.count_tokens(self.who, usage.total_tokens)
         return usd
 
+    def failed(self, error: ServingError) -> None:
+        """Settle a call that failed before any of its answer went out."""
+        self.settle(None, status=from_serving_error(error).status, error_type=error.code or type(error).__name__)
+
     def stream_failed(self, error: ServingError, deployment: str, chunks: int) -> None:
         """One line and one count for a stream cut short after it started (the client got an error event)."""
         if self.state.request_metrics is not None:
@@ -113,3 +127,16 @@ class ChatAccount:
             error_type=error.code,
             error=error.message,
         )
+
+
+async def answer_settled(request: Request, account: ChatAccount, work: Awaitable[Completion]) -> Response:
+    """A call answered in one piece: wait for it (it stops when the client leaves), settle what it used and cost,
+    failed or not, and answer its body with the cost header."""
+    try:
+        with waiting_on_backend(request.scope):
+            completion = await cancel_on_disconnect(request, work)
+    except ServingError as exc:
+        account.failed(exc)
+        raise
+    usd = account.settle(completion.usage, busy_s=completion.busy_s, served_by=completion.model)
+    return Response(completion.body, media_type="application/json", headers={COST_HEADER: f"{usd:.9f}"})

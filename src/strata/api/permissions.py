@@ -35,6 +35,9 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("POST", "/v1/responses"): P.MODELS_INVOKE,  # model "agent:<name>" needs agents:invoke too
     ("GET", "/v1/responses/{response_id}"): P.MODELS_INVOKE,  # one's own responses only
     ("DELETE", "/v1/responses/{response_id}"): P.MODELS_INVOKE,
+    ("GET", "/v1/models/{model_id:path}"): P.MODELS_READ,
+    ("POST", "/v1/embeddings"): P.MODELS_INVOKE,
+    ("POST", "/v1/completions"): P.MODELS_INVOKE,
     # agents, sessions, runs (ownership is checked per resource, see api/ownership.py)
     ("GET", "/v1/agents"): P.AGENTS_READ,
     ("GET", "/v1/agents/{name}"): P.AGENTS_READ,

@@ -18,6 +18,8 @@ from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuMonitor
 from strata.observability.request_metrics import RequestMetrics
 from strata.serving.chat import ChatService
+from strata.serving.completions import CompletionService
+from strata.serving.embeddings import EmbeddingService
 from strata.serving.errors import BackendNotReadyError, ServerShuttingDownError
 from strata.serving.hotswap import ModelDeployer
 from strata.serving.router import Router
@@ -61,6 +63,8 @@ class AppState:
     config: StrataConfig
     router: Router
     chat: ChatService
+    embeddings: EmbeddingService
+    completions: CompletionService
     started_at: float
     deployer: ModelDeployer
     metrics: CollectorRegistry

@@ -6,10 +6,10 @@ excluded; without a zone, UTC). Default: the current UTC month so far."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from strata.cost.records import UsageKind
 from strata.store.usage import GroupBy
 
 
@@ -19,7 +19,7 @@ class UsageQuery(BaseModel):
     group_by: GroupBy = "model"
     from_: datetime | date | None = Field(default=None, alias="from")
     to: datetime | date | None = None
-    kind: Literal["chat", "run_step"] | None = None
+    kind: UsageKind | None = None
     user: str | None = Field(default=None, min_length=1, max_length=128, description="Needs usage:read_all.")
     limit: int = Field(default=1000, ge=1, le=10_000, description="Most groups returned.")
 

@@ -6,12 +6,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-UsageKind = Literal["chat", "run_step"]
+UsageKind = Literal["chat", "embeddings", "completions", "run_step"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UsageEvent:
-    """One model call: a client's chat completion (`chat`) or one model step of an agent run (`run_step`).
+    """One model call: a client's chat completion (`chat`), embeddings or text completion, or one model step of an
+    agent run (`run_step`).
 
     `ts` is when it ended (its cost is known then); `latency_s` its whole duration, `ttft_s` the time to the
     first streamed chunk (None when not streamed); `status` an HTTP-like code (200, or the error's status).

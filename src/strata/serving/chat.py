@@ -16,7 +16,8 @@ import structlog
 from strata.cost.gpu_time import GpuTimeShares
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, fail, with_trace_headers
-from strata.serving.deployment import Deployment
+from strata.serving.client import UpstreamStream
+from strata.serving.deployment import CHAT, Deployment
 from strata.serving.dispatch import Dispatcher
 from strata.serving.errors import ServingError, UpstreamStatusError
 from strata.serving.router import Router, RoutingHints
@@ -24,7 +25,7 @@ from strata.serving.schemas import ChatCompletionRequest
 from strata.serving.stream_relay import ChatStreamRelay, prompt_tokens_estimate
 from strata.serving.usage import Usage
 
-CHAT_PATH = "/chat/completions"
+CHAT_PATH = CHAT
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,12 @@ class ChatService:
     def _model(self, call: ChatCall) -> str:
         requested = call.request.model
         if self._router.is_model(requested):
-            return requested  # the common case: no route, no hints to compute
-        hints = RoutingHints(call.agent, call.tag, len(call.request.prompt_text()) // 4)
-        return self._router.route(requested, hints)
+            model = requested  # the common case: no route, no hints to compute
+        else:
+            hints = RoutingHints(call.agent, call.tag, len(call.request.prompt_text()) // 4)
+            model = self._router.route(requested, hints)
+        self._router.check_serves(model, CHAT_PATH)
+        return model
 
     def _body(self, call: ChatCall, *, stream: bool) -> Any:
         payload = dict(call.payload)
@@ -161,18 +165,7 @@ class ChatService:
                 own.end()
                 raise
         request = call.request
-
-        async def prompt_tokens() -> int:
-            return await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
-
-        relay = ChatStreamRelay(
-            stream,
-            client_wants_usage=request.wants_stream_usage,
-            backend_reports_usage=deployment.reports_stream_usage,
-            prompt_tokens=prompt_tokens,
-            counter=deployment.counter,
-        )
-        relay.model = deployment.model
+        relay = relay_for(stream, deployment, request.wants_stream_usage, request.prompt_text(), len(request.messages))
         if span is not None and span.is_recording():
             span.set_attributes(
                 {genai.PROVIDER: genai.provider_name(deployment.kind), genai.DEPLOYMENT: deployment.name}
@@ -192,6 +185,25 @@ class ChatService:
         request = call.request
         prompt = await prompt_tokens_estimate(request.prompt_text(), len(request.messages), deployment.counter)
         return Usage(prompt, await deployment.counter.count("".join(text)))
+
+
+def relay_for(
+    stream: UpstreamStream, deployment: Deployment, client_wants_usage: bool, prompt: str, messages: int
+) -> ChatStreamRelay:
+    """The relay of a stream from `deployment`, which counts the usage itself where the backend reports none."""
+
+    async def prompt_tokens() -> int:
+        return await prompt_tokens_estimate(prompt, messages, deployment.counter)
+
+    relay = ChatStreamRelay(
+        stream,
+        client_wants_usage=client_wants_usage,
+        backend_reports_usage=deployment.reports_stream_usage,
+        prompt_tokens=prompt_tokens,
+        counter=deployment.counter,
+    )
+    relay.model = deployment.model  # a fallback may answer for the model asked for
+    return relay
 
 
 def _has_usage(body: dict[str, Any]) -> bool:

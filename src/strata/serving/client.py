@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -296,6 +297,21 @@ def error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
     if isinstance(parsed.get("message"), str):  # older vLLM: {"object": "error", "message", "type", "param", "code"}
         return parsed["message"], _text(parsed.get("param")), _text(parsed.get("code"))
     return None, None, None
+
+
+def answer_object(body: bytes, deployment: str, field: str) -> dict[str, Any]:
+    """A backend's 200 answer as a JSON object that has a list under `field` (`choices`, `data`), else a 502."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get(field), list):
+        raise UpstreamStatusError(
+            f"the backend answered with something that is not a JSON object with '{field}'",
+            status=502,
+            deployment=deployment,
+        )
+    return answer
 
 
 def _text(value: object) -> str | None:

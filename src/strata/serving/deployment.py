@@ -15,6 +15,9 @@ from strata.resilience.breaker import CircuitBreaker
 from strata.serving.client import OpenAIClient
 from strata.serving.usage import TokenCounter
 
+CHAT, EMBEDDINGS, COMPLETIONS = "/chat/completions", "/embeddings", "/completions"  # the backend paths
+WHAT = {CHAT: "chat completions", EMBEDDINGS: "embeddings", COMPLETIONS: "text completions"}
+
 
 @dataclass(frozen=True)
 class Guards:
@@ -42,6 +45,8 @@ class Deployment(ABC):
     reports_stream_usage: bool = True
     #: Can the backend stream an answer when `tools` are offered with tool_choice "auto"?
     streams_tool_calls: bool = True
+    #: The OpenAI endpoints it answers (below /v1): an OpenAI-compatible server is taken at its word for all.
+    serves: frozenset[str] = frozenset({CHAT, EMBEDDINGS, COMPLETIONS})
 
     def __init__(
         self,
@@ -88,6 +93,10 @@ class Deployment(ABC):
 
     def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The request body as this backend needs it (most need nothing changed)."""
+        return payload
+
+    def adapt_completion(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A legacy text-completion request body as this backend needs it."""
         return payload
 
     def check_available(self) -> None:

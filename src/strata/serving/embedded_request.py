@@ -8,7 +8,9 @@ server refuses or ignores:
 - `max_completion_tokens`: ignored, so generation ran on to the context size;
 - `response_format` of type `json_schema`: refused; it takes `json_object` with a `schema`;
 - a tool without `parameters`: refused;
-- `n` > 1: ignored (one choice came back): refused here with a 400 naming `n`.
+- `n` > 1: ignored (one choice came back): refused here with a 400 naming `n`;
+- the deprecated `functions` / `function_call`: refused with a 400 naming them and saying what to send instead
+  (Strata's chat handling speaks tools only; an OpenAI-compatible backend gets them as they are).
 
 Parts other than text (images, audio, files) are refused with a 400 naming the part: the model reads text only.
 """
@@ -24,14 +26,15 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 def adapt(payload: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
     """A copy of `payload` that the server takes and means the same; the caller's payload is left as it is."""
-    adapted = dict(payload)
-    n = adapted.pop("n", None)
-    if n is not None and n != 1:
-        raise RequestNotSupportedError(
-            f"n: the embedded model answers one choice per request, not {n}; send {n} requests instead",
-            param="n",
-            deployment=deployment,
-        )
+    adapted = _one_choice(payload, deployment)
+    for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if legacy in adapted:
+            raise RequestNotSupportedError(
+                f"{legacy}: the embedded model takes '{instead}' (OpenAI's replacement for the deprecated "
+                f"'{legacy}'); send {instead} instead",
+                param=legacy,
+                deployment=deployment,
+            )
     adapted["messages"] = [_message(m, i, deployment) for i, m in enumerate(payload.get("messages") or ())]
     limit = adapted.pop("max_completion_tokens", None)
     if limit is not None:
@@ -43,6 +46,53 @@ def adapt(payload: dict[str, Any], deployment: str | None = None) -> dict[str, A
         adapted["response_format"] = {"type": "json_object", **({"schema": schema} if schema else {})}
     if adapted.get("tools"):
         adapted["tools"] = [_tool(tool) for tool in adapted["tools"]]
+    return adapted
+
+
+def adapt_completion(payload: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
+    """A legacy text-completion request as the server takes it: one text prompt, one choice; what it would get
+    wrong (a list of prompts: an assertion error; `logprobs`: needs a model loaded for it) is refused, naming it."""
+    adapted = _one_choice(payload, deployment)
+    for name, why in (
+        ("suffix", "the embedded model does not fill in the middle"),
+        ("logprobs", "the embedded model does not return log probabilities"),
+    ):
+        if adapted.get(name) is not None:
+            raise RequestNotSupportedError(f"{name}: {why}; leave {name} out", param=name, deployment=deployment)
+    best_of = adapted.pop("best_of", None)
+    if best_of is not None and best_of != 1:
+        raise RequestNotSupportedError(
+            f"best_of: the embedded model makes one completion per request, not {best_of}",
+            param="best_of",
+            deployment=deployment,
+        )
+    prompt = adapted.get("prompt")
+    if isinstance(prompt, list):
+        if not all(isinstance(item, str) for item in prompt):
+            raise RequestNotSupportedError(
+                "prompt: the embedded model takes text, not token ids", param="prompt", deployment=deployment
+            )
+        if len(prompt) != 1:
+            raise RequestNotSupportedError(
+                f"prompt: the embedded model completes one prompt per request, not {len(prompt)}; "
+                f"send {len(prompt)} requests instead",
+                param="prompt",
+                deployment=deployment,
+            )
+        adapted["prompt"] = prompt[0]
+    return adapted
+
+
+def _one_choice(payload: dict[str, Any], deployment: str | None) -> dict[str, Any]:
+    """A copy without `n`, which the server ignores (one choice came back): refused unless it is 1."""
+    adapted = dict(payload)
+    n = adapted.pop("n", None)
+    if n is not None and n != 1:
+        raise RequestNotSupportedError(
+            f"n: the embedded model answers one choice per request, not {n}; send {n} requests instead",
+            param="n",
+            deployment=deployment,
+        )
     return adapted
 
 

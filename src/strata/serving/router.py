@@ -26,9 +26,9 @@ from strata.resilience.breaker import BreakerStore, CircuitBreaker, MemoryBreake
 from strata.resilience.retry import RetryBudget, RetryPolicy
 from strata.security.egress import EgressPolicy
 from strata.security.egress_resolver import EgressResolver
-from strata.serving.deployment import Deployment, DeploymentInfo, Guards, RemoteDeployment
+from strata.serving.deployment import WHAT, Deployment, DeploymentInfo, Guards, RemoteDeployment
 from strata.serving.embedded import EmbeddedDeployment
-from strata.serving.errors import ModelNotFoundError
+from strata.serving.errors import ModelNotFoundError, RequestNotSupportedError
 from strata.serving.faults import FaultClassifier
 from strata.serving.pool import ModelPool
 from strata.serving.triton import TritonDeployment
@@ -162,6 +162,19 @@ class Router:
         if pool is None:
             raise ModelNotFoundError(f"The model {model!r} does not exist")
         return pool
+
+    def check_serves(self, model: str, path: str) -> None:
+        """Refuse (400, naming `model`) a request for an endpoint the configured `model` is known not to answer:
+        the embedded chat model has no embeddings, the embedded embedding model no chat."""
+        served = self.pool(model).deployments[0].serves
+        if path not in served:
+            offers = " and ".join(WHAT[p] for p in sorted(served))
+            wanted = WHAT[path]
+            others = sorted(m for m, p in self._pools.items() if path in p.deployments[0].serves)
+            hint = f"; models for {wanted}: {', '.join(others)}" if others else ""
+            raise RequestNotSupportedError(
+                f"model: {model!r} serves {offers}, not {wanted}{hint}", param="model", deployment=model
+            )
 
     def resolve(self, model: str) -> Deployment:
         """A representative deployment of `model` (for what all its replicas share: kind, capabilities)."""

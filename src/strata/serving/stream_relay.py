@@ -1,4 +1,4 @@
-"""Relay a backend's chat-completion SSE stream to the client exactly as OpenAI sends it.
+"""Relay a backend's chat-completion (or legacy text-completion) SSE stream to the client as OpenAI sends it.
 
 Events pass through as the bytes the backend sent; only events that mention `usage` are parsed
 (Strata always asks the backend for usage so it can meter, and hides that event from clients that
@@ -87,6 +87,7 @@ class ChatStreamRelay:
         self._counter = counter
         self.stats = StreamStats()
         self.model = ""  # the model that answers (set by the chat service: a fallback may stand in)
+        self.chunk_object = "chat.completion.chunk"  # the `object` of a usage event it adds
         self._interrupted: ServingError | None = None
 
     @property
@@ -195,6 +196,8 @@ class ChatStreamRelay:
 
     def _collect_text(self, payload: bytes) -> None:
         for choice in _choices(payload):
+            if isinstance(choice.get("text"), str):  # a legacy text completion's chunk
+                self.stats.completion_parts.append(choice["text"])
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self.stats.completion_parts.append(delta["content"])
@@ -216,7 +219,7 @@ class ChatStreamRelay:
     def _usage_event(self, usage: Usage) -> dict[str, object]:
         return {
             "id": self.stats.chunk_id,
-            "object": "chat.completion.chunk",
+            "object": self.chunk_object,
             "created": self.stats.created or int(time.time()),
             "model": self.stats.model or "",
             "choices": [],
