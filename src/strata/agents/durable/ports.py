@@ -30,6 +30,7 @@ class ModelReply:
     model: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
 
     @property
     def content(self) -> str:
@@ -43,6 +44,7 @@ class ModelReply:
         return {
             "message": self.message, "model": self.model,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "cost_usd": self.cost_usd,
         }  # fmt: skip
 
 
