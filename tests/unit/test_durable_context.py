@@ -28,15 +28,13 @@ class Crash(BaseException):
 
 
 class FakePorts:
-    """Model, tools, approvals, messages and children in memory; counts every side effect by its key."""
+    """Model, tools, approvals and children in memory; counts every side effect by its key."""
 
     def __init__(self) -> None:
         self.model_calls = 0
         self.tool_keys: Counter[str] = Counter()
         self.decisions: dict[str, ApprovalDecision] = {}
         self.requested: list[str] = []
-        self.inbox: list[dict[str, Any]] = []
-        self.taken: dict[str, dict[str, Any]] = {}
         self.children: dict[str, ChildResult | None] = {}
         self.started_children: Counter[str] = Counter()
 
@@ -51,11 +49,6 @@ class FakePorts:
     async def approval(self, name: str, payload: dict[str, Any], key: str) -> ApprovalDecision | None:
         self.requested.append(key)
         return self.decisions.get(key)
-
-    async def message(self, key: str) -> dict[str, Any] | None:
-        if key not in self.taken and self.inbox:
-            self.taken[key] = self.inbox.pop(0)
-        return self.taken.get(key)
 
     async def child(self, agent: str, input_: dict[str, Any], key: str) -> ChildResult | None:
         self.started_children[key] += 1
@@ -263,19 +256,6 @@ async def test_a_fan_out_of_children_waits_for_all_and_starts_each_once() -> Non
     assert await agent(await RunContext.open("run_1", journal, ports)) == ["r0", None, "r2"]
     # Each child is asked for by its key on every execution until it ended, then never again.
     assert ports.started_children == {"run_1:0": 2, "run_1:1": 3, "run_1:2": 2}
-
-
-async def test_messages_are_taken_in_order_one_per_call() -> None:
-    journal, ports = MemoryJournal(), FakePorts()
-
-    async def agent(ctx: RunContext) -> list[str]:
-        return [(await ctx.message())["content"] for _ in range(2)]
-
-    ports.inbox.append({"role": "user", "content": "first"})
-    with pytest.raises(Suspended, match="waiting for message"):
-        await agent(await RunContext.open("run_1", journal, ports))
-    ports.inbox.append({"role": "user", "content": "second"})
-    assert await agent(await RunContext.open("run_1", journal, ports)) == ["first", "second"]
 
 
 async def test_calls_are_numbered_when_made_not_when_awaited() -> None:

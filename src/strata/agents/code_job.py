@@ -68,8 +68,8 @@ class CodeJob(_Job):
         await self.stop("completed", None, output)
 
     async def _pause(self, waiting: Suspended) -> None:
-        if waiting.reason != "approval":  # children are awaited in place; messages have no sender yet
-            await self.stop("failed", f"agent error: the run cannot wait for {waiting.reason}")
+        if waiting.reason != "approval":  # children are awaited in place (`_EnginePorts.child`): never here
+            await self.stop("failed", f"internal error: the run cannot wait for {waiting.reason}")
         requested = [
             {
                 "id": w["key"], "name": w["name"], "arguments": orjson.dumps(w["payload"]).decode(),
@@ -204,9 +204,6 @@ class _EnginePorts:
         return ApprovalDecision(
             decision.get("decision") == "approve", decision.get("comment"), decision.get("arguments")
         )
-
-    async def message(self, key: str) -> dict[str, Any] | None:
-        return None  # no API sends a message to a running run yet: `_pause` fails the run with the reason
 
     async def child(self, agent: str, input_: dict[str, Any], key: str) -> ChildResult | None:
         job = self.job

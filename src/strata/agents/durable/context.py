@@ -1,6 +1,6 @@
 """The run context a durable agent function receives, and the replay rule.
 
-Every primitive (`model`, `tool`, `step`, `approval`, `message`, `sleep`, `child`) takes the next position in
+Every primitive (`model`, `tool`, `step`, `approval`, `sleep`, `child`) takes the next position in
 the run's journal *when it is called* (not when it is awaited), so calls started together with `ctx.gather`
 are numbered in the order the code names them. At each position:
 
@@ -137,17 +137,6 @@ class RunContext:
             return {"approved": decision.approved, "comment": decision.comment, "data": decision.data}
 
         return self._call("approval", name, payload, act, lambda out: ApprovalDecision(**out))
-
-    def message(self) -> Awaitable[dict[str, Any]]:
-        """Wait for the next message sent to this run."""
-
-        async def act(entry: Entry, key: str) -> dict[str, Any]:
-            message = await self.ports.message(key)
-            if message is None:
-                raise Suspended("message", [{"key": key}])
-            return message
-
-        return self._call("message", "message", {}, act, lambda out: out)
 
     def sleep(self, seconds: float) -> Awaitable[None]:
         """Sleep; the wake-up time is journaled, so a run resumed after a crash sleeps only what is left."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-KINDS = ("model", "tool", "step", "approval", "message", "sleep", "child")  # each fits steps.kind (8 characters)
+KINDS = ("model", "tool", "step", "approval", "sleep", "child")  # each fits steps.kind (8 characters)
 
 
 class NonDeterminism(Exception):

@@ -1,7 +1,7 @@
 """What a durable run context needs from the rest of Strata, as one narrow interface.
 
 The engine gives a context the real ports (the dispatcher for models, the tool registry, the run store for
-children, approvals and messages); unit tests give it an in-memory fake. Each method is safe to call again
+children and approvals); unit tests give it an in-memory fake. Each method is safe to call again
 after a crash with the same `key`: a model call has no side effects, a tool receives the key as its
 idempotency key, and a child run or an approval request is found by it rather than made twice.
 """
@@ -13,10 +13,10 @@ from typing import Any, Literal, Protocol
 
 
 class Suspended(Exception):
-    """The run cannot go on now: it waits for an approval, a message or a child run. Its worker releases it;
+    """The run cannot go on now: it waits for an approval or a child run. Its worker releases it;
     the function is re-entered from the top when what it waits for arrives."""
 
-    def __init__(self, reason: Literal["approval", "message", "child"], waiting_for: list[dict[str, Any]]) -> None:
+    def __init__(self, reason: Literal["approval", "child"], waiting_for: list[dict[str, Any]]) -> None:
         super().__init__(f"waiting for {reason}")
         self.reason = reason
         self.waiting_for = waiting_for
@@ -84,10 +84,6 @@ class Ports(Protocol):
 
     async def approval(self, name: str, payload: dict[str, Any], key: str) -> ApprovalDecision | None:
         """The decision on this request, or None when undecided (the request is then shown to approvers)."""
-        ...
-
-    async def message(self, key: str) -> dict[str, Any] | None:
-        """The next message sent to the run that no earlier `message` call took, or None when there is none."""
         ...
 
     async def child(self, agent: str, input_: dict[str, Any], key: str) -> ChildResult | None:
