@@ -3,6 +3,8 @@ middle of a function, child runs, non-determinism."""
 
 from __future__ import annotations
 
+import base64
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import mock_model
+from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend, Reply
 from tests.support.strata_process import StrataProcess
 
@@ -36,15 +39,19 @@ def wait_ended(server: StrataProcess, run_id: str, timeout_s: float = 20) -> dic
         time.sleep(0.1)
 
 
-def restart(previous: StrataProcess, tmp_path: Path, config: dict[str, Any], env: dict[str, str]) -> StrataProcess:
-    server = StrataProcess(tmp_path, config, env=env)
+def restart(previous: StrataProcess, config: dict[str, Any], env: dict[str, str]) -> StrataProcess:
+    server = StrataProcess(previous.workdir, config, env=env)
     server.port = previous.port
     server.config["server"]["port"] = previous.port
     return server.start()
 
 
-@pytest.mark.slow
-def test_a_code_agent_killed_at_every_step_boundary_runs_each_step_once(tmp_path: Path) -> None:
+BOUNDARIES = 6  # tests.support.code_agents:clerk has a boundary before its first call and after each of five
+
+
+def kill_at_every_boundary(tmp_path: Path, extra: dict[str, Any], replicas: list[str]) -> None:
+    """Run `clerk` on `replicas` (servers sharing one database); whichever executes the run dies at its next
+    step boundary and is restarted, until the run went through every boundary and completed."""
     effects, kills = tmp_path / "effects.log", tmp_path / "kills"
     kills.mkdir()
     with MockBackend(api_key="mock-secret") as mock:
@@ -53,31 +60,52 @@ def test_a_code_agent_killed_at_every_step_boundary_runs_each_step_once(tmp_path
             mock, {"name": "clerk", "model": "mock-model", "tools": ["record"],
                    "entrypoint": "tests.support.code_agents:clerk"}
         )  # fmt: skip
-        env = {"MOCK_API_KEY": "mock-secret", "TEST_SIDE_EFFECTS_LOG": str(effects), "TEST_KILL_DIR": str(kills)}
-        server = StrataProcess(tmp_path, config, env=env).start()
+        config.update(extra)
+        env = {
+            "MOCK_API_KEY": "mock-secret", "TEST_SIDE_EFFECTS_LOG": str(effects), "TEST_KILL_DIR": str(kills),
+            "STRATA_ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),  # replicas share the database's key
+        }  # fmt: skip
+        servers = [StrataProcess(tmp_path / name, config, env=env).start() for name in replicas]
         created = httpx.post(
-            f"{server.url}/v1/agents/clerk/runs", json={"input": "go", "mode": "background"}, headers=server.headers
-        )
+            f"{servers[0].url}/v1/agents/clerk/runs", json={"input": "go", "mode": "background"},
+            headers=servers[0].headers,
+        )  # fmt: skip
         assert created.status_code == 202
         run_id = created.json()["id"]
-        for boundary in range(6):  # each execution dies at the next boundary it reaches for the first time
-            assert server.process is not None and server.process.wait(30) == -signal.SIGKILL
+        for boundary in range(BOUNDARIES):  # each execution dies at the next boundary it reaches for the first time
+            deadline = time.monotonic() + 30
+            while not any(s.process is not None and s.process.poll() is not None for s in servers):
+                assert time.monotonic() < deadline, f"no server died at boundary {boundary}"
+                time.sleep(0.05)
+            index = next(i for i, s in enumerate(servers) if s.process is not None and s.process.poll() is not None)
+            assert servers[index].process is not None and servers[index].process.returncode == -signal.SIGKILL
             assert (kills / f"boundary-{boundary}").exists()
-            server = restart(server, tmp_path, config, env)
+            servers[index] = restart(servers[index], config, env)
         try:
-            final = wait_ended(server, run_id)
+            final = wait_ended(servers[0], run_id)
             assert (final["status"], final["output"]) == ("completed", "all done")
-            assert final["attempts"] == 7
+            assert final["attempts"] == BOUNDARIES + 1
             assert effects.read_text().splitlines() == [
                 "step plan plan",
                 f"{run_id}:2 plan-a",
                 f"{run_id}:3 plan-b",
             ], "the step and each tool call ran exactly once across six crashes"
             assert len(mock.chat_requests()) == 2, "each model step was made once"
-            steps = httpx.get(f"{server.url}/v1/runs/{run_id}", headers=server.headers).json()
-            assert steps["steps_taken"] == 2
+            assert final["steps_taken"] == 2
         finally:
-            assert server.stop() == 0
+            for server in servers:
+                assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_code_agent_killed_at_every_step_boundary_runs_each_step_once(tmp_path: Path) -> None:
+    kill_at_every_boundary(tmp_path, {}, ["a"])
+
+
+@pytest.mark.slow
+def test_a_code_agent_killed_at_every_step_boundary_on_two_postgres_replicas(tmp_path: Path) -> None:
+    with postgres_database() as database_url:
+        kill_at_every_boundary(tmp_path, {"database_url": database_url}, ["a", "b"])
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +212,19 @@ def test_a_function_that_calls_something_else_on_re_entry_fails_with_non_determi
     assert run["status"] == "failed"
     assert run["status_reason"].startswith("non-determinism:")
     assert "durable call 0 is tool 'record' with other input" in run["status_reason"]
+
+
+def test_a_code_agent_streams_its_model_text_as_it_is_written(examples_server: Any) -> None:
+    server, mock = examples_server
+    mock.reset()
+    mock.script(Reply(content="Tech it is"), Reply(content="Restart the router."))
+    with httpx.stream(
+        "POST", f"{server.url}/v1/agents/router/runs", json={"input": "wifi down", "mode": "stream"},
+        headers=server.headers, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.status_code == 200
+        events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert events[-1] == "run.completed"
+    model_step = events.index("step.started")
+    assert events[model_step + 1 : model_step + 4] == ["message.delta"] * 3, "each word as the model writes it"
+    assert "step.completed" in events, "the child run's step"

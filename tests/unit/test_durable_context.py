@@ -122,7 +122,7 @@ async def test_a_replay_runs_nothing_again() -> None:
     assert set(ports.tool_keys.values()) == {1}
 
 
-@pytest.mark.parametrize("crash_after", range(1, 9))
+@pytest.mark.parametrize("crash_after", range(1, 11))
 async def test_a_crash_at_each_write_resumes_with_each_completed_call_done_once(crash_after: int) -> None:
     journal, ports, effects = CrashingJournal(), FakePorts(), Counter[str]()
     journal.crash_after = crash_after

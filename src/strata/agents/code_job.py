@@ -93,16 +93,17 @@ def _binding(run_id: str, key: str, name: str, payload: dict[str, Any]) -> str:
 
 
 class _StepJournal:
-    """Journal entries as the run's step rows, in the job's fenced batches."""
+    """Journal entries as the run's step rows, in the job's fenced batches: one transaction per call, written when
+    the call completed (a tool's, a step's start rides along), except a model call's and a sleep's start, which are
+    written before they begin (followers stream a model step's text once its start is stored; a sleep's wake-up
+    time must be durable before it sleeps)."""
 
     def __init__(self, job: CodeJob) -> None:
         self.job = job
-        self.written: set[int] = set()  # positions whose row exists
 
     async def load(self) -> list[Entry]:
         entries = []
         for step in await self.job.store.steps(self.job.run.id):
-            self.written.add(step.turn)
             stored = step.input or {}
             output = (step.output or {}).get("value")
             entries.append(
@@ -111,23 +112,21 @@ class _StepJournal:
             )  # fmt: skip
         return sorted(entries, key=lambda e: e.seq)
 
-    def _start(self, entry: Entry) -> None:
+    async def start(self, entry: Entry) -> None:
         self.job.batch.start_step(
             turn=entry.seq, kind=entry.kind, name=entry.name,
             input_={"fingerprint": entry.fingerprint, "data": entry.data},
             idempotency_key=f"{self.job.run.id}:{entry.seq}" if entry.kind == "tool" else None,
         )  # fmt: skip
-        self.written.add(entry.seq)
-
-    async def start(self, entry: Entry) -> None:
-        self._start(entry)
-        self.job.batch.add_event("step.started", {"turn": entry.seq, "kind": entry.kind, "name": entry.name})
-        await self.job.commit()
+        started = {"turn": entry.seq, "kind": entry.kind, "name": entry.name}
+        if entry.kind in ("model", "tool"):  # as the built-in agent's events name them
+            started[entry.kind] = entry.name
+        self.job.batch.add_event("step.started", started)
+        if entry.kind in ("model", "sleep"):
+            await self.job.commit()
 
     async def complete(self, entry: Entry) -> None:
         batch = self.job.batch
-        if entry.seq not in self.written:  # a model step: written once, when done
-            self._start(entry)
         usage = {}
         if entry.kind == "model":
             usage = {

@@ -11,8 +11,8 @@ are numbered in the order the code names them. At each position:
 - an entry of another kind, name or input: `NonDeterminism`, and the run fails instead of going on with a
   history that is not its own.
 
-A model call is written once, when it completed (it has no side effects: one lost to a crash is made again).
-The other primitives are also written `started` before they act.
+Each call is journaled `started` (the journal decides when that is written: see `agents/code_job.py`) and then
+`completed` or `failed`; the completion is written before the call returns.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class RunContext:
             return (await self.ports.model(request, key)).record()
 
         described = {"messages": messages, "tools": request.tools, "model": model}
-        return self._call("model", model or "agent", described, act, lambda out: ModelReply(**out), start=False)
+        return self._call("model", model or "agent", described, act, lambda out: ModelReply(**out))
 
     def tool(self, name: str, arguments: dict[str, Any] | None = None) -> Awaitable[ToolOutput]:
         """One tool call; a failure comes back as `is_error` (the way a model would see it), not raised."""
@@ -193,7 +193,6 @@ class RunContext:
         act: _Act,
         decode: Callable[[Any], T],
         *,
-        start: bool = True,
         data: Callable[[], dict[str, Any]] | None = None,
     ) -> Awaitable[T]:
         seq = self._next  # taken now, synchronously: the order of calls, whatever the order of awaits
@@ -201,7 +200,7 @@ class RunContext:
         entry = self._match(seq, kind, name, fingerprint(described))
         if entry is None:
             entry = Entry(seq, kind, name, fingerprint(described), data=data() if data else {})
-        return self._run(entry, act, decode, start)
+        return self._run(entry, act, decode)
 
     def _match(self, seq: int, kind: str, name: str, digest: str) -> Entry | None:
         entry = self._recorded.get(seq)
@@ -217,13 +216,12 @@ class RunContext:
             )
         return entry
 
-    async def _run(self, entry: Entry, act: _Act, decode: Callable[[Any], T], start: bool) -> T:
+    async def _run(self, entry: Entry, act: _Act, decode: Callable[[Any], T]) -> T:
         if entry.status == "completed":
             return decode(entry.output)
         if entry.status == "failed":
             raise StepFailed(entry.name, entry.error or "")
-        fresh = entry.seq not in self._recorded
-        if fresh and start:
+        if entry.seq not in self._recorded:
             await self.journal.start(entry)
         self._recorded[entry.seq] = entry
         try:
