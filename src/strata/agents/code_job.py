@@ -43,7 +43,10 @@ class CodeJob(_Job):
         self.history = await self.store.messages(self.run.session_id)
         await self._begin()
         journal = _StepJournal(self)
-        ctx = RunContext(self.run.id, journal, _EnginePorts(self), await journal.load(), input_=self.run.input)
+        tools = [tool.spec.openai_schema() for tool in self.tools.values()]
+        ctx = RunContext(
+            self.run.id, journal, _EnginePorts(self), await journal.load(), input_=self.run.input, tools=tools
+        )
         try:
             result = await function(ctx)
             ctx.check_finished()

@@ -58,10 +58,12 @@ class RunContext:
         recorded: list[Entry],
         *,
         input_: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.run_id = run_id
         self.input = input_ or {}  # the message the run was started with
+        self.tools = tools or []  # the agent's tools as a model is offered them (OpenAI function schemas)
         self.journal = journal
         self.ports = ports
         self.clock = clock or SystemClock()
@@ -71,9 +73,9 @@ class RunContext:
     @classmethod
     async def open(
         cls, run_id: str, journal: Journal, ports: Ports, *, input_: dict[str, Any] | None = None,
-        clock: Clock | None = None,
+        tools: list[dict[str, Any]] | None = None, clock: Clock | None = None,
     ) -> RunContext:  # fmt: skip
-        return cls(run_id, journal, ports, await journal.load(), input_=input_, clock=clock)
+        return cls(run_id, journal, ports, await journal.load(), input_=input_, tools=tools, clock=clock)
 
     @property
     def replaying(self) -> bool:
