@@ -12,8 +12,8 @@ from strata.agents.tools.functions import load_function
 AgentFunction = Callable[[Any], Awaitable[Any]]
 
 
-class EntrypointError(Exception):
-    """The entrypoint names nothing importable, or not an async function."""
+class EntrypointError(ValueError):
+    """The entrypoint names nothing importable, or not an async function (a config error, like a bad tool path)."""
 
 
 @cache
