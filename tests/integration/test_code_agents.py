@@ -121,6 +121,7 @@ def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
             {"name": "researcher", "model": "mock-model"},
             {"name": "wanders", "model": "mock-model", "tools": ["record"],
              "entrypoint": "tests.support.code_agents:wanders"},
+            {"name": "broken", "model": "mock-model", "entrypoint": "tests.support.code_agents:broken"},
         ]  # fmt: skip
         env = {
             "MOCK_API_KEY": "mock-secret",
@@ -228,3 +229,13 @@ def test_a_code_agent_streams_its_model_text_as_it_is_written(examples_server: A
     model_step = events.index("step.started")
     assert events[model_step + 1 : model_step + 4] == ["message.delta"] * 3, "each word as the model writes it"
     assert "step.completed" in events, "the child run's step"
+
+
+def test_an_exception_in_the_agent_code_fails_the_run_with_it(examples_server: Any) -> None:
+    server, _ = examples_server
+    run = start(server, "broken", "go")
+    assert (run["status"], run["status_reason"]) == ("failed", "agent error: RuntimeError: the agent's own bug")
+    steps = httpx.get(f"{server.url}/v1/runs/{run['id']}/steps", headers=server.headers).json()["data"]
+    assert [(s["kind"], s["name"], s["status"], s["output"]) for s in steps] == [
+        ("step", "count", "completed", {"value": 3})
+    ]

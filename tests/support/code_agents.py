@@ -51,3 +51,9 @@ async def wanders(ctx: RunContext) -> str:
     await ctx.tool("record", {"label": label})
     await ctx.approval("go on")
     return "done"
+
+
+async def broken(ctx: RunContext) -> str:
+    """A function with a bug of its own after one step."""
+    await ctx.step("count", len, "abc")
+    raise RuntimeError("the agent's own bug")

@@ -23,12 +23,16 @@ from strata.agents.durable.journal import Entry, NonDeterminism
 from strata.agents.durable.ports import ApprovalDecision, ChildResult, ModelReply, ModelRequest, Suspended, ToolOutput
 from strata.agents.engine import _Job, _Stop
 from strata.agents.guards import limit_reached
+from strata.agents.model_call import DeadlineExceeded, ModelStepError
 from strata.agents.tool_call import traced_invoke
+from strata.store.run_journal import JournalClosed, LeaseLost
 from strata.store.runs import TERMINAL
 
 if TYPE_CHECKING:
     from strata.agents.catalog import AgentCatalog
 
+# Raised through the agent's function by the engine's own ports: ended by `RunEngine` as for any agent.
+ENGINE_ERRORS = (ModelStepError, DeadlineExceeded, LeaseLost, JournalClosed)
 CHILD_POLL_S = 1.0  # how often a parent re-reads a child run it waits for (a child on another replica)
 
 
@@ -58,11 +62,9 @@ class CodeJob(_Job):
             await self.stop("failed", str(exc))
         except StepFailed as exc:
             await self.stop("failed", f"agent error: {exc}")
-        except (_Stop, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            if type(exc).__module__.startswith("strata."):
-                raise  # the engine's own (a model step that failed, a lost lease): the engine ends the run
+        except (_Stop, *ENGINE_ERRORS):
+            raise  # the engine's own (a model step that failed, a lost lease): `RunEngine` ends the run
+        except Exception as exc:  # the agent's code raised: the run fails with what it raised
             await self.stop("failed", f"agent error: {type(exc).__name__}: {exc}")
         output = result if isinstance(result, str) else "" if result is None else orjson.dumps(result).decode()
         self.history.append(

@@ -113,13 +113,17 @@ class RunContext:
         return self._call("tool", name, arguments, act, lambda out: ToolOutput(**out))
 
     def step(self, name: str, fn: Callable[..., T | Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
-        """Run `fn(*args, **kwargs)` (sync or async) once; its result must be JSON-serialisable. Put anything
-        non-deterministic here (a clock read, a random choice, an HTTP call): replays see the recorded value."""
+        """Run `fn(*args, **kwargs)` once (an async function on the loop, a plain one in a thread: it may block);
+        its result must be JSON-serialisable. Put anything non-deterministic here (a clock read, a random choice,
+        an HTTP call): replays see the recorded value."""
 
         async def act(entry: Entry, key: str) -> Any:
-            value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
-                value = await value
+            if inspect.iscoroutinefunction(fn):
+                value = await fn(*args, **kwargs)
+            else:
+                value = await asyncio.to_thread(fn, *args, **kwargs)
+                if inspect.isawaitable(value):  # a plain function that returned an awaitable (a lambda, a partial)
+                    value = await value
             try:
                 orjson.dumps(value)
             except TypeError as exc:
