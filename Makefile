@@ -69,8 +69,8 @@ test-fast: system-deps $(STAMP) $(GRPC_GEN) lint
 	$(PYTEST) -m 'not slow'
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench scripts
-	$(PY) -m ruff format --check src tests bench scripts
+	$(PY) -m ruff check src tests bench scripts examples
+	$(PY) -m ruff format --check src tests bench scripts examples
 
 clean-venv:
 	rm -rf $(VENV)

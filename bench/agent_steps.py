@@ -24,7 +24,7 @@ from bench.mock_upstream import AGENT_TOOL_TURNS, agent_message
 from bench.peers import peer_python
 from bench.report import fmt, verdict
 from bench.scenarios import Settings
-from bench.servers import MODEL, REPO_ROOT, BenchServers, cpu_seconds
+from bench.servers import CODE_AGENT, MODEL, REPO_ROOT, BenchServers, cpu_seconds
 
 NAME = "agent_steps"
 AGENT = "bench-agent"  # configured in BenchServers.config()
@@ -130,9 +130,11 @@ def _check(run: dict[str, Any]) -> str | None:
     return None
 
 
-async def _strata_runs(servers: BenchServers, runs: int, warmup: int, concurrency: int) -> dict[str, Any]:
+async def _strata_runs(
+    servers: BenchServers, runs: int, warmup: int, concurrency: int, agent: str = AGENT
+) -> dict[str, Any]:
     """Runs through the public API, as a user: `POST /v1/agents/{agent}/runs` with mode=sync waits for the end."""
-    url = f"{servers.strata_base}/v1/agents/{AGENT}/runs"
+    url = f"{servers.strata_base}/v1/agents/{agent}/runs"
     headers = {"Authorization": f"Bearer {servers.user_key}"}
     latencies: list[float] = []
     parts: dict[str, list[float]] = {}
@@ -231,6 +233,16 @@ def run(servers: BenchServers, s: Settings, log: Callable[[str], None]) -> dict[
             f"{row['overhead_per_step_ms'].get('p50', 0):.2f} ms, CPU {row['cpu_ms_per_run'] or 0:.1f} ms/run, "
             f"errors {row['errors']}"
         )
+    code = []
+    for concurrency in sizes["concurrency"]:
+        row = asyncio.run(_strata_runs(servers, sizes["runs"], sizes["warmup"], concurrency, CODE_AGENT))
+        row["overhead_per_step_ms"] = _overhead(row["latency_ms"], floor_run)
+        code.append(row)
+        log(
+            f"agent_steps strata code agent c={concurrency}: {row['runs_per_s']:.1f} runs/s, p50 "
+            f"{row['latency_ms'].get('p50', 0):.2f} ms, overhead/step p50 "
+            f"{row['overhead_per_step_ms'].get('p50', 0):.2f} ms, errors {row['errors']}"
+        )
     langgraph = _langgraph(servers, schema, sizes, log)
     for row in langgraph["results"]:
         row["overhead_per_step_ms"] = _overhead(row["latency_ms"], floor_run)
@@ -251,6 +263,7 @@ def run(servers: BenchServers, s: Settings, log: Callable[[str], None]) -> dict[
             "per_run_ms": floor_run,
         },
         "strata": strata,
+        "strata_code": code,
         "langgraph": langgraph,
     }
 
@@ -329,6 +342,13 @@ def section(results: dict[str, Any]) -> list[str]:
             f"| Strata (HTTP API, mode=sync) | each step committed before the next | {row['concurrency']} | "
             f"{row['runs_per_s']:.1f} | {_trio(row['latency_ms'])} | {_trio(row['overhead_per_step_ms'])} | "
             f"{fmt(row['cpu_ms_per_run'], 1)} | {row['errors'] + row['warmup_errors']} |"
+        )
+    for row in result.get("strata_code", []):
+        lines.append(
+            f"| Strata code agent (`bench/code_agent.py`) | each call journaled before the next | "
+            f"{row['concurrency']} | {row['runs_per_s']:.1f} | {_trio(row['latency_ms'])} | "
+            f"{_trio(row['overhead_per_step_ms'])} | {fmt(row['cpu_ms_per_run'], 1)} | "
+            f"{row['errors'] + row['warmup_errors']} |"
         )
     for row in result["langgraph"]["results"]:
         lines.append(

@@ -31,6 +31,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-not-for-production"
 MODEL = "bench-model"
+CODE_AGENT = "bench-code-agent"  # the agent-step scenario's loop as code
+CODE_ENTRYPOINT = "bench.code_agent:tool_loop"
 GENEROUS = 2**31 - 1  # the largest rpm/tpm a key may carry: the limiter runs, never refuses
 
 
@@ -151,6 +153,8 @@ class BenchServers:
                 {"name": "bench", "model": MODEL, "tools": []},
                 # The agent-step scenario's agent: the mock's scripted model calls this side-effect-free built-in.
                 {"name": "bench-agent", "model": MODEL, "tools": ["calculator"]},
+                # The same loop written as code (agents as code).
+                {"name": CODE_AGENT, "model": MODEL, "tools": ["calculator"], "entrypoint": CODE_ENTRYPOINT},
             ],
             "data_dir": str(self.workdir / "data"),
             "tracing": {
@@ -185,6 +189,7 @@ class BenchServers:
         config_path.write_text(yaml.safe_dump(self.config()))
         strata_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         strata_env["STRATA_ADMIN_KEY"] = ADMIN_KEY
+        strata_env["PYTHONPATH"] = str(REPO_ROOT)  # the code agent's entrypoint is bench.code_agent
         self.strata = Process(
             "strata",
             [py, "-m", "strata", "serve", "--config", str(config_path)],

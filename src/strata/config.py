@@ -661,6 +661,16 @@ class AgentConfig(_Strict):
     max_tokens_per_step: int | None = Field(
         default=1024, ge=1, description="Completion tokens per model call; bounds a rambling model's cost."
     )
+    entrypoint: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="An agent written as code: `package.module:function`, an async function of a run context "
+        "(see README, Agents as code). Without it the agent is the built-in tool-calling loop.",
+    )
+
+    def stored(self) -> dict[str, object]:
+        """The spec as a version stores it (`entrypoint` only when set: specs stored before it existed match)."""
+        return self.model_dump(mode="json", exclude={"entrypoint"} if self.entrypoint is None else None)
 
 
 def demo_agent(model: str) -> dict[str, object]:

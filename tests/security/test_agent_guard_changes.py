@@ -197,3 +197,12 @@ def test_a_run_keeps_its_version_through_a_new_version_and_a_crash(tmp_path: Pat
             assert mock.chat_requests()[-1].body["messages"][0]["content"] == "Version two."
         finally:
             assert second.stop() == 0
+
+
+def test_no_api_caller_may_point_an_agent_at_code(strata: StrataProcess) -> None:
+    """An `entrypoint` names Python the server imports: only the config file may set it, not even an admin's key."""
+    refused = strata.client().put("/admin/agents/coder", json={"model": "mock-model", "entrypoint": "os:system"})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "entrypoint"
+    assert "set in the config file" in refused.json()["error"]["message"]
+    assert strata.client().get("/v1/agents/coder").status_code == 404

@@ -48,3 +48,24 @@ def test_streamed_and_plain_answers_carry_the_same_message() -> None:
         assert calls == (plain["message"].get("tool_calls") or [])
         assert chunks[1]["choices"][0]["finish_reason"] == plain["finish_reason"]
         assert chunks[-1]["usage"]["total_tokens"] > 0 and body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+async def test_the_code_agent_variant_runs_the_same_five_model_and_four_tool_steps() -> None:
+    from bench.code_agent import tool_loop
+    from bench.mock_upstream import CONTENT
+
+    from strata.agents.durable import MemoryJournal, ModelReply, RunContext, ToolOutput
+
+    class Ports:
+        async def model(self, request, key):  # type: ignore[no-untyped-def]
+            body = {"messages": request.messages, "tools": request.tools}
+            return ModelReply(agent_message(body)[0], "bench-model")
+
+        async def tool(self, name, arguments, key):  # type: ignore[no-untyped-def]
+            return ToolOutput(calculator(**arguments))
+
+    journal = MemoryJournal()
+    ctx = await RunContext.open("run_b", journal, Ports(), input_={"role": "user", "content": "go"}, tools=[SCHEMA])  # type: ignore[arg-type]
+    assert await tool_loop(ctx) == CONTENT
+    kinds = [entry.kind for entry in await journal.load()]
+    assert (kinds.count("model"), kinds.count("tool")) == (AGENT_TOOL_TURNS + 1, AGENT_TOOL_TURNS)

@@ -188,3 +188,12 @@ def test_zero_budget_never_retries() -> None:
 def test_budget_rejects_nonsense_settings(args: tuple[float, float, float]) -> None:
     with pytest.raises(ValueError):
         RetryBudget(*args, clock=FakeClock())
+
+
+def test_one_backoff_doubles_to_its_cap_and_jitters_within_its_share() -> None:
+    from strata.resilience.retry import backoff
+
+    assert [backoff(n, 0.5, 3.0, jitter=0) for n in (1, 2, 3, 4, 40, 10_000)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert backoff(2, 0.5, 3.0, rng=lambda: 0.0) == 0.0  # full jitter: anywhere from nothing
+    assert backoff(2, 0.5, 3.0, jitter=0.5, rng=lambda: 0.0) == 0.5  # half: at least half the wait
+    assert backoff(2, 0.5, 3.0, jitter=0.5, rng=lambda: 1.0) == 1.0

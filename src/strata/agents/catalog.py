@@ -18,7 +18,7 @@ class AgentCatalog:
 
     async def sync(self, agents: list[AgentConfig]) -> None:
         for agent in agents:
-            await self._versions.sync_from_config(agent.name, agent.model_dump(mode="json"))
+            await self._versions.sync_from_config(agent.name, agent.stored())
 
     async def latest(self, name: str) -> tuple[int, AgentConfig]:
         row = await self._versions.latest(name)
@@ -54,5 +54,5 @@ class AgentCatalog:
 
     async def put(self, spec: AgentConfig, *, after: int | None = None) -> int:
         """Publish a new version; `after`: the version it was checked against (`VersionConflict` if not the latest)."""
-        row = await self._versions.add(spec.name, spec.model_dump(mode="json"), "api", after=after)
+        row = await self._versions.add(spec.name, spec.stored(), "api", after=after)
         return row.version

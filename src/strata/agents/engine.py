@@ -23,9 +23,10 @@ import structlog
 from strata.agents.approvals import call_binding, pending_entry, unique_call_ids
 from strata.agents.bus import EventBus, LiveEvent
 from strata.agents.catalog import AgentCatalog
-from strata.agents.guards import call_signature, detect_loop, permitted_models
+from strata.agents.guards import call_signature, detect_loop, limit_reached, permitted_models
 from strata.agents.model_call import DeadlineExceeded, ModelCaller, ModelStepError
-from strata.agents.tools.base import Tool, ToolContext, ToolError, ToolResult
+from strata.agents.tool_call import traced_invoke
+from strata.agents.tools.base import Tool, ToolResult
 from strata.agents.tools.registry import ToolRegistry, ToolUnavailable
 from strata.config import AgentConfig
 from strata.cost.run_accounting import RunAccounting
@@ -80,7 +81,12 @@ class RunEngine:
             if provider:
                 span.set_attribute(genai.PROVIDER, provider)
         try:
-            job = _Job(self, run, owner, spec, span)
+            if spec.entrypoint:
+                from strata.agents.code_job import CodeJob  # it builds on _Job, below
+
+                job = CodeJob(self, run, owner, spec, span)
+            else:
+                job = _Job(self, run, owner, spec, span)
         except ToolUnavailable as exc:
             _record_end(span, await self.end(run, owner, "failed", str(exc)), "failed", str(exc))
             return None
@@ -202,14 +208,9 @@ class _Job:
 
     async def _model_step(self, history: list[Message], turn: int) -> None:
         limits, run = self.spec.limits, self.run
-        if run.steps_taken >= limits.max_steps:
-            await self.stop("failed", f"step limit: {limits.max_steps} model steps without a final answer")
-        if run.prompt_tokens + run.completion_tokens >= limits.max_tokens:
-            await self.stop(
-                "failed", f"token limit: {run.prompt_tokens + run.completion_tokens} >= {limits.max_tokens}"
-            )
-        if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
-            await self.stop("failed", f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}")
+        reason = limit_reached(self.spec, run)
+        if reason:
+            await self.stop("failed", reason)
         if self.refused_model is not None:
             await self.stop("failed", f"model not allowed: this run's API key may not use model {self.refused_model!r}")
         step_input = {"messages": len(history) + bool(self.spec.system_prompt), "tools": sorted(self.tools)}
@@ -302,8 +303,11 @@ class _Job:
         return name in self.spec.require_approval or bool(tool and tool.spec.requires_approval)
 
     async def _pause_for_approval(self, calls: list[dict[str, Any]], turn: int) -> None:
+        await self._pause_for([pending_entry(self.run.id, turn, c) for c in calls])
+
+    async def _pause_for(self, requested: list[dict[str, Any]]) -> None:
+        """Wait for approvers to decide on `requested` (entries as `approvals.pending_entry` makes them)."""
         await self.commit()  # what the run did so far, before it waits
-        requested = [pending_entry(self.run.id, turn, c) for c in calls]
         async with self.unit() as unit:
             run = await self.fresh_run(unit)
             if run.cancel_requested:  # asked while running: never leave it waiting for an approver
@@ -343,7 +347,9 @@ class _Job:
             result = ToolResult("The call was denied by an approver." + (f" {comment}" if comment else ""), True)
             outcome = "denied"
         else:
-            result, outcome = await self._traced_invoke(name, call_id, arguments_text, key)
+            result, outcome = await traced_invoke(
+                self.engine.tracing, self.tools, run.id, name, call_id, arguments_text, key
+            )
         self.engine.accounting.tool_called(name, outcome)
         batch = self.batch
         batch.complete_step(
@@ -361,50 +367,6 @@ class _Job:
         if self.running_calls:  # others of this turn still run: make this result durable now
             await self.commit()
         # else: the last one's result is committed with the next step's start
-
-    async def _traced_invoke(self, name: str, call_id: str, arguments_text: str, key: str) -> tuple[ToolResult, str]:
-        """The result and its outcome for metrics: ok, error or timeout."""
-        tracing = self.engine.tracing
-        if not tracing.enabled:
-            return await self._invoke(name, arguments_text, key)
-        attributes = {
-            genai.OPERATION: genai.EXECUTE_TOOL,
-            genai.TOOL_NAME: name,
-            genai.TOOL_CALL_ID: call_id,
-            genai.TOOL_TYPE: tool.kind if (tool := self.tools.get(name)) is not None else "function",
-        }
-        if tracing.capture_content:
-            attributes[genai.TOOL_ARGUMENTS] = genai.clip(arguments_text)
-        with tracing.span(f"{genai.EXECUTE_TOOL} {name}", attributes=attributes) as span:
-            result = await self._invoke(name, arguments_text, key)
-            if tracing.capture_content and span.is_recording():
-                span.set_attribute(genai.TOOL_RESULT, genai.clip(result[0].content))
-            if result[0].is_error:
-                fail(span, error_type="tool_error", message=result[0].content)
-            return result
-
-    async def _invoke(self, name: str, arguments_text: str, key: str) -> tuple[ToolResult, str]:
-        tool = self.tools.get(name)
-        if tool is None:
-            return ToolResult(f"unknown tool {name!r}; available: {', '.join(sorted(self.tools))}", True), "error"
-        try:
-            arguments = orjson.loads(arguments_text or "{}")
-            if not isinstance(arguments, dict):
-                raise ValueError("arguments must be a JSON object")
-        except ValueError as exc:
-            return ToolResult(f"the arguments are not a JSON object: {exc}", True), "error"
-        timeout = tool.spec.timeout_s
-        try:
-            async with asyncio.timeout(timeout):  # no task per call, as `wait_for` makes
-                result = await tool.invoke(arguments, ToolContext(self.run.id, key, timeout))
-        except ToolError as exc:
-            return ToolResult(str(exc), True), "error"
-        except TimeoutError:
-            return ToolResult(f"the tool timed out after {timeout:g}s", True), "timeout"
-        except Exception as exc:
-            log.exception("tool crashed", tool=name, run_id=self.run.id)
-            return ToolResult(f"the tool failed: {type(exc).__name__}: {exc}", True), "error"
-        return result, "error" if result.is_error else "ok"
 
 
 def _run_attributes(run: Run) -> dict[str, Any]:

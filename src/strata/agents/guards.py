@@ -11,6 +11,7 @@ from collections import Counter
 import orjson
 
 from strata.config import AgentConfig
+from strata.store.tables import Run
 
 
 def call_signature(name: str, arguments: str) -> str:
@@ -41,3 +42,15 @@ def permitted_models(spec: AgentConfig, allowed: list[str] | None) -> tuple[list
     if allowed is None:
         return models, []
     return [m for m in models if m in allowed], [m for m in models if m not in allowed]
+
+
+def limit_reached(spec: AgentConfig, run: Run) -> str | None:
+    """Why the run may not make another model step (steps, tokens, cost), or None."""
+    limits = spec.limits
+    if run.steps_taken >= limits.max_steps:
+        return f"step limit: {limits.max_steps} model steps without a final answer"
+    if run.prompt_tokens + run.completion_tokens >= limits.max_tokens:
+        return f"token limit: {run.prompt_tokens + run.completion_tokens} >= {limits.max_tokens}"
+    if limits.max_cost_usd is not None and run.cost_usd >= limits.max_cost_usd:
+        return f"cost limit: ${run.cost_usd:.4f} >= ${limits.max_cost_usd:g}"
+    return None

@@ -7,7 +7,6 @@ fallback are events of the `invoke_agent` span."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import orjson
 from strata.cost.prices import ModelUse
 from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, Tracing, activate, add_event
+from strata.resilience.retry import backoff
 from strata.serving.chat import ChatCall, ChatService
 from strata.serving.errors import (
     BackendNotReadyError,
@@ -33,6 +33,7 @@ WaitHook = Callable[[str, float], Awaitable[None]]
 DeltaHook = Callable[[str], None]
 FallbackHook = Callable[[str, str, str], Awaitable[None]]
 MAX_FAILURES_PER_MODEL = 3
+BACKOFF_MAX_S = 10.0  # the longest wait between a model step's attempts
 
 
 class ModelStepError(Exception):
@@ -168,7 +169,7 @@ class ModelCaller:
             except ServingError as exc:
                 if _is_backpressure(exc):
                     # The deployment is refusing work for now: wait (visibly), do not fail the run.
-                    delay = _retry_after(exc) or _backoff(waits)
+                    delay = _retry_after(exc) or backoff(waits + 1, 0.25, BACKOFF_MAX_S)
                     waits += 1
                     if time.monotonic() + delay >= deadline:
                         raise DeadlineExceeded(f"model {model!r} stayed overloaded until the run's deadline") from None
@@ -183,7 +184,7 @@ class ModelCaller:
                 failures += 1
                 if failures >= MAX_FAILURES_PER_MODEL:
                     raise ModelStepError(f"model {model!r} failed {failures} times: {exc.message}") from None
-                delay = _backoff(failures)
+                delay = backoff(failures + 1, 0.25, BACKOFF_MAX_S)
                 if time.monotonic() + delay >= deadline:
                     raise ModelStepError(f"model {model!r} failed: {exc.message}") from None
                 add_event(
@@ -316,8 +317,3 @@ def _retry_after(exc: ServingError) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at 10 s."""
-    return random.uniform(0, min(10.0, 0.25 * 2**attempt))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from strata.agents.bus import EventBus
 from strata.agents.catalog import AgentCatalog
+from strata.agents.durable.entrypoint import load_entrypoint
 from strata.agents.engine import RunEngine
 from strata.agents.model_call import ModelCaller
 from strata.agents.service import AgentService
@@ -53,6 +54,9 @@ class AgentRuntime:
         catalog = AgentCatalog(AgentVersionStore(db))
         await catalog.sync(config.agents)
         tools = await ToolRegistry.from_config(config.tools, cpu)
+        for agent in config.agents:  # a code agent that cannot be imported stops the start, as a bad tool path does
+            if agent.entrypoint:
+                load_entrypoint(agent.entrypoint)
         accounting = RunAccounting(PriceCatalog.from_config(config))
         runs = config.runs
         engine = RunEngine(store, catalog, tools, ModelCaller(chat), bus, accounting, runs.lease_s)

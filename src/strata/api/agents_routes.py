@@ -63,6 +63,11 @@ async def put_agent(name: str, request: Request) -> Response:
         raise ApiError(400, f"unknown tools: {', '.join(missing)} (available: {', '.join(tools.names)})", param="tools")
     catalog = state.agent_service().catalog
     previous, before = await catalog.current(name)
+    if spec.entrypoint is not None and spec.entrypoint != (before.entrypoint if before else None):
+        # Code is named in the config file only: an API caller must not make the server import any module it likes.
+        now = before.entrypoint if before else None
+        raise ApiError(400, "an agent's entrypoint is set in the config file, not through the API "
+                       f"(agent {name!r} has {now!r})", param="entrypoint")  # fmt: skip
     weakened = weakenings(before, spec)
     details = _change(previous, before, spec, weakened)
     if weakened and not principal(request).may(Permission.AGENTS_WEAKEN_GUARDS):

@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import math
 import os
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -48,6 +47,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from strata.config import AlertRuleConfig, AlertsConfig, AlertWebhookConfig
+from strata.resilience.retry import backoff
 
 log = structlog.get_logger("strata.alerts")
 
@@ -431,7 +431,7 @@ class Alerter:
                 if response.status_code != 429 and response.status_code < 500:
                     break  # the receiver refuses this payload: retrying will not help
             if attempt < self.config.max_attempts:
-                delay = min(ceiling, initial * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt, initial, ceiling, jitter=0.5)
                 log.warning("alerts.webhook_retry", url=webhook.url, attempt=attempt, problem=problem, in_s=delay)
                 await asyncio.sleep(delay)
         self.failed += 1

@@ -21,6 +21,17 @@ _EPSILON = 1e-9  # so that e.g. 0.29 * 100 still allows the 29th retry despite f
 _MAX_EXPONENT = 64  # 2**64 times any initial backoff is far past any cap; avoids float overflow
 
 
+def backoff(
+    attempt: int, initial_s: float, max_s: float, *, jitter: float = 1.0, rng: Callable[[], float] = random.random
+) -> float:
+    """The wait after failed attempt number `attempt` (1 = the first): `initial_s * 2**(attempt-1)` capped at
+    `max_s`, scaled by a random factor in `[1 - jitter, 1]`. Full jitter (1.0) spreads the retries of many
+    clients that failed together; 0.5 keeps at least half the wait; 0 is the plain exponential. The one backoff
+    every retry loop in Strata uses."""
+    ceiling = min(max_s, initial_s * 2.0 ** min(max(attempt, 1) - 1, _MAX_EXPONENT))
+    return ceiling * (1.0 - jitter + jitter * rng())
+
+
 class RetryBudget:
     """Retries allowed in a sliding window: at most `ratio * requests + min_per_s * window_s`.
 
@@ -142,8 +153,7 @@ class RetryPolicy:
             raise ValueError("attempt counts from 1")
         if retry_after is not None and not math.isnan(retry_after):
             return min(max(retry_after, 0.0), self._max)
-        ceiling = min(self._max, self._initial * 2.0 ** min(attempt - 1, _MAX_EXPONENT))
-        return self._rng() * ceiling
+        return backoff(attempt, self._initial, self._max, rng=self._rng)
 
     def should_retry(self, attempt: int, retry_after: float | None = None) -> bool:
         """May attempt number `attempt + 1` go ahead? Spends one retry from the budget when it says yes.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from strata.resilience.retry import backoff
+
 log = structlog.get_logger("strata.supervisor")
 
 _PR_SET_PDEATHSIG = 1
@@ -136,7 +138,7 @@ class ProcessSupervisor:
                     )
             except Exception as exc:  # e.g. the executable is missing: a failed launch, retried with backoff
                 failures += 1
-                delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+                delay = backoff(failures, self._backoff_initial_s, self._backoff_max_s, jitter=0)
                 self.state = ChildState.RESTARTING
                 log.error("cannot launch child", child=self.name, error=f"{type(exc).__name__}: {exc}",
                           retry_in_s=delay)  # fmt: skip
@@ -162,7 +164,7 @@ class ProcessSupervisor:
                 return
             failures += 1
             self.restarts += 1
-            delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+            delay = backoff(failures, self._backoff_initial_s, self._backoff_max_s, jitter=0)
             self.state = ChildState.RESTARTING
             log.warning(
                 "child exited; restarting",

@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 import structlog
 
+from strata.resilience.retry import backoff
 from strata.store.errors import is_data_error
 
 T = TypeVar("T")
@@ -175,7 +175,7 @@ class BatchWriter(Generic[T]):
     async def _drain_locked(self) -> None:
         # `suspect`: the front items hold one the database refused for its content; they are written in ever
         # smaller chunks (no wait: a refusal is not an outage) until that item is alone and can be set aside.
-        size, delay, suspect = self.batch, self.retry_initial_s, 0
+        size, failures, suspect = self.batch, 0, 0
         while self._pending:
             chunk = [self._pending[i] for i in range(min(size, len(self._pending)))]
             try:
@@ -189,17 +189,18 @@ class BatchWriter(Generic[T]):
                         suspect = len(chunk)
                         size = suspect // 2
                     continue
+                failures += 1
+                delay = backoff(failures, self.retry_initial_s, self.retry_max_s, jitter=0.5)
                 self._log.warning(
                     f"{self.name} write failed; retrying", error=repr(exc), pending=self.pending, retry_s=delay
                 )
                 if self._past_deadline():
                     return
-                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), self._until_deadline()))
-                delay = min(delay * 2, self.retry_max_s)
+                await asyncio.sleep(min(delay, self._until_deadline()))
                 continue
             self._advance(len(chunk))
             suspect = max(0, suspect - len(chunk))
-            size, delay = (min(size, suspect) if suspect else self.batch), self.retry_initial_s
+            size, failures = (min(size, suspect) if suspect else self.batch), 0
 
     def _advance(self, count: int) -> None:
         for _ in range(count):

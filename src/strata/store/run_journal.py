@@ -201,10 +201,17 @@ _START_STEPS = {"sqlite": _start_steps(sqlite), "postgresql": _start_steps(postg
 
 
 def write_batch(
-    conn: Connection, run_id: str, session_id: str, owner: str, lease_s: float, batch: RunBatch
+    conn: Connection,
+    run_id: str,
+    session_id: str,
+    owner: str,
+    lease_s: float,
+    batch: RunBatch,
+    now: datetime | None = None,
 ) -> Committed:
-    """The batch as one transaction on `conn` (sync API), fenced on `owner`'s lease of the run."""
-    now = utcnow()
+    """The batch as one transaction on `conn` (sync API), fenced on `owner`'s lease of the run, which it extends
+    to `lease_s` after `now` (the store's clock)."""
+    now = now or utcnow()
     counters = batch.counters
     params: dict[str, Any] = {
         "b_run": run_id,
@@ -267,8 +274,9 @@ class JournalWriter:
     """Runs `write_batch` in a transaction: on a SQLite file in its own thread on the stdlib driver, otherwise on the
     async engine. The thread is the only user of its connection, so SQLite sees one more ordinary writer."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Callable[[], datetime] = utcnow) -> None:
         self.db = db
+        self.clock = clock
         self._engine: Engine | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._closed = False
@@ -284,7 +292,7 @@ class JournalWriter:
             raise JournalClosed(f"the run journal is closed; run {run_id}'s batch was not written")
         if self._engine is None:
             async with self.db.engine.begin() as conn:
-                return await conn.run_sync(write_batch, run_id, session_id, owner, lease_s, batch)
+                return await conn.run_sync(write_batch, run_id, session_id, owner, lease_s, batch, self.clock())
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="strata-run-journal")
         loop = asyncio.get_running_loop()
@@ -293,7 +301,7 @@ class JournalWriter:
     def _write(self, run_id: str, session_id: str, owner: str, lease_s: float, batch: RunBatch) -> Committed:
         assert self._engine is not None
         with self._engine.begin() as conn:
-            return write_batch(conn, run_id, session_id, owner, lease_s, batch)
+            return write_batch(conn, run_id, session_id, owner, lease_s, batch, self.clock())
 
     def refuse_writes(self) -> None:
         """From now on `write` raises `JournalClosed` (call it on the event loop, before `close`)."""

@@ -98,10 +98,18 @@ class Unit:
 
 
 class RunStore:
-    def __init__(self, db: Database, publish: Callable[[StoredEvent], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        publish: Callable[[StoredEvent], None] | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        """`clock`: what leases are measured against (claims, heartbeats, sweeps, fenced writes); tests move it."""
         self.db = db
         self._publish = publish or (lambda _event: None)
-        self._journal = JournalWriter(db)
+        self.clock = clock
+        self._journal = JournalWriter(db, clock)
 
     async def commit(self, run: Run, owner: str, lease_s: float, batch: RunBatch) -> None:
         """Write a worker's batch in one transaction fenced on its lease (`LeaseLost` if it has none), then
@@ -166,7 +174,7 @@ class RunStore:
                 held = await tx.execute(
                     update(Run)
                     .where(Run.id == run_id, Run.lease_owner == owner, Run.status == "running")
-                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                    .values(lease_expires_at=self.clock() + timedelta(seconds=lease_s))
                 )
                 if held.rowcount != 1:
                     raise LeaseLost(run_id)
@@ -233,7 +241,7 @@ class RunStore:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
                 return existing, False
-        now = utcnow()
+        now = self.clock()
         run = Run(
             id=new_id("run"),
             session_id=session_id,
@@ -331,7 +339,7 @@ class RunStore:
         """Take the oldest queued run whose session has no earlier unfinished run; with `models` (what this
         replica serves), only a run of one of them (or of no recorded model): the others wait for a replica
         that serves theirs, until their deadline passes (then any worker takes them, to fail them)."""
-        params: dict[str, Any] = {} if models is None else {"served": list(models), "now": utcnow()}
+        params: dict[str, Any] = {} if models is None else {"served": list(models), "now": self.clock()}
         query = _CLAIMABLE if models is None else _CLAIMABLE_SERVED
         if not self.db.is_sqlite:
             return await self._claim_locked(owner, lease_s, query, params)
@@ -343,7 +351,7 @@ class RunStore:
             if run_id is None:
                 return None
             async with self.unit() as unit:
-                run = await _take(unit, run_id, owner, lease_s)
+                run = await _take(unit, run_id, owner, lease_s, self.clock())
             if run is not None:
                 return run
             # another worker took it between the look and the update: look again
@@ -355,14 +363,14 @@ class RunStore:
         async with self.unit() as unit:
             locked = query.with_for_update(skip_locked=True, of=Run)
             run_id = (await unit.tx.execute(locked, params)).scalar_one_or_none()
-            return None if run_id is None else await _take(unit, run_id, owner, lease_s)
+            return None if run_id is None else await _take(unit, run_id, owner, lease_s, self.clock())
 
     async def heartbeat(self, run_id: str, owner: str, lease_s: float) -> Heartbeat:
         async with self.db.transaction() as tx:
             result = await tx.execute(
                 update(Run)
                 .where(Run.id == run_id, Run.lease_owner == owner, Run.status == "running")
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                .values(lease_expires_at=self.clock() + timedelta(seconds=lease_s))
                 .returning(Run.cancel_requested)
             )
             row = result.first()
@@ -382,7 +390,7 @@ class RunStore:
         async with self.db.transaction() as tx:
             result = await tx.execute(
                 update(Run)
-                .where(Run.status == "running", Run.lease_expires_at < utcnow())
+                .where(Run.status == "running", Run.lease_expires_at < self.clock())
                 .values(status="queued", lease_owner=None, lease_expires_at=None)
             )
         return int(result.rowcount or 0)
@@ -465,9 +473,8 @@ _CLAIMABLE = _claimable()
 _CLAIMABLE_SERVED = _claimable(served=True)
 
 
-async def _take(unit: Unit, run_id: str, owner: str, lease_s: float) -> Run | None:
+async def _take(unit: Unit, run_id: str, owner: str, lease_s: float, now: datetime) -> Run | None:
     """Move a queued run to `running` under `owner`'s lease; None if it is no longer queued."""
-    now = utcnow()
     taken = await unit.tx.execute(
         update(Run)
         .where(Run.id == run_id, Run.status == "queued")

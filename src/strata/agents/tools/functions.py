@@ -86,7 +86,7 @@ def load_function(import_path: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r} for tool {import_path!r}: {exc}") from None
+        raise ValueError(f"cannot import {module_name!r} for {import_path!r}: {exc}") from None
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"{import_path!r} is not a function")
