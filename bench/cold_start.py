@@ -147,7 +147,7 @@ def section(results: dict[str, Any]) -> list[str]:
         "",
         "Phases are Strata's log events (`cpu pool started`, `child started`: the llama.cpp server process was"
         " spawned, `strata started`: the lifespan finished, `child ready`: the model server passed its health"
-        " probe). Strata answers HTTP (503 from /readyz) as soon as its lifespan is done and turns ready when the"
-        " model server does.",
+        " probe). Strata answers HTTP as soon as it listens, before that start-up work (503 from /readyz, saying"
+        " what is still loading), and turns ready once `strata started` and the model server is ready.",
     ]
     return lines

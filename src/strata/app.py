@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from strata.api.openapi_docs import ERROR_RESPONSES
 from strata.api.permissions import PROBE_PATHS, Policy, public_paths, route_policies
 from strata.api.reload import reload_on_signal
 from strata.api.request_id import RequestIdMiddleware
+from strata.api.starting import StartingGate
 from strata.api.state import AppState, Lifecycle
 from strata.api.strings import refuse_bad_strings
 from strata.api.tracing_middleware import TracingMiddleware
@@ -151,19 +153,21 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The router first: a launched model server (the embedded llama.cpp) loads while the rest starts.
+        state.lifecycle.step("launching the model servers")
         await router.start()
         try:
             await cpu.start()
-        except Exception:
+        except BaseException:  # cancelled too: stopped while starting (`listening_lifespan`)
             await router.stop(grace_s=5.0)
             raise
         await gpus.start(config.compute.gpu_poll_interval_s)  # NVML reads run in a thread
+        state.lifecycle.step("migrating the database and starting the agent runtime")
         try:
             state.runtime = await AgentRuntime.start(
                 config, state.chat, cpu, keyring=keyring.keyring, redactor=redactor
             )
-        except Exception as exc:
-            log.error("cannot start the agent runtime", error=str(exc))
+        except BaseException as exc:
+            _log_start_failure("cannot start the agent runtime", exc)
             await router.stop(grace_s=5.0)
             await gpus.stop()
             await cpu.shutdown()
@@ -182,6 +186,7 @@ def build_app(
                         path=str(keyring.created_file))  # fmt: skip
         for warning in keyring.warnings:
             log.warning(warning)
+        state.lifecycle.step("starting the security layer and cost services")
         try:
             state.guard = await _start_guard(config, state.runtime.db, redis, policies, request_metrics)
             state.cost = await CostServices.start(
@@ -190,8 +195,8 @@ def build_app(
             )  # fmt: skip
             state.runtime.engine.accounting.bind(state.cost, request_metrics, _key_budget(state.guard.auth.keys))
             await alerter.start()
-        except Exception as exc:
-            log.error("cannot start the security layer", error=str(exc))
+        except BaseException as exc:
+            _log_start_failure("cannot start the security layer", exc)
             await state.sync.stop()
             await state.runtime.stop()
             await state.runtime.close()
@@ -238,24 +243,35 @@ def build_app(
             log.info("strata stopped")
 
     @asynccontextmanager
-    async def recorded_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        started = False
-        try:
-            async with lifespan(app):
-                started = True
-                async with grpc_server(app, config.server, config.limits.max_body_bytes):
-                    yield
-        except Exception as exc:
-            if not started:  # `strata serve` says this in one line; the traceback is for debug logs
-                state.lifecycle.startup_error = describe_failure(exc)
+    async def listening_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """uvicorn listens only once the lifespan's start-up returns: the slow work runs after that, in a task,
+        while /healthz and /readyz answer and other requests get 503 (api/starting.py)."""
+        stack = AsyncExitStack()
+
+        async def start() -> None:
+            try:
+                await stack.enter_async_context(lifespan(app))
+                await stack.enter_async_context(grpc_server(app, config.server, config.limits.max_body_bytes))
+            except Exception as exc:  # `strata serve` says this in one line and exits; the traceback is for debug
                 log.debug("start-up failed", exc_info=True)
-            raise
+                state.lifecycle.failed(describe_failure(exc))
+            else:
+                state.lifecycle.started()
+
+        starting = asyncio.create_task(start(), name="start-up")
+        try:
+            yield
+        finally:
+            starting.cancel()  # stopped while starting: what the start launched so far is stopped (its except blocks)
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await stack.aclose()
 
     # FastAPI's own /docs and /openapi.json would answer without credentials: meta_routes serves the schema.
     app = FastAPI(
         title="Strata",
         version=__version__,
-        lifespan=recorded_lifespan,
+        lifespan=listening_lifespan,
         dependencies=[Depends(authorize), Depends(refuse_bad_strings)],
         responses=ERROR_RESPONSES,
         # Strata traces and measures requests itself (observability/); FastAPI's own telemetry would only
@@ -286,12 +302,20 @@ def build_app(
     app.add_middleware(MetricsMiddleware, metrics=request_metrics)  # outside auth: 401, 413 and 429 count too
     if tracing.enabled:  # the request's span wraps authentication: refusals are traced too
         app.add_middleware(TracingMiddleware, tracing=tracing)
+    app.add_middleware(StartingGate, lifecycle=state.lifecycle)  # 503 but for the probes until started
     app.add_middleware(RequestIdMiddleware)  # even a 401 or a 413 carries the request id
     if config.server.max_in_flight is not None:  # outermost: shedding must cost next to nothing
         app.add_middleware(
             InFlightLimit, limit=config.server.max_in_flight, exempt=PROBE_PATHS, metrics=request_metrics
         )
     return app
+
+
+def _log_start_failure(what: str, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        log.info("stopped while starting; undoing the start", step=what.removeprefix("cannot start "))
+    else:
+        log.error(what, error=str(exc))
 
 
 async def _start_guard(

@@ -98,7 +98,8 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (server.tls_key_file).")] = None,
 ) -> None:
     """Start the Strata server."""
-    from strata.api.server import run_server
+    from strata.api.health_routes import readiness
+    from strata.api.server import Announcer, run_server
     from strata.api.state import Lifecycle
     from strata.app import build_app
     from strata.observability.logging import configure_logging
@@ -132,9 +133,14 @@ def serve(
         application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ), redactor)
     except (EmbeddedModelUnavailable, EncryptionError) as exc:
         _cannot_start(str(exc))
-    _banner(loaded)
+    state = application.state.strata
+    announce = Announcer(
+        listening=lambda: _banner(loaded),
+        ready=lambda: err.print("[bold]Strata[/] ready: /readyz answers 200", highlight=False),
+        is_ready=lambda: readiness(state)[0] == "ready",
+    )
     with quiet_startup_failure(lifecycle):
-        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes)
+        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes, announce)
 
 
 @db_app.command("upgrade")

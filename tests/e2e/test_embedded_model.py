@@ -193,8 +193,9 @@ def test_an_agent_run_on_the_embedded_model_calls_a_tool(embedded: StrataProcess
 
 
 def test_the_shipped_demo_agent_answers_the_readme_questions(embedded: StrataProcess) -> None:
-    """The README's demo questions on the embedded model: the clock is called with one zone, the answer is
-    plain text (no `&#34;` from an HTML-escaped prompt), and each model step costs something (CPU time)."""
+    """The README's demo questions on the embedded model: the clock is called with one zone, the arithmetic
+    goes to the calculator (not the clock), the answer is plain text (no `&#34;` from an HTML-escaped prompt),
+    and each model step costs something (CPU time)."""
     runs = []
     for question in ("What time is it?", "What time is it in UTC?", "What is 12*7?"):
         response = httpx.post(
@@ -212,6 +213,9 @@ def test_the_shipped_demo_agent_answers_the_readme_questions(embedded: StrataPro
         assert "," not in zone and " " not in zone, zone  # one IANA name, as its schema's pattern allows
         assert run["output"].strip(), run
         assert run["cost_usd"] > 0, run  # the embedded model's CPU time, priced like a chat call's
+    (tool,) = [s for s in runs[2]["steps"] if s["kind"] == "tool"]  # the arithmetic question: the calculator
+    assert tool["name"] == "calculator" and tool["output"]["content"] == "84", runs[2]
+    assert "84" in runs[2]["output"], runs[2]
     deadline = time.monotonic() + 15  # usage rows are written in batches, every second
     while True:
         usage = httpx.get(

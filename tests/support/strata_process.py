@@ -156,9 +156,12 @@ class StrataProcess:
         for attempt in range(PORT_ATTEMPTS):
             try:
                 self._launch()
-                self.wait_for("/readyz" if wait_ready else "/healthz", timeout_s)
-                if wait_ready and "models" not in self.config:
-                    self.wait_for_models(timeout_s)
+                if wait_ready:
+                    self.wait_for("/readyz", timeout_s)
+                    if "models" not in self.config:
+                        self.wait_for_models(timeout_s)
+                else:  # started: /readyz may still wait for a backend, but no longer for Strata's own start-up
+                    self.wait_for("/readyz", timeout_s, lambda r: r.json().get("status") != "starting")
                 return self
             except PortTaken:
                 if attempt == PORT_ATTEMPTS - 1:
@@ -166,6 +169,11 @@ class StrataProcess:
                 self.port = free_port()
                 self.config = {**self.config, "server": {**self.config["server"], "port": self.port}}
         raise AssertionError("unreachable")
+
+    def launch(self) -> StrataProcess:
+        """Start without waiting for anything (nor moving to another port if this one is taken)."""
+        self._launch()
+        return self
 
     def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +198,9 @@ class StrataProcess:
         assert self.open_files is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
-    def wait_for(self, path: str, timeout_s: float) -> None:
-        """Until `path` answers 200 from this process: another test's server may hold the port meanwhile."""
+    def wait_for(self, path: str, timeout_s: float, accept: Callable[[httpx.Response], bool] | None = None) -> None:
+        """Until `path` answers 200 (or what `accept` takes) from this process: another test's server may hold the
+        port meanwhile."""
         deadline = time.monotonic() + timeout_s
         verify = self.verify
         while time.monotonic() < deadline:
@@ -201,7 +210,8 @@ class StrataProcess:
                     raise PortTaken(self.port)
                 raise RuntimeError(f"strata exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                answered = httpx.get(self.url + path, timeout=1.0, verify=verify).status_code == 200
+                response = httpx.get(self.url + path, timeout=1.0, verify=verify)
+                answered = accept(response) if accept is not None else response.status_code == 200
             except httpx.HTTPError:
                 answered = False
             if answered and listens_on(self.process.pid, self.port):

@@ -95,10 +95,11 @@ def test_a_streamed_tool_call_names_its_function_once() -> None:
 
 
 def test_required_chooses_among_the_tools_only() -> None:
-    llama = FakeLlama(["{}"], choice="functions.get_time")
+    llama = FakeLlama(["{}"], choice=" get_time")
     answer = chat(llama, tools=[WEATHER, TIME], tool_choice="required")
     choice, arguments = llama.calls
-    assert '"message:"' not in choice["grammar"]._grammar  # answering with text is not an option
+    assert '" none"' not in choice["grammar"]._grammar  # answering with text is not an option
+    assert '" get_weather"' in choice["grammar"]._grammar and '" get_time"' in choice["grammar"]._grammar
     assert arguments["prompt"].endswith("functions.get_time:\n")
     message = answer["choices"][0]["message"]
     assert message["content"] is None and "function_call" not in message
@@ -108,11 +109,43 @@ def test_required_chooses_among_the_tools_only() -> None:
 
 
 def test_tools_without_tool_choice_let_the_model_choose() -> None:
-    llama = FakeLlama(["It is sunny."], choice="message")
+    llama = FakeLlama(["It is sunny."], choice=" none")
     answer = chat(llama, tools=[WEATHER])
-    assert '"message:"' in llama.calls[0]["grammar"]._grammar
+    assert '" none"' in llama.calls[0]["grammar"]._grammar
     assert llama.calls[1]["prompt"].endswith("message:\n")
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny."}
+
+
+def test_on_the_users_turn_a_router_step_picks_the_tool_by_its_description() -> None:
+    """SmolLM2 continuing its chat prompt called the first-listed tool for "What is 12*7?"; asked which tool
+    answers the message, it picks the calculator. The router's prompt is not the request's: not in its usage."""
+    calc = {"type": "function", "function": {"name": "calc", "description": "Evaluate arithmetic.",
+                                             "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+    llama = FakeLlama(["{}"], choice=" calc")
+    answer = chat(llama, messages=[{"role": "user", "content": "What is 12*7?"}], tools=[TIME, calc])
+    router, arguments = llama.calls
+    assert "- calc: Evaluate arithmetic.\n- none: no tool fits" in router["prompt"]
+    assert "- get_time: no description" in router["prompt"]
+    assert router["prompt"].endswith("<|im_start|>user\nWhat is 12*7?<|im_end|>\n<|im_start|>assistant\nTool:")
+    assert arguments["prompt"].startswith("<|im_start|>system\nYou have access to the following functions:")
+    assert arguments["prompt"].endswith("<|im_start|>assistant\nfunctions.calc:\n")
+    assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "calc"
+    assert answer["usage"]["prompt_tokens"] == 50  # the chat prompt's, once
+
+
+def test_after_a_tool_result_the_choice_stays_in_the_chat() -> None:
+    messages = [
+        *ASK,
+        {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    llama = FakeLlama(["It is sunny."], choice="message:")
+    answer = chat(llama, messages=messages, tools=[WEATHER, TIME])
+    choice, content = llama.calls
+    assert '"functions.get_weather:"' in choice["grammar"]._grammar and '"message:"' in choice["grammar"]._grammar
+    assert choice["prompt"].endswith("Result of get_weather: sunny<|im_end|>\n<|im_start|>assistant\n")
+    assert content["prompt"].endswith("message:\n")
+    assert answer["choices"][0]["message"]["content"] == "It is sunny."
 
 
 def test_a_streamed_answer_starts_with_the_role_as_openai_does() -> None:

@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strata.api.errors import ApiError, error_response
-from strata.api.permissions import PUBLIC, Policy
+from strata.api.permissions import PUBLIC, STARTUP_PROBES, Policy
 from strata.api.request_id import current_request_id
 from strata.observability.request_metrics import RequestMetrics
 from strata.observability.tracing import set_principal
@@ -120,7 +120,7 @@ class AuthMiddleware:
         except AuthUnavailable as exc:
             error = ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
                              code="auth_unavailable", headers={"Retry-After": "10"})  # fmt: skip
-            await _refuse(scope, receive, send, error)
+            await refuse(scope, receive, send, error)
             return
         except AuthError as exc:
             _record_failure(guard, scope, exc)
@@ -131,7 +131,7 @@ class AuthMiddleware:
                 code=exc.code,
                 headers={"WWW-Authenticate": 'Bearer realm="strata"'},
             )
-            await _refuse(scope, receive, send, error)
+            await refuse(scope, receive, send, error)
             return
         scope[PRINCIPAL] = who
         set_principal(who.user, who.key_id, who.role)  # on the request's span, and key_id on its log lines
@@ -148,7 +148,7 @@ class AuthMiddleware:
                 code="rate_limit_requests",
                 headers={**headers, "Retry-After": str(decision.retry_after_s)},
             )
-            await _refuse(scope, receive, send, error)
+            await refuse(scope, receive, send, error)
             return
         extra: dict[str, str] = scope.setdefault(EXTRA_HEADERS, {})
         extra.update(headers)
@@ -171,7 +171,9 @@ async def authorize(connection: HTTPConnection) -> None:
     """Every route's dependency: its declared permission, and the tokens-per-minute limit."""
     scope = connection.scope
     guard: Guard | None = connection.app.state.strata.guard
-    if guard is None:
+    if guard is None:  # still starting (api/starting.py): only the probes answer
+        if scope["path"] in STARTUP_PROBES:
+            return
         raise ApiError(503, "Strata is starting; try again shortly", type_="server_error", headers={"Retry-After": "1"})
     policy = guard.policies.get(scope.get("endpoint"))
     if policy is PUBLIC:
@@ -219,7 +221,8 @@ def _deny(connection: HTTPConnection, message: str, status_code: int) -> None:
     raise ApiError(403, message, type_="permission_error", code="forbidden")
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+    """Answer `error` before any route runs: an HTTP error response, or a refused WebSocket handshake."""
     response = error_response(error)
     if scope["type"] == "http":
         await response(scope, receive, send)

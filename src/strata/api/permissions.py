@@ -123,6 +123,7 @@ def app_routes(app: FastAPI) -> list[RouteInfo]:
 # Health probes and metric scrapes: every few seconds from every load balancer and Prometheus. They are never
 # traced (of no interest in a trace) and never shed (a shedding server must still look alive).
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+STARTUP_PROBES = frozenset({"/healthz", "/readyz"})  # what answers while Strata starts (api/starting.py)
 
 
 def public_paths(public_metrics: bool) -> frozenset[str]:

@@ -1,4 +1,8 @@
-"""Run the app under uvicorn, with a shutdown that drains before it stops.
+"""Run the app under uvicorn: listening before the slow start-up, and a shutdown that drains before it stops.
+
+The socket accepts connections as soon as the app's start-up has begun (it runs on in the background:
+`app.py`, `api/starting.py`); `Announcer.listening` is told then, `Announcer.ready` once /readyz would answer
+200. A start-up that fails after that stops the server, and `run_server` exits with STARTUP_FAILED.
 
 On SIGTERM: /readyz turns 503 at once while Strata keeps serving for `drain_delay_s` (load
 balancers notice and stop sending), then the listener closes, in-flight requests get
@@ -18,6 +22,8 @@ import asyncio
 import gc
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 import structlog
@@ -34,36 +40,66 @@ from strata.api.connections import (
 from strata.api.permissions import PROBE_PATHS
 from strata.api.state import AppState, Lifecycle
 from strata.config import ServerConfig
+from strata.startup import STARTUP_FAILED
 
 log = structlog.get_logger("strata.server")
 # After the grace: time for cut streams to send their error event and end, before uvicorn cancels what is left.
 STREAM_CUT_S = 1.0
+READY_POLL_S = 0.1  # how often the "ready" announcement checks /readyz's condition, until it holds once
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float, shutdown_grace_s: float
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        drain_delay_s: float,
+        shutdown_grace_s: float,
+        announce: Announcer | None = None,
     ) -> None:
         super().__init__(config)
         self._lifecycle = lifecycle
         self._drain_delay_s = drain_delay_s
         self._shutdown_grace_s = shutdown_grace_s
+        self._announce = announce
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._settling: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
-        await super().startup(sockets)  # after the app's lifespan startup: everything long-lived exists now
+        await super().startup(sockets)  # the app's start-up has begun (app.py), and the socket listens now
+        if self.should_exit:
+            return
+        if self._announce is not None:
+            self._announce.listening()
+        self._settling = asyncio.create_task(self._settle(), name="until-ready")
+
+    async def _settle(self) -> None:
+        """Once the app's start-up is done: freeze what it made, then say when Strata is ready; or stop the
+        server if the start-up failed (`run_server` then exits non-zero)."""
+        await self._lifecycle.settled.wait()
+        if self._lifecycle.startup_error is not None:
+            self.should_exit = True
+            return
         # The modules, configuration, routes and pools made at start-up live as long as the process. Left in
         # the collector's oldest generation, each full collection walks all of them again: a pause of 100 ms
         # and more on a busy 2-core machine, which every request in flight waits out. Frozen, they are
         # never scanned again; what requests allocate is collected as before.
         gc.collect()  # what is garbage already goes first: frozen objects are never collected
         gc.freeze()
+        if self._announce is not None:
+            while True:  # the health probes decide, on their own schedule; nothing to wait on but the state
+                if self._announce.is_ready():
+                    self._announce.ready()
+                    return
+                await asyncio.sleep(READY_POLL_S)
 
     async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        if self._settling is not None:
+            self._settling.cancel()
         cut = asyncio.get_running_loop().call_later(self._shutdown_grace_s, self._cut_streams)
         try:
             await super().shutdown(sockets)  # waits up to the grace + STREAM_CUT_S, then cancels what is left
@@ -101,7 +137,19 @@ class DrainingServer(uvicorn.Server):
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_body_bytes: int) -> None:
+@dataclass(frozen=True)
+class Announcer:
+    """What `strata serve` tells its operator: when the socket accepts connections, and when Strata is ready."""
+
+    listening: Callable[[], None]
+    ready: Callable[[], None]
+    is_ready: Callable[[], bool]
+
+
+def run_server(
+    app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_body_bytes: int, announce: Announcer | None = None
+) -> None:
+    """Serve until stopped; raises SystemExit(STARTUP_FAILED) if the app's start-up failed after listening."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     descriptors = raise_descriptor_limit()
     bound = connection_bound(server.max_connections, descriptors)
@@ -125,7 +173,9 @@ def run_server(app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_bod
         ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
-    runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s)
+    runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s, announce)
     state: AppState = app.state.strata
     state.metrics.register(ConnectionCollector(guard, lambda: len(runner.server_state.connections)))
     runner.run()
+    if lifecycle.startup_error is not None:
+        raise SystemExit(STARTUP_FAILED)

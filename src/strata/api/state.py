@@ -31,17 +31,36 @@ if TYPE_CHECKING:
 
 @dataclass
 class Lifecycle:
-    """Set by the server runner when shutdown begins, so /readyz can tell load balancers to go away.
+    """Where the server is between listening and stopping, for /readyz and for the server runner.
+
+    The slow start-up work (migrations, tool servers, the security layer) runs after the socket listens:
+    `starting` says what it is doing now and is None once it is done; `settled` is set when it ends, done or
+    failed (then `startup_error` says why). `draining` is set when shutdown begins, so /readyz can tell load
+    balancers to go away.
 
     `streams` are the chat streams being relayed now; when the shutdown grace runs out, the runner ends
     them with an error event (`cut_streams`) rather than letting the server cancel them mid-write.
     """
 
     draining: bool = False
+    starting: str | None = "starting"
     startup_error: str | None = None  # why the lifespan's start-up failed, for the one line `strata serve` prints
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     streams: set[ChatStreamRelay] = field(default_factory=set)
     # Work that outlives its request (Responses `background: true`): cancelled at shutdown, which marks it failed.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def step(self, doing: str) -> None:
+        """Say what the start-up does now (shown by /readyz)."""
+        self.starting = doing
+
+    def started(self) -> None:
+        self.starting = None
+        self.settled.set()
+
+    def failed(self, reason: str) -> None:
+        self.startup_error = reason
+        self.settled.set()
 
     def cut_streams(self) -> int:
         """End every open stream with a `server_shutting_down` error event; returns how many there were."""

@@ -15,7 +15,9 @@ grammars hold it to that), but not that handler's (0.3.x) faults:
   `get_weatherget_weather...`), and answers carried the legacy `function_call` beside `tool_calls`.
 
 Generation stops between two tokens once the request's client has gone (`client_gone`). One tool call per
-answer: asked for more, a model this small calls the same function again and again.
+answer: asked for more, a model this small calls the same function again and again. On the user's turn the
+tool (or none) is chosen by a router step that shows the tools' descriptions (`_choose_tool`): continuing the
+chat prompt, SmolLM2 called the first-listed tool whatever was asked.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ SAMPLING = (
     "temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
     "repeat_penalty", "tfs_z", "mirostat_mode", "mirostat_tau", "mirostat_eta", "seed", "logit_bias",
 )  # fmt: skip
+NO_TOOL = "none"  # the router's answer for "a message, no tool" (a tool of that name wins: it is looked up first)
 CHOICE_MAX_TOKENS = 96  # "functions." + a name of at most 64 characters + ":"
 INSTRUCTIONS = (
     "\n\nYou can respond to users messages with either a single message or one or more function calls."
@@ -166,8 +169,9 @@ class _Model:
         except Exception:  # a schema the converter cannot take still gets JSON
             return self.grammar(JSON_GBNF)
 
-    def choose(self, prompt: str, grammar: str) -> str:
-        """A short choice held to `grammar` (which function, or a message), taken greedily."""
+    def choose(self, prompt: str, grammar: str, *, of_the_request: bool = True) -> str:
+        """A short choice held to `grammar` (which function, or a message), taken greedily. A prompt not
+        `of_the_request` (the router's) adds its completion tokens, not its prompt, to the usage."""
         result = self.llama.create_completion(
             **{**self.sampling, "temperature": 0.0},
             prompt=prompt,
@@ -178,7 +182,7 @@ class _Model:
             logits_processor=self.logits_processor,
             stopping_criteria=self.stopping,
         )
-        self._count(result["usage"])
+        self._count(result["usage"], of_the_request)
         return str(result["choices"][0]["text"])
 
     def generate(
@@ -205,8 +209,8 @@ class _Model:
             choice = chunk["choices"][0]
             yield _Piece(choice["text"], choice["finish_reason"], choice.get("logprobs"))
 
-    def _count(self, usage: dict[str, int]) -> None:
-        if self.prompt_tokens is None:
+    def _count(self, usage: dict[str, int], prompt: bool = True) -> None:
+        if prompt and self.prompt_tokens is None:
             self.prompt_tokens = usage["prompt_tokens"]
         self.completion_tokens += usage["completion_tokens"]
 
@@ -234,12 +238,9 @@ def _answer(
     if name is None and tool_choice == "required" and len(tools) == 1:
         name = tools[0]["function"]["name"]
     elif name is None:
-        options = " | ".join(json.dumps(f"functions.{n}:") for n in by_name)
-        root = "functions" if tool_choice == "required" else 'functions | "message:"'
-        chosen = model.choose(prompt, f"root ::= {root}\nfunctions ::= {options}\n")
+        name = _choose_tool(model, messages, prompt, tools, required=tool_choice == "required")
         if model.client_left:
             return
-        name = chosen.removeprefix("functions.") if chosen.removeprefix("functions.") in by_name else None
     if name is None:
         yield from _content(model, prompt + "message:\n", fmt_grammar, stream, logprobs)
         return
@@ -254,6 +255,37 @@ def _answer(
         if piece.finish == "length":
             finish = "length"
     yield _Delta(finish=finish)
+
+
+def _choose_tool(
+    model: _Model, messages: list[dict[str, Any]], prompt: str, tools: list[dict[str, Any]], *, required: bool
+) -> str | None:
+    """Which tool to call, or None for a message. On the user's turn a router step decides: asked "which of
+    these (by their descriptions) answers this message?", a model as small as SmolLM2-135M picks right where,
+    continuing its own chat prompt, it called the first-listed tool for nearly anything. After a tool result the
+    choice stays in the chat (answering is then the usual next step)."""
+    by_name = {tool["function"]["name"]: tool for tool in tools}
+    last = messages[-1] if messages else {}
+    if last.get("role") == "user" and (question := _text(last.get("content")).strip()):
+        choices = [*by_name, *([] if required else [NO_TOOL])]
+        grammar = "root ::= " + " | ".join(json.dumps(f" {choice}") for choice in choices) + "\n"
+        chosen = model.choose(route_prompt(question, tools, required), grammar, of_the_request=False).strip()
+        return chosen if chosen in by_name else None
+    options = " | ".join(json.dumps(f"functions.{n}:") for n in by_name)
+    root = "functions" if required else 'functions | "message:"'
+    chosen = model.choose(prompt, f"root ::= {root}\nfunctions ::= {options}\n").removeprefix("functions.")
+    return chosen if chosen in by_name else None
+
+
+def route_prompt(question: str, tools: list[dict[str, Any]], required: bool) -> str:
+    """The router step's prompt: the tools by name and description, the user's message, and "Tool:"."""
+    listed = "".join(
+        f"\n- {tool['function']['name']}: {tool['function'].get('description') or 'no description'}" for tool in tools
+    )
+    if not required:
+        listed += f"\n- {NO_TOOL}: no tool fits; answer directly."
+    system = f"You pick the tool that answers the user's message{'' if required else ', or none'}.\nTools:{listed}"
+    return f"{START}system\n{system}{END}\n{START}user\n{question}{END}\n{START}assistant\nTool:"
 
 
 def _content(
