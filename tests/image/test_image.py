@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -114,7 +115,11 @@ def server(image: str, rootfs: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     yield process, port
-    process.terminate()
+    # The server is PID 1 of its namespace, under another uid: the parent-death signal unshare arranges does not
+    # survive the change of user, so stop the server itself (its namespace, and unshare, end with it).
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _listens(proc, port):
+            os.kill(int(proc.name), signal.SIGTERM)
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
