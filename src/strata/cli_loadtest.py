@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -16,6 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from strata.cli_exit import ExitCode
+from strata.cli_profile import slo_or_exit
+from strata.cli_support import invalid_option
 from strata.compute.loadtest import (
     LoadTestReport,
     Outcome,
@@ -29,7 +33,6 @@ from strata.compute.loadtest import (
     summarise,
 )
 from strata.compute.loadtest_render import load_label, render_loadtest, write_chart
-from strata.compute.workload import Slo
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -68,14 +71,13 @@ def loadtest_command(
     for name, value in (("--duration", duration), ("--timeout", timeout), ("--max-requests", max_requests),
                         ("--prompt-tokens", prompt_tokens), ("--max-tokens", max_tokens)):  # fmt: skip
         if value <= 0:
-            _invalid(f"{name}: must be more than 0, got {value:g}")
+            invalid_option(f"{name}: must be more than 0, got {value:g}")
     if not 0 <= max_error_rate <= 1:
-        _invalid(f"--max-error-rate: must be between 0 and 1, got {max_error_rate:g}")
+        invalid_option(f"--max-error-rate: must be between 0 and 1, got {max_error_rate:g}")
     if chart is not None and chart.suffix.lower() not in (".svg", ".png"):
-        _invalid(f"--chart: {chart.name} must end in .svg or .png")
+        invalid_option(f"--chart: {chart.name} must end in .svg or .png")
     prompt, completion = _samplers(profile, prompt_tokens, max_tokens)
-    slo = Slo(ttft_ms=slo_ttft_ms, ttft_p95_ms=slo_ttft_p95_ms, itl_p95_ms=slo_itl_p95_ms,
-              e2e_p95_s=slo_e2e_p95_s, e2e_p99_s=slo_e2e_p99_s)  # fmt: skip
+    slo = slo_or_exit(slo_ttft_ms, slo_ttft_p95_ms, slo_itl_p95_ms, slo_e2e_p95_s, slo_e2e_p99_s)
     key = api_key or os.environ.get("STRATA_API_KEY") or os.environ.get("OPENAI_API_KEY")
     target = Target(url=url, model=model, api_key=key)
     steps: list[StepResult] = []
@@ -104,10 +106,10 @@ def loadtest_command(
         if chart is not None:
             out.print(f"chart: {escape(str(chart))}", highlight=False)
     if all(step.completed == 0 for step in steps):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
-def _run_worker(spec: StepSpec, tick: object) -> dict[str, object]:
+def _run_worker(spec: StepSpec, tick: Callable[[float], object]) -> dict[str, object]:
     """One step in its own process; `tick(elapsed_s)` while it runs. Its answer goes to a file rather than a
     pipe: a step's outcomes outgrow a pipe's buffer, and a child blocked on a full pipe never exits."""
     with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
@@ -124,7 +126,7 @@ def _run_worker(spec: StepSpec, tick: object) -> dict[str, object]:
                 process.kill()
                 process.wait()
                 _fail(f"step {load_label(spec.kind, spec.load)} did not finish within {limit:g} s")
-            tick(elapsed)  # type: ignore[operator]
+            tick(elapsed)
             time.sleep(0.1)
         stdout.seek(0)
         stderr.seek(0)
@@ -136,18 +138,18 @@ def _run_worker(spec: StepSpec, tick: object) -> dict[str, object]:
 
 def _steps(rate: str | None, concurrency: str | None) -> tuple[StepKind, list[float]]:
     if (rate is None) == (concurrency is None):
-        _invalid("give exactly one of --rate (open loop, requests/s) or --concurrency (closed loop, clients)")
+        invalid_option("give exactly one of --rate (open loop, requests/s) or --concurrency (closed loop, clients)")
     kind: StepKind = "rate" if rate is not None else "concurrency"
     text = rate if rate is not None else concurrency
     assert text is not None
     try:
         loads = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        _invalid(f"--{kind}: {text!r} is not a comma-separated list of numbers")
+        invalid_option(f"--{kind}: {text!r} is not a comma-separated list of numbers")
     if not loads or any(load <= 0 for load in loads):
-        _invalid(f"--{kind}: every step must be more than 0, got {text!r}")
+        invalid_option(f"--{kind}: every step must be more than 0, got {text!r}")
     if kind == "concurrency" and any(not load.is_integer() for load in loads):
-        _invalid(f"--concurrency: clients are whole numbers, got {text!r}")
+        invalid_option(f"--concurrency: clients are whole numbers, got {text!r}")
     return kind, sorted(loads)
 
 
@@ -158,16 +160,11 @@ def _samplers(profile: Path | None, prompt_tokens: int, max_tokens: int) -> tupl
         tokens = orjson.loads(profile.read_bytes())["tokens"]
         return TokenSampler.from_profile(tokens["prompt"]), TokenSampler.from_profile(tokens["completion"])
     except OSError as exc:
-        _invalid(f"--profile: cannot read {profile}: {exc.strerror}")
+        invalid_option(f"--profile: cannot read {profile}: {exc.strerror}")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        _invalid(f"--profile {profile}: not a `strata profile --json` report with token histograms ({exc})")
-
-
-def _invalid(message: str) -> NoReturn:
-    err.print(f"[red]invalid option:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(2)
+        invalid_option(f"--profile {profile}: not a `strata profile --json` report with token histograms ({exc})")
 
 
 def _fail(message: str) -> NoReturn:
     err.print(f"[red]loadtest failed:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(ExitCode.FAILED)

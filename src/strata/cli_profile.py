@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import orjson
 import typer
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from strata.cli_support import load_or_exit, on_database
+from strata.cli_support import invalid_option, load_or_exit, on_database, option_error
 from strata.compute.catalog import ModelNotFound, find_model
 from strata.compute.planner import PlanError
 from strata.compute.self_host import SelfHostEstimate, estimate, measured_from_loadtest
@@ -64,31 +64,27 @@ def profile_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to strata.yaml.")] = None,
 ) -> None:
     """Token distributions, traffic and concurrency, latency against SLOs, and spend of a workload."""
-    slo = Slo(
-        ttft_ms=slo_ttft_ms, ttft_p95_ms=slo_ttft_p95_ms, itl_p95_ms=slo_itl_p95_ms,
-        e2e_p95_s=slo_e2e_p95_s, e2e_p99_s=slo_e2e_p99_s,
-    )  # fmt: skip
-    for name, value in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-ttft-p95-ms", slo_ttft_p95_ms),
-                        ("--slo-itl-p95-ms", slo_itl_p95_ms), ("--slo-e2e-p95-s", slo_e2e_p95_s),
-                        ("--slo-e2e-p99-s", slo_e2e_p99_s)):  # fmt: skip
-        if value is not None and value <= 0:
-            _invalid(f"{name}: must be more than 0, got {value:g}")
+    slo = slo_or_exit(slo_ttft_ms, slo_ttft_p95_ms, slo_itl_p95_ms, slo_e2e_p95_s, slo_e2e_p99_s)
     filters = {k: v for k, v in (("model", model), ("agent", agent), ("key", key), ("user", user), ("kind", kind)) if v}
     if kind is not None and kind not in ("chat", "run_step"):
-        _invalid(f"--kind: must be chat or run_step, got {kind!r}")
+        invalid_option(f"--kind: must be chat or run_step, got {kind!r}")
+    prices = (api_input_usd_per_mtok, api_output_usd_per_mtok)
+    if (prices[0] is None) != (prices[1] is None) or any(p is not None and p < 0 for p in prices):
+        invalid_option("--api-input-usd-per-mtok and --api-output-usd-per-mtok go together, each 0 or more")
+    loaded = load_or_exit(config) if file is None or plan is not None else None
+    if plan is not None and loaded is not None and gpu not in loaded.cost.gpu_prices:
+        named = ", ".join(loaded.cost.gpu_prices) or "none"
+        invalid_option(f"--gpu: no price for {gpu!r} in cost.gpu_prices (has {named})")
     if file is not None:
         if since or until or filters:
-            _invalid("--file profiles the whole log: --from, --to, --model, --agent, --key, --user and --kind "
+            invalid_option("--file profiles the whole log: --from, --to, --model, --agent, --key, --user and --kind "
                      "select usage records, not lines of a file")  # fmt: skip
         result = _from_file(file, slo)
     else:
         try:
             query = UsageQuery.model_validate({"from": since, "to": until})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = "--" + ".".join(str(p) for p in first["loc"]).replace("from_", "from")
-            _invalid(f"{where}: {first['msg'].removeprefix('Value error, ')}")
-        loaded = load_or_exit(config)
+            invalid_option(option_error(exc))
 
         async def work(db: Database) -> WorkloadProfile:
             store = UsageStore(db)
@@ -98,16 +94,12 @@ def profile_command(
             window = {"from": iso(query.since), "to": iso(query.until)}
             return profile([call_of(e) for e in events], slo=slo, tools_per_run=tools, filters={**window, **filters})
 
+        assert loaded is not None
         result = on_database(loaded, work, what="read usage", table="usage")
     sizing = None
-    if plan is not None:
-        prices = (api_input_usd_per_mtok, api_output_usd_per_mtok)
-        if (prices[0] is None) != (prices[1] is None) or any(p is not None and p < 0 for p in prices):
-            _invalid("--api-input-usd-per-mtok and --api-output-usd-per-mtok go together, each 0 or more")
-        gpu_prices = load_or_exit(config).cost.gpu_prices
-        if gpu not in gpu_prices:
-            _invalid(f"--gpu: no price for {gpu!r} in cost.gpu_prices (has {', '.join(gpu_prices) or 'none'})")
-        sizing = _self_host(result, plan, gpu, gpu_prices[gpu], quant, loadtest, prices, window_days(result))
+    if plan is not None and loaded is not None:
+        usd_per_hour = loaded.cost.gpu_prices[gpu]
+        sizing = _self_host(result, plan, gpu, usd_per_hour, quant, loadtest, prices, window_days(result))
     if html is not None:
         html.write_text(profile_html(result))
     if as_json:
@@ -119,6 +111,20 @@ def profile_command(
         render_self_host(sizing, out)
     if html is not None:
         out.print(f"HTML report: {escape(str(html))}", highlight=False)
+
+
+def slo_or_exit(
+    ttft_ms: float | None, ttft_p95_ms: float | None, itl_p95_ms: float | None,
+    e2e_p95_s: float | None, e2e_p99_s: float | None,
+) -> Slo:  # fmt: skip
+    """The --slo-* options of `profile` and `loadtest`, each more than 0 when given."""
+    for name, value in (("--slo-ttft-ms", ttft_ms), ("--slo-ttft-p95-ms", ttft_p95_ms),
+                        ("--slo-itl-p95-ms", itl_p95_ms), ("--slo-e2e-p95-s", e2e_p95_s),
+                        ("--slo-e2e-p99-s", e2e_p99_s)):  # fmt: skip
+        if value is not None and value <= 0:
+            invalid_option(f"{name}: must be more than 0, got {value:g}")
+    return Slo(ttft_ms=ttft_ms, ttft_p95_ms=ttft_p95_ms, itl_p95_ms=itl_p95_ms, e2e_p95_s=e2e_p95_s,
+               e2e_p99_s=e2e_p99_s)  # fmt: skip
 
 
 def window_days(result: WorkloadProfile) -> float:
@@ -147,9 +153,9 @@ def _self_host(
         try:
             measured = measured_from_loadtest(orjson.loads(loadtest.read_bytes()), loadtest.name)
         except OSError as exc:
-            _invalid(f"--loadtest: cannot read {loadtest}: {exc.strerror}")
+            invalid_option(f"--loadtest: cannot read {loadtest}: {exc.strerror}")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            _invalid(f"--loadtest {loadtest}: {exc}")
+            invalid_option(f"--loadtest {loadtest}: {exc}")
     try:
         return estimate(
             result, find_model(model), gpu=gpu, gpu_usd_per_hour=usd_per_hour,
@@ -157,7 +163,7 @@ def _self_host(
             api_usd_per_mtok=(prices[0], prices[1]) if prices[0] is not None and prices[1] is not None else None,
         )  # fmt: skip
     except (ModelNotFound, PlanError) as exc:
-        _invalid(f"--plan {model}: {exc}")
+        invalid_option(f"--plan {model}: {exc}")
 
 
 def call_of(event: UsageEvent) -> Call:
@@ -173,9 +179,9 @@ def _from_file(path: Path, slo: Slo) -> WorkloadProfile:
         with path.open("rb") as lines:
             imported = read_jsonl(lines)
     except OSError as exc:
-        _invalid(f"--file: cannot read {path}: {exc.strerror}")
+        invalid_option(f"--file: cannot read {path}: {exc.strerror}")
     except WorkloadFileError as exc:
-        _invalid(f"--file {path}: {exc}")
+        invalid_option(f"--file {path}: {exc}")
     notes = []
     if imported.completion_from_limits:
         notes.append(f"{imported.completion_from_limits} completions are request limits, not measured")
@@ -183,8 +189,3 @@ def _from_file(path: Path, slo: Slo) -> WorkloadProfile:
         notes.append(f"{imported.without_time} lines without a timestamp")
     source = f"{path.name}" + (f" ({'; '.join(notes)})" if notes else "")
     return profile(imported.calls, slo=slo, source=source)
-
-
-def _invalid(message: str) -> NoReturn:
-    err.print(f"[red]invalid option:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(2)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy import inspect
@@ -113,3 +114,17 @@ async def _has_schema(db: Database) -> bool:
 def _refuse(message: str) -> NoReturn:
     sys.stderr.write(message + "\n")  # plain: one line people and scripts read alike
     raise typer.Exit(ExitCode.USAGE)
+
+
+def invalid_option(message: str) -> NoReturn:
+    """A bad option or argument: one line on stderr, exit USAGE."""
+    err.print(f"[red]invalid option:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(ExitCode.USAGE)
+
+
+def option_error(exc: ValidationError) -> str:
+    """The first error of a query model built from command-line options, named as the option (--from: ...)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]).replace("from_", "from")
+    message = first["msg"].removeprefix("Value error, ")
+    return ("--" + where.replace("_", "-") + ": " if where else "") + message

@@ -12,12 +12,10 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from strata.cli_exit import ExitCode
-from strata.cli_support import load_or_exit, on_database
+from strata.cli_support import invalid_option, load_or_exit, on_database, option_error
 from strata.config import StrataConfig
 from strata.cost.budgets import format_usd
 from strata.cost.query import UsageQuery, iso
@@ -59,12 +57,7 @@ def usage(
             {"group_by": group_by, "from": since, "to": until, "user": user, "kind": kind}
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]).replace("from_", "from")
-        message = first["msg"].removeprefix("Value error, ")
-        option = "--" + where.replace("_", "-") + ": " if where else ""
-        err.print(f"[red]invalid option:[/] {escape(option + message)}", highlight=False)
-        raise typer.Exit(ExitCode.USAGE) from None
+        invalid_option(option_error(exc))
     loaded = load_or_exit(config)
     rows, total = _read(loaded, query.group_by, query.since, query.until, query.user, query.kind)
     if as_json:

@@ -17,7 +17,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from strata.compute.workload import Distribution, Latency, Slo, SloResult, jsonable, slo_results
+from strata.compute.workload import Distribution, Latency, Slo, SloResult, slo_results
 
 StepKind = Literal["rate", "concurrency"]
 # Common English words that real tokenizers keep whole: a prompt of N of them is about N tokens.
@@ -206,7 +206,7 @@ class LoadTestReport:
     slo: Slo
 
     def to_json(self) -> dict[str, Any]:
-        return jsonable(asdict(self))  # type: ignore[return-value]
+        return asdict(self)
 
 
 def report(target: Target, kind: StepKind, steps: list[StepResult], slo: Slo) -> LoadTestReport:

@@ -193,7 +193,8 @@ class WorkloadProfile:
     filters: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
-        return jsonable(asdict(self))  # type: ignore[no-any-return]
+        """Plain data for orjson, which writes the datetimes as ISO 8601 and a NaN as null."""
+        return asdict(self)
 
 
 def profile(
@@ -362,15 +363,3 @@ def _spend(calls: Sequence[Call]) -> Spend:
         by_user=by(lambda c: c.user),
         by_key=by(lambda c: c.key_id),
     )
-
-
-def jsonable(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
