@@ -15,11 +15,14 @@ LLAMA_LOG := $(WHEELHOUSE).build.log
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 # The compiler's progress lines ([12/180] or [ 40%]) and pip's own steps, out of pip's verbose build log.
 LLAMA_PROGRESS := '^\s*(\[ *[0-9]+(\/[0-9]+|%)\]|\*\*\*)|^(Collecting|Downloading|Building wheel|Created wheel|Successfully)'
+# A compiler line shortened to its step and source file ("[12/193] ggml-cpu.c"); any other line to 100 columns.
+LLAMA_SHORT := -e 's@^\s*(\[[^]]*\]).* -c .*/([^/ ]+)$$@\1 \2@' -e 's/^(.{100}).+/\1.../'
 
-# The suite runs in parallel processes, one test file each at a time (module-scoped servers stay shared).
+# The suite runs in parallel processes, one test file each at a time (module-scoped servers stay shared), in
+# the order tests/conftest.py gives: the longest files first.
 # Most tests wait on real servers rather than compute, so one worker more than the cores keeps them busy.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 .PHONY: serve test test-fast lint bench bootstrap system-deps clean-venv image grpc
 
@@ -34,7 +37,7 @@ $(STAMP): pyproject.toml
 		mkdir -p $(WHEELHOUSE); \
 		if ! CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -v --no-deps --no-cache-dir \
 			-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | tee $(LLAMA_LOG) \
-			| { grep --line-buffered -E $(LLAMA_PROGRESS) || true; }; then \
+			| { grep --line-buffered -E $(LLAMA_PROGRESS) || true; } | sed -u -E $(LLAMA_SHORT); then \
 			tail -n 30 $(LLAMA_LOG); echo "llama-cpp-python did not build; the whole log: $(LLAMA_LOG)"; exit 1; \
 		fi; \
 	else \
