@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from strata.compute.charts import pyplot
+
 LITELLM_RPS = 107.0  # LiteLLM proxy, one worker, as cited in issue 8 (not measured in this run)
 
 
@@ -52,17 +54,11 @@ def loadavg() -> str:
 
 
 def chart(results: dict[str, Any], path: Path) -> Path | None:
-    """Latency percentiles vs offered load, direct and through Strata. None without matplotlib or data."""
+    """Latency percentiles vs offered load, direct and through Strata. None without data."""
     rows = (results.get("scenarios", {}).get("overhead") or {}).get("rates") or []
     if not rows:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     rates = [r["rate"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for who, style in (("direct", "--"), ("strata", "-")):

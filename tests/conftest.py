@@ -56,11 +56,11 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first: those with `slow` tests, then those that start servers, the unit tests last.
+    """The longest files first: those with `slow` or `image` tests, then those that start servers, the unit tests last.
     `make test` hands whole files to parallel workers in collection order (`--no-loadscope-reorder`: xdist
     would otherwise order files by their number of tests, and a one-test file of three minutes started
     last ran alone at the end); started first, the long files overlap everything else, and the many short
     unit files fill the workers' gaps at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    long_files = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("image")}
     unit = Path(__file__).parent / "unit"
-    items.sort(key=lambda item: (item.path not in slow_files, unit in item.path.parents))  # stable sort
+    items.sort(key=lambda item: (item.path not in long_files, unit in item.path.parents))  # stable sort

@@ -19,9 +19,11 @@ if [ -z "$base" ]; then
     base=localhost/strata-base:bookworm
     if ! podman image exists "$base"; then
         mkdir -p "$cache"
-        if [ ! -s "$cache/base.tar" ]; then
+        if [ ! -f "$cache/base.tar" ] || [ ! -s "$cache/base.tar" ]; then
             echo "==> base: Debian bookworm (mmdebstrap, once; cached in $cache)"
-            mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 \
+            rm -rf "$cache/base.tar" "$cache/base.tar.part"  # what a failed or older build left
+            # --format: mmdebstrap picks the format from the file's suffix, and `.part` means "a directory".
+            mmdebstrap --variant=minbase --format=tar --include=python3,python3-venv,ca-certificates,libgomp1 \
                 bookworm "$cache/base.tar.part"
             mv "$cache/base.tar.part" "$cache/base.tar"
         fi

@@ -27,7 +27,9 @@ import pytest
 from strata.serving.supervisor import free_port
 from tests.support.strata_process import REPO_ROOT
 
-pytestmark = pytest.mark.image
+# The first build on a fresh machine makes the Debian base with mmdebstrap and every wheel: minutes, on busy
+# cores, inside the first test's set-up (later builds take seconds from the caches).
+pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 
 NEEDS = ("podman", "mmdebstrap", "unshare", "chroot")
 missing = [tool for tool in NEEDS if shutil.which(tool) is None]

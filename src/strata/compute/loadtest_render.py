@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from strata.compute.charts import pyplot
 from strata.compute.loadtest import LoadTestReport, StepResult
 
 
@@ -55,11 +56,7 @@ def render_loadtest(result: LoadTestReport, console: Console) -> None:
 
 def write_chart(result: LoadTestReport, path: Path) -> None:
     """Latency percentiles and throughput against the offered load; SVG or PNG by the file's suffix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     loads = [s.load for s in result.steps]
     fig, (latency, throughput) = plt.subplots(1, 2, figsize=(10, 4))
     for metric, label in (("ttft_s", "TTFT"), ("e2e_s", "end-to-end")):

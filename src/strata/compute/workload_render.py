@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from strata.compute.charts import pyplot
 from strata.compute.self_host import SelfHostEstimate
 from strata.compute.workload import Distribution, TokenProfile, WorkloadProfile
 
@@ -122,11 +123,7 @@ def profile_html(profile: WorkloadProfile) -> str:
 def _charts(profile: WorkloadProfile) -> list[str]:
     if profile.calls == 0:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     svgs: list[str] = []
 
     def figure(title: str, draw) -> None:  # type: ignore[no-untyped-def]
