@@ -10,6 +10,8 @@ import asyncio
 import base64
 import http.client
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -198,6 +200,54 @@ async def test_a_dead_worker_is_reported_and_the_pool_recovers() -> None:
             await single.run(os._exit, 3)
         assert await single.run(os.getpid)
         assert single.in_flight == 0
+
+
+OWNER_SCRIPT = """
+import asyncio, os, sys
+from strata.compute.offload import CpuPool
+
+async def main():
+    async with CpuPool(max_workers=2) as pool:
+        await pool.run(os.getpid)
+        print("started", flush=True)
+        await asyncio.sleep(60)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_the_pools_processes_die_with_a_process_killed_by_sigkill(tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_SCRIPT)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        assert "started\n" in iter(owner.stdout.readline, "")  # after the pool's own log line
+        pool_processes = _descendants(owner.pid)
+        assert len(pool_processes) >= 3  # the fork server and its two workers
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 15
+    while (left := {pid for pid in pool_processes if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"pool processes outlived their owner: {sorted(left)}"
 
 
 async def test_a_pool_runs_nothing_before_start_or_after_shutdown() -> None:

@@ -28,6 +28,8 @@ from typing import Any, Self, TypeVar
 
 import structlog
 
+from strata.compute.parent_death import exit_with
+
 log = structlog.get_logger("strata.compute")
 
 T = TypeVar("T")
@@ -197,7 +199,9 @@ class CpuPool:
             self._in_flight -= 1
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_worker_init)
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self._context, initializer=_worker_init, initargs=(os.getpid(),)
+        )
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         # Once one worker dies, a ProcessPoolExecutor refuses everything; only a new one recovers.
@@ -236,9 +240,13 @@ def _warm_up(executor: ProcessPoolExecutor, workers: int) -> None:
         future.result()
 
 
-def _worker_init() -> None:
+def _worker_init(owner_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # When Strata is killed (kill -9 too) a worker would wait forever: it holds both ends of the executor's
+    # job pipe, so it never sees it close, and it holds the fork server's "alive" pipe, so the fork server
+    # never exits either. A worker of the fork server is not Strata's child, so it watches Strata's pid.
+    exit_with(owner_pid)
 
 
 def _raise_deadline(_signum: int, _frame: object) -> None:

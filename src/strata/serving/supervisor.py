@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import os
 import signal
@@ -18,11 +17,11 @@ from pathlib import Path
 
 import structlog
 
+from strata.compute.parent_death import die_with_parent
 from strata.resilience.retry import backoff
 
 log = structlog.get_logger("strata.supervisor")
 
-_PR_SET_PDEATHSIG = 1
 # Between health probes while a child starts: readiness (and `strata serve`'s cold start) waits for the next
 # probe, and a probe of a server not listening yet is one refused connect.
 HEALTH_POLL_S = 0.05
@@ -53,12 +52,6 @@ def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
                 continue
             return int(sock.getsockname()[1])
     raise OSError("no free port")  # pragma: no cover - binding port 0 does not fail in practice
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if Strata dies, even by kill -9, so no model server is orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def log_tail(path: Path, max_bytes: int = 2000) -> str:
@@ -133,7 +126,7 @@ class ProcessSupervisor:
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=asyncio.subprocess.STDOUT,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=die_with_parent,
                         start_new_session=True,  # a terminal's Ctrl-C reaches Strata, which stops it in order
                     )
             except Exception as exc:  # e.g. the executable is missing: a failed launch, retried with backoff
