@@ -29,6 +29,7 @@ from strata.compute.documents import DocumentError, extract_text
 from strata.compute.offload import CpuPool, CpuPoolBusy, CpuPoolError, CpuPoolTimeout
 from strata.compute.tokens import PooledTokenCounter, count_tokens
 from strata.serving.usage import ApproximateTokenCounter
+from tests.support.strata_process import descendants
 
 T = TypeVar("T")
 CONTEXT = ToolContext(run_id="run-1", idempotency_key="run-1:1:1", timeout_s=60)
@@ -217,21 +218,6 @@ if __name__ == "__main__":
 """
 
 
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def test_the_pools_processes_die_with_a_process_killed_by_sigkill(tmp_path: Path) -> None:
     script = tmp_path / "owner.py"
     script.write_text(OWNER_SCRIPT)
@@ -239,7 +225,7 @@ def test_the_pools_processes_die_with_a_process_killed_by_sigkill(tmp_path: Path
     try:
         assert owner.stdout is not None
         assert "started\n" in iter(owner.stdout.readline, "")  # after the pool's own log line
-        pool_processes = _descendants(owner.pid)
+        pool_processes = descendants(owner.pid)
         assert len(pool_processes) >= 3  # the fork server and its two workers
     finally:
         owner.kill()
