@@ -5,7 +5,7 @@ llama-cpp-python's own server reads). Two changes:
 
 - the `chatml-function-calling` chat format is `embedded_chat`'s (OpenAI's shapes, no HTML escaping, tool_choice
   "required", streamed tool calls);
-- a non-streamed chat completion stops when its client goes away. llama-cpp-python's server only notices a
+- a non-streamed chat completion or completion stops when its client goes away. llama-cpp-python's server only notices a
   departed client in streams: a plain request ran to its end (to the context size, without max_tokens), and,
   one request at a time, every request behind it waited.
 """
@@ -16,20 +16,23 @@ import argparse
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from llama_cpp import Llama, StoppingCriteriaList
 from llama_cpp.server import app as llama_app
 from llama_cpp.server.errors import RouteErrorHandler
 from llama_cpp.server.settings import ConfigFileSettings, ServerSettings
-from llama_cpp.server.types import CreateChatCompletionRequest
+from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
 from starlette.concurrency import run_in_threadpool
 
 from strata.serving import embedded_chat
 from strata.serving.llama_server import unescape_chat_templates
 
-# What llama-cpp-python's server leaves out of the body before it calls create_chat_completion.
+# What llama-cpp-python's server leaves out of the body before it calls the model (completions: best_of too).
 SERVER_EXCLUDES = {"n", "logit_bias_type", "user", "min_tokens"}
 CLIENT_CLOSED = 499  # nobody reads it: the client is gone
 
@@ -40,19 +43,45 @@ router = APIRouter(route_class=RouteErrorHandler)
 async def chat_completions(request: Request, body: CreateChatCompletionRequest) -> object:
     if body.stream:  # llama-cpp-python's stream stops by itself when its client leaves
         return await llama_app.create_chat_completion(request, body)
+
+    def complete(llama: Llama, kwargs: dict[str, Any], gone: threading.Event) -> object:
+        token = embedded_chat.client_gone.set(gone)  # the worker thread gets a copy of this context
+        try:
+            return llama.create_chat_completion(**kwargs)
+        finally:
+            embedded_chat.client_gone.reset(token)
+
+    return await _until_gone(request, body, body.model_dump(exclude=SERVER_EXCLUDES), complete)
+
+
+@router.post("/v1/completions", dependencies=[Depends(llama_app.authenticate)], include_in_schema=False)
+async def completions(request: Request, body: CreateCompletionRequest) -> object:
+    if body.stream:
+        return await llama_app.create_completion(request, body)
+    if isinstance(body.prompt, list):  # one prompt, as llama-cpp-python's own route takes it
+        body.prompt = body.prompt[0] if body.prompt else ""
+
+    def complete(llama: Llama, kwargs: dict[str, Any], gone: threading.Event) -> object:
+        return llama(**kwargs, stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: gone.is_set()]))
+
+    return await _until_gone(request, body, body.model_dump(exclude=SERVER_EXCLUDES | {"best_of"}), complete)
+
+
+async def _until_gone(
+    request: Request,
+    body: CreateChatCompletionRequest | CreateCompletionRequest,
+    kwargs: dict[str, Any],
+    complete: Callable[[Llama, dict[str, Any], threading.Event], object],
+) -> object:
+    """Run a non-streamed request in a thread, told (through `gone`) when its client leaves."""
     gone = threading.Event()
     watcher = asyncio.ensure_future(_watch(request, gone))
     try:
         async with contextlib.asynccontextmanager(llama_app.get_llama_proxy)() as proxy:
             if gone.is_set():  # it left while waiting for the model
                 return Response(status_code=CLIENT_CLOSED)
-            kwargs = body.model_dump(exclude=SERVER_EXCLUDES)
             llama = llama_app.prepare_request_resources(body, proxy, body.model, kwargs)
-            token = embedded_chat.client_gone.set(gone)  # the worker thread gets a copy of this context
-            try:
-                return await run_in_threadpool(llama.create_chat_completion, **kwargs)
-            finally:
-                embedded_chat.client_gone.reset(token)
+            return await run_in_threadpool(complete, llama, kwargs, gone)
     finally:
         watcher.cancel()
 
