@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ WAIT_MS = 10_000
 
 
 @pytest.fixture(scope="module")
-def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataProcess]:
+def starting(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[StrataProcess]]:
+    """`strata serve` starts in a thread while chromium launches: the module's two slow set-ups overlap."""
     config = {
         "models": [mock_model(mock_backend, input_usd_per_mtok=1000.0, output_usd_per_mtok=2000.0)],
         "agents": [
@@ -40,18 +42,24 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
         "server": {"drain_delay_s": 0, "shutdown_grace_s": 5},
         "cost": {"budgets": [{"scope": "user", "name": "*", "period": "day", "limit_usd": 500.0}]},
     }
-    process = StrataProcess(tmp_path_factory.mktemp("console"), config, env={"MOCK_API_KEY": "mock-secret"}).start()
-    yield process
+    process = StrataProcess(tmp_path_factory.mktemp("console"), config, env={"MOCK_API_KEY": "mock-secret"})
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(process.start)
     assert process.stop() == 0
     assert '"unhandled error"' not in process.logs()
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(starting: Future[StrataProcess]) -> Iterator[Any]:
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def strata(starting: Future[StrataProcess], browser: Any) -> StrataProcess:
+    return starting.result()
 
 
 @pytest.fixture
@@ -132,6 +140,9 @@ def test_open_a_run_with_its_tool_call_and_trace_waterfall(
     expect(steps).to_contain_text("calculator")
     expect(steps).to_contain_text('"expression": "6*7"')
     expect(steps).to_contain_text("42")
+    model_steps = steps.locator("tr").filter(has_text="mock-model")
+    expect(model_steps.nth(0)).to_contain_text("$0.019")  # 11 tokens in at $1000/M, 4 out at $2000/M
+    expect(model_steps.nth(1)).to_contain_text("$0.017")  # 11 in, 3 out
     bars = page.locator(".waterfall .row")
     expect(bars.first).to_be_visible()
     assert bars.count() >= 3  # the run, its model calls and its tool call
@@ -157,6 +168,7 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
     expect(page.locator("#run-status")).to_have_text("awaiting_approval")
     pending = page.locator(".pending[data-call=c7]")
     expect(pending).to_contain_text("calculator")
+    expect(page.locator(".messages .msg.user")).to_have_text(re.compile("2\\+3\\?"))
     screenshot(page, "approval")
     pending.locator("button.approve").click()
     expect(page.locator("#run-status")).to_have_text("completed")  # no reload: the run's events drive the page
@@ -233,10 +245,11 @@ def test_a_user_key_sees_no_admin_pages_and_its_direct_calls_are_refused(page: P
     expect(page.locator("#who")).to_have_text("carol · user")
     nav = page.locator("#nav a").all_inner_texts()
     assert nav == ["Overview", "Runs", "Playground", "Usage"]
+    expect(page.locator("#runs-active")).to_be_visible()
     expect(page.locator("#charts")).to_have_count(0)  # metrics are not the user's to read
+    screenshot(page, "user")
     page.goto(f"{strata.url}/console#/keys")
     expect(page.locator("#view h1")).to_have_text("Not here")
-    screenshot(page, "user")
     status = "async (path, init) => (await fetch(path, init)).status"
     assert page.evaluate(status, "/admin/keys") == 403
     assert page.evaluate(status, "/admin/audit") == 403

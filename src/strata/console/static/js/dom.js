@@ -38,7 +38,7 @@ export function failure(error) {
 }
 
 export const fmt = {
-  usd: (v) => (v === null || v === undefined ? "–" : v >= 0.01 || v === 0 ? `$${v.toFixed(2)}` : `$${v.toPrecision(3)}`),
+  usd: (v) => (v === null || v === undefined ? "–" : v === 0 || v >= 0.1 ? `$${v.toFixed(2)}` : `$${v.toPrecision(2)}`),
   num: (v, digits = 0) => (v === null || v === undefined ? "–" : Number(v).toLocaleString("en", { maximumFractionDigits: digits })),
   ms: (seconds) => (seconds === null || seconds === undefined ? "–" : seconds < 1 ? `${(seconds * 1000).toFixed(0)} ms` : `${seconds.toFixed(2)} s`),
   pct: (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`),

@@ -8,6 +8,7 @@ const ENDED = ["completed", "failed", "cancelled"];
 export async function render(view, { may, params }) {
   const id = params[0];
   const live = new AbortController();
+  const costs = new Map(); // turn -> the model step's cost, from the run's message.completed events
   let timer = null;
   const parts = {
     head: h("div"), pending: h("div"), conversation: h("div", { class: "messages" }),
@@ -17,32 +18,36 @@ export async function render(view, { may, params }) {
     card("Trace", parts.trace));
 
   async function refresh() {
-    const run = await api(`/v1/runs/${encodeURIComponent(id)}`);
+    const path = `/v1/runs/${encodeURIComponent(id)}`;
+    const [run, trace] = await Promise.all([api(path), api(`${path}/trace`).catch(() => ({ spans: [] }))]);
+    const messages = await api(`/v1/sessions/${encodeURIComponent(run.session_id)}/messages`).catch(() => ({ data: [] }));
     drawHead(parts.head, run, may, refresh);
     drawPending(parts.pending, run, may, refresh);
-    drawSteps(parts.steps, run);
-    const messages = await api(`/v1/sessions/${encodeURIComponent(run.session_id)}/messages`).catch(() => ({ data: [] }));
     drawConversation(parts.conversation, messages.data.filter((m) => m.run_id === run.id));
-    const trace = await api(`/v1/runs/${encodeURIComponent(id)}/trace`).catch(() => ({ spans: [] }));
+    drawSteps(parts.steps, run, costs);
     drawWaterfall(parts.trace, trace.spans);
     return run;
   }
   const soon = () => { clearTimeout(timer); timer = setTimeout(() => refresh().catch(() => {}), 150); };
 
-  const run = await refresh();
-  if (!ENDED.includes(run.status)) follow(id, live.signal, soon);
+  await refresh();
+  // The stored events, then live ones until the run ends (an ended run's stream replays and closes).
+  follow(id, live.signal, (event) => {
+    if (event?.event === "message.completed") costs.set(event.data.turn, event.data.cost_usd);
+    soon();
+  });
   return () => { live.abort(); clearTimeout(timer); };
 }
 
 async function follow(id, signal, changed) {
   try {
     for await (const event of events(`/v1/runs/${encodeURIComponent(id)}/events`, { signal })) {
-      if (event.event !== "message.delta") changed();
+      if (event.event !== "message.delta") changed(event);
     }
   } catch (e) {
     if (e.name !== "AbortError") console.warn("run events ended", e);
   }
-  changed();
+  changed(null);
 }
 
 function drawHead(el, run, may, refresh) {
@@ -93,9 +98,8 @@ function drawPending(el, run, may, refresh) {
   )));
 }
 
-function drawSteps(el, run) {
+function drawSteps(el, run, costs) {
   const modelTokens = (s) => s.usage.prompt_tokens + s.usage.completion_tokens;
-  const total = run.steps.reduce((sum, s) => sum + modelTokens(s), 0);
   el.replaceChildren(table([
     { label: "Turn", value: (s) => s.turn, num: true },
     { label: "Kind", value: (s) => s.kind },
@@ -103,8 +107,7 @@ function drawSteps(el, run) {
     { label: "Status", value: (s) => status(s.status) },
     { label: "Duration", value: (s) => fmt.ms(seconds(s.started_at, s.finished_at)), num: true },
     { label: "Tokens", value: (s) => (modelTokens(s) ? `${s.usage.prompt_tokens} / ${s.usage.completion_tokens}` : "–"), num: true },
-    // The run's cost shared by the steps' tokens: exact for one model step, an estimate otherwise.
-    { label: "Cost", value: (s) => (total && modelTokens(s) ? fmt.usd(run.cost_usd * modelTokens(s) / total) : "–"), num: true },
+    { label: "Cost", value: (s) => (s.kind === "model" && costs.has(s.turn) ? fmt.usd(costs.get(s.turn)) : "–"), num: true },
     { label: "Input / arguments", value: (s) => h("pre", {}, fmt.json(stepInput(s))) },
     { label: "Output / result", value: (s) => h("pre", {}, s.error ? `error: ${fmt.json(s.error)}` : fmt.json(stepOutput(s))) },
   ], run.steps, "No steps yet."));
