@@ -32,8 +32,10 @@ WAIT_MS = 10_000
 @pytest.fixture(scope="module")
 def starting(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[StrataProcess]]:
     """`strata serve` starts in a thread while chromium launches: the module's two slow set-ups overlap."""
+    prices = {"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 2000.0}
     config = {
-        "models": [mock_model(mock_backend, input_usd_per_mtok=1000.0, output_usd_per_mtok=2000.0)],
+        "models": [mock_model(mock_backend, **prices)],
+        "deploy": {"profiles": {"mock-v2": mock_model(mock_backend, **prices)}},
         "agents": [
             agent("helper", tools=["calculator"]),
             agent("approver", tools=["calculator"], require_approval=["calculator"]),
@@ -194,6 +196,12 @@ def test_chat_in_the_playground_streams_with_tokens_latency_and_cost(
     expect(page.locator("#stat-ttft")).to_contain_text("first token")
     expect(page.locator("#stat-cost")).to_have_text(re.compile(r"cost \$\d"))
     screenshot(page, "playground")
+    page.select_option("select[name=target]", "agent:helper")  # an agent: a streamed run
+    page.fill("textarea[name=message]", "count again")
+    page.click("button[type=submit]")
+    expect(answer).to_have_text("one two three four five six")
+    expect(page.locator("#stats a")).to_have_text("open the run")
+    expect(page.locator("#stat-cost")).to_have_text(re.compile(r"cost \$\d"))
 
 
 def test_create_a_key_shown_once_then_revoke_it(page: Page, strata: StrataProcess) -> None:
@@ -237,6 +245,17 @@ def test_every_admin_page_renders(page: Page, strata: StrataProcess, mock_backen
     spent = float(budget.locator("td").nth(4).inner_text().lstrip("$"))
     left = float(budget.locator("td").nth(5).inner_text().lstrip("$"))
     assert spent > 0 and left == pytest.approx(500 - spent, abs=0.01)
+
+
+def test_an_operator_hot_swaps_a_model_to_a_configured_profile(page: Page, strata: StrataProcess) -> None:
+    log_in(page, strata, strata.create_key("operator", name="console-operator"))
+    assert page.locator("#nav a").all_inner_texts() == ["Overview", "Runs", "Playground", "Usage", "Models", "GPUs"]
+    page.click("#nav a[data-page=models]")
+    page.fill("input[name=profile]", "mock-v2")
+    page.click("form.inline button[type=submit]")
+    expect(page.locator(".card").filter(has_text="Hot swap")).to_contain_text("mock-model now serves version 2")
+    page.reload()
+    expect(page.locator(".card").filter(has_text="Versions")).to_contain_text("profile: mock-v2")
 
 
 def test_a_user_key_sees_no_admin_pages_and_its_direct_calls_are_refused(page: Page, strata: StrataProcess) -> None:

@@ -68,7 +68,7 @@ async def login(request: Request) -> Response:
     request.scope[PRINCIPAL] = who
     audit(request, "console.login", f"role {who.role}")
     body = {"user": who.user, "role": who.role, "permissions": [p.value for p in Permission if who.may(p)]}
-    response = Response(orjson.dumps(body), media_type="application/json")
+    response = Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
     secure = request.url.scheme == "https"
     response.set_cookie(SESSION_COOKIE, key, httponly=True, samesite="strict", secure=secure, path="/")
     # Readable by the console's scripts, which repeat it in X-CSRF-Token: a page elsewhere can do neither.

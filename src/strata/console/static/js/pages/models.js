@@ -22,10 +22,16 @@ export async function render(view, { may }) {
     { label: "Model", value: (m) => m.model },
     { label: "Version", value: (m) => m.version ?? "–", num: true },
     { label: "State", value: (m) => m.state },
-    { label: "Serving", value: (m) => m.reference ?? "config" },
+    { label: "Serving", value: (m) => describe(m.reference) },
     { label: "Replicas", value: (m) => m.replicas.map((r) => `${r.replica}: v${r.version ?? "?"} ${r.state}`).join(", ") || "this one" },
   ], models.data)));
   if (may("deployments:write")) view.append(card("Hot swap", swapForm(models.data.map((m) => m.model))));
+}
+
+// Where a version came from: {"profile": "big"}, the configuration file, or an endpoint given over the API.
+function describe(reference) {
+  if (!reference) return "–";
+  return Object.entries(reference).map(([k, v]) => (typeof v === "object" ? `${k}: ${JSON.stringify(v)}` : `${k}: ${v}`)).join(", ");
 }
 
 function swapForm(names) {
