@@ -204,7 +204,7 @@ def test_chat_in_the_playground_streams_with_tokens_latency_and_cost(
     expect(page.locator("#stat-cost")).to_have_text(re.compile(r"cost \$\d"))
 
 
-def test_create_a_key_shown_once_then_revoke_it(page: Page, strata: StrataProcess) -> None:
+def test_create_a_key_shown_once_change_its_limits_rotate_and_revoke_it(page: Page, strata: StrataProcess) -> None:
     log_in(page, strata, strata.api_key)
     page.click("#nav a[data-page=keys]")
     page.fill("#create-key input[name=name]", "console-made")
@@ -217,9 +217,21 @@ def test_create_a_key_shown_once_then_revoke_it(page: Page, strata: StrataProces
     expect(row).to_contain_text("120 req/min")
     assert httpx.get(strata.url + "/v1/me", headers={"Authorization": f"Bearer {secret}"}).json()["role"] == "developer"
     screenshot(page, "keys")
-    row.locator("button.danger").click()
-    expect(row).to_have_count(0)  # the list shows keys in use
-    assert httpx.get(strata.url + "/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    row.get_by_role("button", name="Limits").click()
+    row.locator("input").nth(1).fill("5000")  # tokens per minute
+    row.get_by_role("button", name="Save").click()
+    expect(row).to_contain_text("120 req/min, 5,000 tok/min")
+    row.get_by_role("button", name="Rotate").click()
+    rotated = page.locator("#new-secret")
+    expect(rotated).not_to_have_text(secret)
+    new_secret = rotated.inner_text()
+    assert httpx.get(strata.url + "/v1/me", headers={"Authorization": f"Bearer {new_secret}"}).json()["tpm"] == 5000
+    new_row = page.locator("#keys-list tr").filter(has_text=new_secret[:16])
+    new_row.locator("button.danger").click()
+    expect(new_row).to_have_count(0)  # the list shows keys in use
+    assert httpx.get(strata.url + "/v1/me", headers={"Authorization": f"Bearer {new_secret}"}).status_code == 401
+    old = httpx.get(strata.url + "/v1/me", headers={"Authorization": f"Bearer {secret}"})
+    assert old.status_code == 200  # the rotated-from secret works through its hour of overlap
 
 
 def test_every_admin_page_renders(page: Page, strata: StrataProcess, mock_backend: MockBackend) -> None:
@@ -245,6 +257,24 @@ def test_every_admin_page_renders(page: Page, strata: StrataProcess, mock_backen
     spent = float(budget.locator("td").nth(4).inner_text().lstrip("$"))
     left = float(budget.locator("td").nth(5).inner_text().lstrip("$"))
     assert spent > 0 and left == pytest.approx(500 - spent, abs=0.01)
+
+
+def test_the_gpu_page_shows_what_nvml_reports(page: Page, strata: StrataProcess) -> None:
+    """This machine has no GPU (the admin pages test shows "No GPUs"): the inventory of one comes from the test."""
+    gpu = {"index": 0, "uuid": "GPU-1", "name": "NVIDIA H100 80GB HBM3", "memory_total_bytes": 80 * 2**30,
+           "memory_used_bytes": 20 * 2**30, "utilization_gpu_pct": 37, "temperature_c": 41, "power_w": 180.5,
+           "power_limit_w": 700.0}  # fmt: skip
+    inventory = {"available": True, "reason": None, "driver_version": "560.35", "cuda_version": "12.6",
+                 "gpus": [gpu, {**gpu, "index": 1, "uuid": "GPU-2"}], "links": [{"a": 0, "b": 1, "kind": "NVLINK",
+                 "nvlink_count": 18}], "errors": []}  # fmt: skip
+    page.route("**/admin/gpus", lambda route: route.fulfill(json=inventory))
+    log_in(page, strata, strata.api_key)
+    page.click("#nav a[data-page=gpus]")
+    rows = page.locator("table").first.locator("tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_contain_text("20.0 GiB / 80.0 GiB")
+    expect(rows.first).to_contain_text("37%")
+    expect(page.locator("#view")).to_contain_text("NVLINK \u00d718")
 
 
 def test_an_operator_hot_swaps_a_model_to_a_configured_profile(page: Page, strata: StrataProcess) -> None:

@@ -26,6 +26,7 @@ const PAGES = [
 const view = document.getElementById("view");
 let me = null;
 let cleanup = null;
+let shown = 0; // which navigation is on screen: a page that finishes loading after the next one started is undone
 
 const may = (permission) => !permission || me.permissions.includes(permission);
 
@@ -80,6 +81,7 @@ function route() {
   if (!me) return;
   if (cleanup) cleanup();
   cleanup = null;
+  const mine = ++shown;
   const [first, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
   let page = PAGES.find(([path]) => path === first);
   let module = page?.[2];
@@ -89,13 +91,18 @@ function route() {
     view.replaceChildren(h("h1", {}, "Not here"), h("p", { class: "muted" }, "This page does not exist or your role may not use it."));
     return;
   }
-  view.replaceChildren();
+  const box = h("div"); // this navigation's own: a page still loading when the next starts draws off screen
+  view.replaceChildren(box);
   const ctx = { me, may, params: rest.map(decodeURIComponent) };
-  Promise.resolve(module.render(view, ctx))
-    .then((done) => { if (typeof done === "function") cleanup = done; })
+  Promise.resolve(module.render(box, ctx))
+    .then((done) => {
+      if (typeof done !== "function") return;
+      if (mine === shown) cleanup = done;
+      else done();
+    })
     .catch((e) => {
       if (e instanceof ApiFailure && e.status === 401) return showLogin("Your session ended: log in again.");
-      view.append(failure(e));
+      box.append(failure(e));
     });
 }
 

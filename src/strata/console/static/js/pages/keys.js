@@ -29,7 +29,8 @@ export async function render(view) {
 }
 
 function limits(key) {
-  const parts = [key.rpm && `${key.rpm} req/min`, key.tpm && `${key.tpm} tok/min`, key.budget_usd && `${fmt.usd(key.budget_usd)}/month`];
+  const parts = [key.rpm && `${fmt.num(key.rpm)} req/min`, key.tpm && `${fmt.num(key.tpm)} tok/min`,
+    key.budget_usd && `${fmt.usd(key.budget_usd)}/month`];
   return parts.filter(Boolean).join(", ") || "none";
 }
 

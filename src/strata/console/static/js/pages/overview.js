@@ -50,7 +50,9 @@ export async function render(view, { may }) {
   }
 
   await refresh();
-  const timer = setInterval(() => refresh().catch((e) => view.append(failure(e))), REFRESH_MS);
+  const problem = h("div");
+  view.append(problem);
+  const timer = setInterval(() => refresh().then(() => problem.replaceChildren(), (e) => problem.replaceChildren(failure(e))), REFRESH_MS);
   return () => clearInterval(timer);
 }
 
