@@ -158,7 +158,8 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
     page: Page, strata: StrataProcess, mock_backend: MockBackend
 ) -> None:
     mock_backend.script(
-        Reply(tool_calls=[ToolCallSpec("calculator", {"expression": "2+3"}, id="c7")]), Reply(content="Five.")
+        Reply(tool_calls=[ToolCallSpec("calculator", {"expression": "2+3"}, id="c7")]),
+        Reply(content="It makes five, as counted.", chunk_delay_s=0.2),
     )
     body = {"input": "2+3?", "mode": "background"}
     run_id = httpx.post(strata.url + "/v1/agents/approver/runs", json=body, headers=strata.headers, timeout=30).json()[
@@ -173,8 +174,10 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
     expect(page.locator(".messages .msg.user")).to_have_text(re.compile("2\\+3\\?"))
     screenshot(page, "approval")
     pending.locator("button.approve").click()
+    expect(page.locator("#run-live")).to_contain_text("It makes")  # the answer as the model writes it
     expect(page.locator("#run-status")).to_have_text("completed")  # no reload: the run's events drive the page
-    expect(page.locator("#run-output")).to_contain_text("Five.")
+    expect(page.locator("#run-output")).to_contain_text("It makes five, as counted.")
+    expect(page.locator("#run-live")).to_be_hidden()
     expect(page.locator(".pending")).to_have_count(0)
 
 

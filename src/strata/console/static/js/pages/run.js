@@ -11,10 +11,11 @@ export async function render(view, { may, params }) {
   const costs = new Map(); // turn -> the model step's cost, from the run's message.completed events
   let timer = null;
   const parts = {
-    head: h("div"), pending: h("div"), conversation: h("div", { class: "messages" }),
+    head: h("div"), live: h("pre", { id: "run-live", hidden: true }), pending: h("div"),
+    conversation: h("div", { class: "messages" }),
     steps: h("div"), trace: h("div", { class: "waterfall" }),
   };
-  view.append(parts.head, parts.pending, card("Conversation", parts.conversation), card("Steps", parts.steps),
+  view.append(parts.head, parts.live, parts.pending, card("Conversation", parts.conversation), card("Steps", parts.steps),
     card("Trace", parts.trace));
 
   async function refresh() {
@@ -33,7 +34,16 @@ export async function render(view, { may, params }) {
   await refresh();
   // The stored events, then live ones until the run ends (an ended run's stream replays and closes).
   follow(id, live.signal, (event) => {
-    if (event?.event === "message.completed") costs.set(event.data.turn, event.data.cost_usd);
+    if (event?.event === "message.delta") { // the model's answer as it is written; the step replaces it
+      parts.live.hidden = false;
+      parts.live.textContent += event.data.content || "";
+      return;
+    }
+    if (event?.event === "message.completed") {
+      costs.set(event.data.turn, event.data.cost_usd);
+      parts.live.hidden = true;
+      parts.live.textContent = "";
+    }
     soon();
   });
   return () => { live.abort(); clearTimeout(timer); };
@@ -42,7 +52,7 @@ export async function render(view, { may, params }) {
 async function follow(id, signal, changed) {
   try {
     for await (const event of events(`/v1/runs/${encodeURIComponent(id)}/events`, { signal })) {
-      if (event.event !== "message.delta") changed(event);
+      changed(event);
     }
   } catch (e) {
     if (e.name !== "AbortError") console.warn("run events ended", e);
