@@ -77,9 +77,17 @@ def page(browser: Any) -> Iterator[Page]:
 
 
 def log_in(page: Page, strata: StrataProcess, key: str) -> None:
+    """Through the login form."""
     page.goto(strata.url + "/console")
     page.fill("#login input[name=key]", key)
     page.click("#login button[type=submit]")
+    expect(page.locator("#who")).not_to_be_empty()
+
+
+def open_console(page: Page, strata: StrataProcess, key: str, where: str = "") -> None:
+    """Logged in by the login route (the context's requests share the page's cookies), straight to a page."""
+    assert page.context.request.post(strata.url + "/console/login", data={"key": key}).ok
+    page.goto(f"{strata.url}/console#/{where}")
     expect(page.locator("#who")).not_to_be_empty()
 
 
@@ -129,8 +137,7 @@ def test_open_a_run_with_its_tool_call_and_trace_waterfall(
     run = httpx.post(strata.url + "/v1/agents/helper/runs", json={"input": "6*7?"}, headers=strata.headers, timeout=30)
     run_id = run.json()["id"]
     wait_status(strata, run_id)
-    log_in(page, strata, strata.api_key)
-    page.click("#nav a[data-page=runs]")
+    open_console(page, strata, strata.api_key, "runs")
     page.select_option("#run-filters select[name=status]", "completed")
     page.click("#run-filters button")
     link = page.locator(f"#runs-list a[href='#/runs/{run_id}']")
@@ -159,15 +166,14 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
 ) -> None:
     mock_backend.script(
         Reply(tool_calls=[ToolCallSpec("calculator", {"expression": "2+3"}, id="c7")]),
-        Reply(content="It makes five, as counted.", chunk_delay_s=0.2),
+        Reply(content="It makes five, as counted.", chunk_delay_s=0.1),
     )
     body = {"input": "2+3?", "mode": "background"}
     run_id = httpx.post(strata.url + "/v1/agents/approver/runs", json=body, headers=strata.headers, timeout=30).json()[
         "id"
     ]
     wait_status(strata, run_id, ("awaiting_approval",))
-    log_in(page, strata, strata.api_key)
-    page.goto(f"{strata.url}/console#/runs/{run_id}")
+    open_console(page, strata, strata.api_key, f"runs/{run_id}")
     expect(page.locator("#run-status")).to_have_text("awaiting_approval")
     pending = page.locator(".pending[data-call=c7]")
     expect(pending).to_contain_text("calculator")
@@ -184,9 +190,8 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
 def test_chat_in_the_playground_streams_with_tokens_latency_and_cost(
     page: Page, strata: StrataProcess, mock_backend: MockBackend
 ) -> None:
-    mock_backend.when({}, Reply(content="one two three four five six", chunk_delay_s=0.15))
-    log_in(page, strata, strata.api_key)
-    page.click("#nav a[data-page=playground]")
+    mock_backend.when({}, Reply(content="one two three four five six", chunk_delay_s=0.1))
+    open_console(page, strata, strata.api_key, "playground")
     page.select_option("select[name=target]", "model:mock-model")
     page.fill("textarea[name=message]", "count to six")
     page.click("button[type=submit]")
@@ -208,8 +213,7 @@ def test_chat_in_the_playground_streams_with_tokens_latency_and_cost(
 
 
 def test_create_a_key_shown_once_change_its_limits_rotate_and_revoke_it(page: Page, strata: StrataProcess) -> None:
-    log_in(page, strata, strata.api_key)
-    page.click("#nav a[data-page=keys]")
+    open_console(page, strata, strata.api_key, "keys")
     page.fill("#create-key input[name=name]", "console-made")
     page.select_option("#create-key select[name=role]", "developer")
     page.fill("#create-key input[name=rpm]", "120")
@@ -240,7 +244,7 @@ def test_create_a_key_shown_once_change_its_limits_rotate_and_revoke_it(page: Pa
 def test_every_admin_page_renders(page: Page, strata: StrataProcess, mock_backend: MockBackend) -> None:
     mock_backend.when({}, Reply(content="ok"))
     chat(strata, "for the usage page")
-    log_in(page, strata, strata.api_key)
+    open_console(page, strata, strata.api_key, "usage")
     for name, marker in [
         ("usage", "#budgets table"),
         ("audit", "#audit-verify p"),
@@ -271,8 +275,7 @@ def test_the_gpu_page_shows_what_nvml_reports(page: Page, strata: StrataProcess)
                  "gpus": [gpu, {**gpu, "index": 1, "uuid": "GPU-2"}], "links": [{"a": 0, "b": 1, "kind": "NVLINK",
                  "nvlink_count": 18}], "errors": []}  # fmt: skip
     page.route("**/admin/gpus", lambda route: route.fulfill(json=inventory))
-    log_in(page, strata, strata.api_key)
-    page.click("#nav a[data-page=gpus]")
+    open_console(page, strata, strata.api_key, "gpus")
     rows = page.locator("table").first.locator("tbody tr")
     expect(rows).to_have_count(2)
     expect(rows.first).to_contain_text("20.0 GiB / 80.0 GiB")
@@ -281,9 +284,8 @@ def test_the_gpu_page_shows_what_nvml_reports(page: Page, strata: StrataProcess)
 
 
 def test_an_operator_hot_swaps_a_model_to_a_configured_profile(page: Page, strata: StrataProcess) -> None:
-    log_in(page, strata, strata.create_key("operator", name="console-operator"))
+    open_console(page, strata, strata.create_key("operator", name="console-operator"), "models")
     assert page.locator("#nav a").all_inner_texts() == ["Overview", "Runs", "Playground", "Usage", "Models", "GPUs"]
-    page.click("#nav a[data-page=models]")
     page.fill("input[name=profile]", "mock-v2")
     page.click("form.inline button[type=submit]")
     expect(page.locator(".card").filter(has_text="Hot swap")).to_contain_text("mock-model now serves version 2")
@@ -293,7 +295,7 @@ def test_an_operator_hot_swaps_a_model_to_a_configured_profile(page: Page, strat
 
 def test_a_user_key_sees_no_admin_pages_and_its_direct_calls_are_refused(page: Page, strata: StrataProcess) -> None:
     key = strata.create_key("user", name="console-user", user="carol")
-    log_in(page, strata, key)
+    open_console(page, strata, key)
     expect(page.locator("#who")).to_have_text("carol · user")
     nav = page.locator("#nav a").all_inner_texts()
     assert nav == ["Overview", "Runs", "Playground", "Usage"]
@@ -317,7 +319,7 @@ def test_a_user_key_sees_no_admin_pages_and_its_direct_calls_are_refused(page: P
 
 
 def test_the_api_reference_is_served_from_the_package(page: Page, strata: StrataProcess) -> None:
-    log_in(page, strata, strata.api_key)
+    assert page.context.request.post(strata.url + "/console/login", data={"key": strata.api_key}).ok
     requests: list[str] = []
     page.on("request", lambda request: requests.append(request.url))
     page.goto(strata.url + "/docs")

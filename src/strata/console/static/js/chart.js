@@ -17,7 +17,7 @@ export function lineChart(el, { times, series, format = (v) => v, span_s = null,
     },
     series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 5 },
       value: (u, v) => (v === null || v === undefined ? "–" : format(v)) }))],
-    axes: [{}, { values: (u, values) => values.map((v) => format(v)), size: 60 }],
+    axes: [{ space: 90 }, { values: (u, values) => values.map((v) => format(v)), size: 60 }],
   };
   return new uPlot(options, [times, ...series.map((s) => s.values)], el);
 }
