@@ -2,9 +2,10 @@
 
 `AuthMiddleware` (pure ASGI, it runs on every request) authenticates everything but the public
 paths — unknown paths included, so nothing answers a caller without credentials — and counts the
-key's request against its requests-per-minute limit. `authorize`, a dependency of every route,
-checks the route's permission from `api/permissions.py` and, for routes that spend tokens, the
-key's tokens-per-minute limit.
+key's request against its requests-per-minute limit. A request without a key in its headers may carry the
+console's session cookie instead (`api/cookie_auth.py`: a write must also pass its CSRF check).
+`authorize`, a dependency of every route, checks the route's permission from `api/permissions.py` and,
+for routes that spend tokens, the key's tokens-per-minute limit.
 """
 
 from __future__ import annotations
