@@ -327,3 +327,17 @@ def test_the_api_reference_is_served_from_the_package(page: Page, strata: Strata
     expect(page.locator(".opblock-summary-path").filter(has_text="/v1/runs").first).to_be_visible()
     assert all(url.startswith(strata.url) or url.startswith("data:") for url in requests), requests
     screenshot(page, "docs", full_page=False)
+
+
+def test_assets_stay_inside_the_package_and_the_pages_run_only_their_own_scripts(strata: StrataProcess) -> None:
+    for path in (
+        "/console/assets/%2e%2e/routes.py",
+        "/console/assets/..%2f..%2fapp.py",
+        "/docs/assets/%2e%2e/__init__.py",
+    ):
+        refused = httpx.get(strata.url + path)
+        assert refused.status_code == 404 and "no console asset" in refused.json()["error"]["message"], path
+    page = httpx.get(strata.url + "/console")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert httpx.get(strata.url + "/console/assets/vendor/uplot/uPlot.iife.min.js").status_code == 200
