@@ -32,6 +32,7 @@ OPTIONAL = (
     ("podman", "podman", "the image test"),
     ("mmdebstrap", "mmdebstrap", "the image test's Debian base"),
     ("haproxy", "haproxy", "the cluster tests' load balancer"),
+    ("chromium", "chromium", "the console's browser tests (tests/browser, Playwright)"),
 )
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = ("127.0.0.1", 6379)

@@ -32,6 +32,7 @@ from strata.api import (
     mcp_routes,
     meta_routes,
     openai_routes,
+    overview_routes,
     responses_routes,
     runs_routes,
     sessions_routes,
@@ -59,12 +60,14 @@ from strata.api.tracing_middleware import TracingMiddleware
 from strata.compute.offload import CpuPool
 from strata.compute.tokens import PooledTokenCounter
 from strata.config import StrataConfig
+from strata.console import routes as console_routes
 from strata.coordination import Signal, redis_client
 from strata.cost.budgets import BudgetAlert
 from strata.cost.gpu_time import GpuTimeShares
 from strata.cost.services import CostServices
 from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
+from strata.observability.metric_series import MetricSeries
 from strata.observability.request_metrics import RequestMetrics
 from strata.observability.serving_metrics import ServingCollector
 from strata.observability.tracing import Tracing
@@ -122,6 +125,7 @@ def build_app(
     gpu_time = GpuTimeShares()  # each request's share of its deployment's time: the basis of GPU-hour prices
     request_metrics = RequestMetrics(registry, is_known_model=lambda name: name in router.models)
     alerter = Alerter(config.alerts, registry)
+    series = MetricSeries(registry)  # the console's charts: the last hour of this replica's request metrics
 
     def budget_alert(alert: BudgetAlert) -> None:
         alerter.fire_budget_alert(
@@ -148,6 +152,7 @@ def build_app(
         config_path=config_path,
         request_metrics=request_metrics,
         alerter=alerter,
+        series=series,
     )
 
     @asynccontextmanager
@@ -195,6 +200,7 @@ def build_app(
             )  # fmt: skip
             state.runtime.engine.accounting.bind(state.cost, request_metrics, _key_budget(state.guard.auth.keys))
             await alerter.start()
+            await series.start()
         except BaseException as exc:
             _log_start_failure("cannot start the security layer", exc)
             await state.sync.stop()
@@ -235,6 +241,7 @@ def build_app(
             await gpus.stop()
             await cpu.shutdown()
             await alerter.stop()
+            await series.stop()
             await state.cost.stop()  # after everything that may spend; flushes the usage rows
             await state.guard.audit.stop()  # after everything that may record; flushes: nothing is lost
             await state.runtime.close()
@@ -290,8 +297,10 @@ def build_app(
     app.include_router(completions_routes.router)
     for routes in (runs_routes, sessions_routes, agents_routes, ws_routes, admin_routes, keys_routes, audit_routes):
         app.include_router(routes.router)
-    for routes in (usage_routes, trace_routes, mcp_routes, list_routes):
+    for routes in (usage_routes, trace_routes, mcp_routes, list_routes, overview_routes):
         app.include_router(routes.router)
+    app.include_router(console_routes.router)
+    app.include_router(console_routes.docs_router)
     app.include_router(admin_routes.metrics_router)
     app.include_router(meta_routes.router)
     policies = route_policies(app, public_metrics=config.security.public_metrics)  # undeclared route: no start

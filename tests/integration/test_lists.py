@@ -21,12 +21,8 @@ from strata.cli_exit import ExitCode
 from tests.conftest import mock_model
 from tests.support.databases import postgres_database
 from tests.support.mock_backend import MockBackend, Reply, ToolCallSpec
-from tests.support.runs import wait_status
+from tests.support.runs import agent, wait_status
 from tests.support.strata_process import StrataProcess
-
-
-def agent(name: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "model": "mock-model", "system_prompt": "You are a test agent.", **extra}
 
 
 @pytest.fixture(scope="module")

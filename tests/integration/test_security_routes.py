@@ -32,6 +32,7 @@ PARAMS = {
     "key_id": "key_x",
     "trace_id": "0" * 32,
     "model_id": "mock-model",
+    "path": "style.css",  # /console/assets/{path} (and /docs/assets/{path}: a 404 there is still not a 401)
 }
 
 
@@ -173,6 +174,15 @@ def test_me_reports_the_callers_identity(server: StrataProcess) -> None:
         "rpm": 100,
         "tpm": None,
         "budget_usd": None,
+        "permissions": [
+            "models:invoke",
+            "models:read",
+            "agents:invoke",
+            "agents:read",
+            "agents:write",
+            "runs:read",
+            "api:schema",
+        ],  # what the console offers this key
     }
 
 

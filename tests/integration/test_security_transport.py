@@ -146,6 +146,14 @@ def test_streaming_works_over_https(
     assert text == "one two three"
 
 
+def test_the_console_session_cookie_is_secure_under_tls(https_server: StrataProcess) -> None:
+    response = httpx.post(https_server.url + "/console/login", json={"key": https_server.api_key},
+                          verify=https_server.verify, timeout=10)  # fmt: skip
+    assert response.status_code == 200
+    session = next(c for c in response.headers.get_list("set-cookie") if c.startswith("strata_session="))
+    assert {"secure", "httponly", "samesite=strict"} <= {part.strip().lower() for part in session.split(";")}
+
+
 def test_plain_http_to_the_tls_port_gets_no_answer(https_server: StrataProcess) -> None:
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{https_server.port}/healthz", headers=https_server.headers, timeout=5)

@@ -12,6 +12,11 @@ from tests.support.strata_process import StrataProcess
 ENDED = ("completed", "failed", "cancelled")
 
 
+def agent(name: str, **extra: Any) -> dict[str, Any]:
+    """An agent of the config on the mock model (`tests.conftest.mock_model`)."""
+    return {"name": name, "model": "mock-model", "system_prompt": "You are a test agent.", **extra}
+
+
 def wait_status(
     strata: StrataProcess, run_id: str, statuses: tuple[str, ...] = ENDED, timeout_s: float = 20
 ) -> dict[str, Any]:

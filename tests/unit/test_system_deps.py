@@ -58,7 +58,7 @@ class FakeMachine:
         return said
 
 
-EVERYTHING = {"bwrap", "promtool", "podman", "mmdebstrap", "haproxy", "apt-get", "redis-server"}
+EVERYTHING = {"bwrap", "promtool", "podman", "mmdebstrap", "haproxy", "chromium", "apt-get", "redis-server"}
 SERVICES = {"postgresql", "redis"}
 
 
@@ -72,10 +72,10 @@ def test_as_root_missing_packages_are_installed_with_apt() -> None:
     said = machine.ensure()
     assert machine.ran[0] == ["apt-get", "update", "-qq"]
     assert machine.ran[1][:2] == ["apt-get", "install"]
-    assert machine.ran[1][-5:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap", "haproxy"]
+    assert machine.ran[1][-6:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap", "haproxy", "chromium"]
     assert said == [
         "installing bubblewrap (bwrap), prometheus (promtool), podman (podman), mmdebstrap (mmdebstrap), "
-        "haproxy (haproxy) with apt-get (the test suite needs it)..."
+        "haproxy (haproxy), chromium (chromium) with apt-get (the test suite needs it)..."
     ]
 
 
@@ -83,7 +83,7 @@ def test_optional_packages_are_installed_as_root_and_never_required_otherwise() 
     required = {"bwrap", "promtool", "apt-get", "redis-server"}
     root = FakeMachine(required, SERVICES)
     root.ensure()
-    assert root.ran[1][-3:] == ["podman", "mmdebstrap", "haproxy"]
+    assert root.ran[1][-4:] == ["podman", "mmdebstrap", "haproxy", "chromium"]
     user = FakeMachine(required, SERVICES, root=False)
     assert user.ensure() == [] and user.ran == []
 
@@ -124,7 +124,9 @@ def test_a_stopped_service_without_root_says_how_to_start_it() -> None:
 
 
 def test_a_dry_run_changes_nothing_and_says_what_it_would_do() -> None:
-    machine = FakeMachine({"apt-get", "redis-server", "promtool", "podman", "mmdebstrap", "haproxy"}, {"postgresql"})
+    machine = FakeMachine(
+        {"apt-get", "redis-server", "promtool", "podman", "mmdebstrap", "haproxy", "chromium"}, {"postgresql"}
+    )
     said = machine.ensure(dry_run=True)
     assert machine.ran == []
     assert said[0].startswith(

@@ -2,9 +2,10 @@
 
 `AuthMiddleware` (pure ASGI, it runs on every request) authenticates everything but the public
 paths — unknown paths included, so nothing answers a caller without credentials — and counts the
-key's request against its requests-per-minute limit. `authorize`, a dependency of every route,
-checks the route's permission from `api/permissions.py` and, for routes that spend tokens, the
-key's tokens-per-minute limit.
+key's request against its requests-per-minute limit. A request without a key in its headers may carry the
+console's session cookie instead (`api/cookie_auth.py`: a write must also pass its CSRF check).
+`authorize`, a dependency of every route, checks the route's permission from `api/permissions.py` and,
+for routes that spend tokens, the key's tokens-per-minute limit.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from fastapi import WebSocketException, status
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from strata.api.cookie_auth import csrf_problem, session_key
 from strata.api.errors import ApiError, error_response
-from strata.api.permissions import PUBLIC, STARTUP_PROBES, Policy
+from strata.api.permissions import PUBLIC, PUBLIC_PREFIXES, STARTUP_PROBES, Policy
 from strata.api.request_id import current_request_id
 from strata.observability.request_metrics import RequestMetrics
 from strata.observability.tracing import set_principal
@@ -62,7 +64,7 @@ class Guard:
         task.add_done_callback(self._pending.discard)
 
 
-def _record_failure(guard: Guard, scope: Scope, exc: AuthError) -> None:
+def record_auth_failure(guard: Guard, scope: Scope, exc: AuthError) -> None:
     record = AuditRecord(
         action="auth.failed",
         outcome="failure",
@@ -112,18 +114,23 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         guard: Guard | None = scope["app"].state.strata.guard
-        if guard is None or scope["path"] in guard.public_paths:
+        path = scope["path"]
+        if guard is None or path in guard.public_paths or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)  # `authorize` answers 503 while starting
             return
+        key = credential(scope)
+        if key is None and (key := session_key(scope)) is not None and (problem := csrf_problem(scope)):
+            await refuse(scope, receive, send, ApiError(403, problem, type_="permission_error", code="csrf_failed"))
+            return
         try:
-            who = await guard.auth.authenticate(credential(scope))
+            who = await guard.auth.authenticate(key)
         except AuthUnavailable as exc:
             error = ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
                              code="auth_unavailable", headers={"Retry-After": "10"})  # fmt: skip
             await refuse(scope, receive, send, error)
             return
         except AuthError as exc:
-            _record_failure(guard, scope, exc)
+            record_auth_failure(guard, scope, exc)
             error = ApiError(
                 401,
                 str(exc),

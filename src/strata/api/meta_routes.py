@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from strata.api.auth import principal
 from strata.api.permissions import public_paths
+from strata.security.rbac import Permission
 
 router = APIRouter(tags=["meta"])
 PUBLIC_ROUTES = public_paths(public_metrics=False)
@@ -44,5 +45,6 @@ async def me(request: Request) -> Response:
         "rpm": who.rpm,
         "tpm": who.tpm,
         "budget_usd": who.budget_usd,
+        "permissions": [p.value for p in Permission if who.may(p)],  # what a client (the console) may offer
     }
     return Response(orjson.dumps(view), media_type="application/json")

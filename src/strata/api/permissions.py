@@ -29,6 +29,16 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Policy] = {
     ("GET", "/metrics"): P.METRICS_READ,  # PUBLIC when security.public_metrics is set
     ("GET", "/openapi.json"): P.API_SCHEMA_READ,
     ("GET", "/v1/me"): P.API_SCHEMA_READ,
+    # the console (strata/console/): its pages and assets hold no data; logging in checks the key itself
+    ("GET", "/"): PUBLIC,
+    ("GET", "/console"): PUBLIC,
+    ("GET", "/console/assets/{path:path}"): PUBLIC,
+    ("POST", "/console/login"): PUBLIC,
+    ("POST", "/console/logout"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/assets/{path:path}"): PUBLIC,
+    ("GET", "/admin/metrics/series"): P.METRICS_READ,
+    ("GET", "/v1/budgets"): P.RUNS_READ,  # the budgets that apply to the caller
     # OpenAI-compatible
     ("POST", "/v1/chat/completions"): P.MODELS_INVOKE,
     ("GET", "/v1/models"): P.MODELS_READ,
@@ -123,6 +133,8 @@ def app_routes(app: FastAPI) -> list[RouteInfo]:
 # Health probes and metric scrapes: every few seconds from every load balancer and Prometheus. They are never
 # traced (of no interest in a trace) and never shed (a shedding server must still look alive).
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Static files of the console and of the API reference: no credentials, and no route per file.
+PUBLIC_PREFIXES = ("/console/assets/", "/docs/assets/")
 STARTUP_PROBES = frozenset({"/healthz", "/readyz"})  # what answers while Strata starts (api/starting.py)
 
 

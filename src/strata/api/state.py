@@ -16,6 +16,7 @@ from strata.config import StrataConfig
 from strata.cost.services import CostServices
 from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuMonitor
+from strata.observability.metric_series import MetricSeries
 from strata.observability.request_metrics import RequestMetrics
 from strata.serving.chat import ChatService
 from strata.serving.completions import CompletionService
@@ -96,6 +97,7 @@ class AppState:
     request_metrics: RequestMetrics | None = None
     alerter: Alerter | None = None
     sync: ModelSync | None = None  # cluster-wide deploys and reloads; set once the store is migrated
+    series: MetricSeries | None = None  # the last hour of request metrics, for the console's charts
 
     def model_sync(self) -> ModelSync:
         if self.sync is None:

@@ -346,6 +346,20 @@ class BudgetGuard:
             message=f"budget exceeded: {_describe(worst, spent)}; resets {_iso(worst.resets_at)}",
         )
 
+    async def standing(self, subject: BudgetSubject) -> list[dict[str, object]]:
+        """Every budget that applies to `subject` now, soft and hard, with what is spent and left (the console's
+        usage page); spent is None when the counters cannot be read now."""
+        applied = self._applicable(subject, self._clock())
+        values = await self._values(applied) if applied else {}
+        rows: list[dict[str, object]] = []
+        for a in applied:
+            spent = None if values is None else values.get(a.counter, 0) / NANO
+            left = None if spent is None else max(0.0, a.budget.limit_usd - spent)
+            rows.append({"scope": a.budget.scope, "name": a.subject, "period": a.budget.period,
+                         "kind": a.budget.kind, "limit_usd": a.budget.limit_usd, "spent_usd": spent,
+                         "left_usd": left, "resets_at": _iso(a.resets_at)})  # fmt: skip
+        return rows
+
     # -- after work ----------------------------------------------------------------------------------------
 
     async def spend(self, principal: Principal, agent: str | None, usd: float) -> None:

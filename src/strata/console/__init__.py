@@ -1,0 +1,1 @@
+"""The web console: served by Strata itself at /console, every asset in this package (static/)."""
