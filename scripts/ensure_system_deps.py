@@ -26,13 +26,13 @@ from urllib.parse import urlsplit
 COMMANDS = (
     ("bwrap", "bubblewrap", "the python tool's sandbox"),
     ("promtool", "prometheus", "the alert rules' unit tests"),
+    ("chromium", "chromium", "the console's browser tests (tests/browser, Playwright)"),
 )
 # Installed as well when this runs as root; without them, only the tests that need them are skipped.
 OPTIONAL = (
     ("podman", "podman", "the image test"),
     ("mmdebstrap", "mmdebstrap", "the image test's Debian base"),
     ("haproxy", "haproxy", "the cluster tests' load balancer"),
-    ("chromium", "chromium", "the console's browser tests (tests/browser, Playwright)"),
 )
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = ("127.0.0.1", 6379)

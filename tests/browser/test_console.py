@@ -1,10 +1,13 @@
 """The console (`/console`) in a real browser: Playwright driving Debian's chromium, headless, against a real
-`strata serve` and the scripted mock model. Each page's screenshot lands in docs/images/console-*.png (the
-README shows them)."""
+`strata serve` and the scripted mock model. Each page's screenshot is taken; with STRATA_SCREENSHOTS=1 it lands
+in docs/images/console-*.png, where the README shows it (otherwise in the temporary directory, so a test run
+leaves the checkout as it was)."""
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +28,11 @@ if not Path(CHROMIUM).exists():
 
 Page = playwright_api.Page
 expect = playwright_api.expect
-IMAGES = REPO_ROOT / "docs" / "images"
+IMAGES = (
+    REPO_ROOT / "docs" / "images"
+    if os.environ.get("STRATA_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "strata-console-screenshots"
+)
 WAIT_MS = 10_000
 
 

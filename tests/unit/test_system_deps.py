@@ -72,24 +72,24 @@ def test_as_root_missing_packages_are_installed_with_apt() -> None:
     said = machine.ensure()
     assert machine.ran[0] == ["apt-get", "update", "-qq"]
     assert machine.ran[1][:2] == ["apt-get", "install"]
-    assert machine.ran[1][-6:] == ["bubblewrap", "prometheus", "podman", "mmdebstrap", "haproxy", "chromium"]
+    assert machine.ran[1][-6:] == ["bubblewrap", "prometheus", "chromium", "podman", "mmdebstrap", "haproxy"]
     assert said == [
-        "installing bubblewrap (bwrap), prometheus (promtool), podman (podman), mmdebstrap (mmdebstrap), "
-        "haproxy (haproxy), chromium (chromium) with apt-get (the test suite needs it)..."
+        "installing bubblewrap (bwrap), prometheus (promtool), chromium (chromium), podman (podman), "
+        "mmdebstrap (mmdebstrap), haproxy (haproxy) with apt-get (the test suite needs it)..."
     ]
 
 
 def test_optional_packages_are_installed_as_root_and_never_required_otherwise() -> None:
-    required = {"bwrap", "promtool", "apt-get", "redis-server"}
+    required = {"bwrap", "promtool", "chromium", "apt-get", "redis-server"}
     root = FakeMachine(required, SERVICES)
     root.ensure()
-    assert root.ran[1][-4:] == ["podman", "mmdebstrap", "haproxy", "chromium"]
+    assert root.ran[1][-3:] == ["podman", "mmdebstrap", "haproxy"]
     user = FakeMachine(required, SERVICES, root=False)
     assert user.ensure() == [] and user.ran == []
 
 
 def test_without_root_it_stops_with_one_line_naming_the_packages() -> None:
-    machine = FakeMachine({"apt-get", "promtool", "haproxy"}, SERVICES, root=False)
+    machine = FakeMachine({"apt-get", "promtool", "chromium", "haproxy"}, SERVICES, root=False)
     with pytest.raises(deps.Missing) as missing:
         machine.ensure()
     assert (
