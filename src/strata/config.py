@@ -757,7 +757,7 @@ class TracingConfig(_Strict):
     local_retention_hours: float = Field(default=24.0, gt=0, le=24 * 365, description="Stored spans older go.")
 
 
-RoleName = Literal["admin", "operator", "developer", "user", "auditor"]
+RoleName = Literal["admin", "operator", "developer", "user", "auditor", "metrics"]
 
 
 class JwtConfig(_Strict):

@@ -36,7 +36,7 @@ _JWT_SHAPE = re.compile(r"ey[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Several roles in one token: the principal carries one, so take the one that grants the most.
 # auditor ranks above user because it sees every user's runs and usage; note that it cannot invoke
 # models, so a token holding both gets auditor's read-only view — give such users a mapped role instead.
-_PRECEDENCE: dict[str, int] = {"admin": 0, "operator": 1, "developer": 2, "auditor": 3, "user": 4}
+_PRECEDENCE: dict[str, int] = {"admin": 0, "operator": 1, "developer": 2, "auditor": 3, "user": 4, "metrics": 5}
 assert set(_PRECEDENCE) == set(ROLES), "rank every role"
 
 

@@ -41,6 +41,8 @@ ROLE_PERMISSIONS: dict[RoleName, frozenset[Permission]] = {
     "auditor": frozenset(
         {P.AUDIT_READ, P.USAGE_READ_ALL, P.RUNS_READ, P.RUNS_READ_ALL, P.MODELS_READ, P.AGENTS_READ, P.API_SCHEMA_READ}
     ),
+    # A scraper's key (Prometheus): the metrics and nothing else, so the key on its disk cannot call a model.
+    "metrics": frozenset({P.METRICS_READ}),
 }
 ROLES: tuple[RoleName, ...] = get_args(RoleName)
 
