@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,9 +148,15 @@ class Announcer:
 
 
 def run_server(
-    app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_body_bytes: int, announce: Announcer | None = None
+    app: FastAPI,
+    server: ServerConfig,
+    lifecycle: Lifecycle,
+    max_body_bytes: int,
+    announce: Announcer | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Serve until stopped; raises SystemExit(STARTUP_FAILED) if the app's start-up failed after listening."""
+    """Serve until stopped; raises SystemExit(STARTUP_FAILED) if the app's start-up failed after listening.
+    `sockets`: listen on these (a worker's SO_REUSEPORT socket, workers.py) instead of binding host:port."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     descriptors = raise_descriptor_limit()
     bound = connection_bound(server.max_connections, descriptors)
@@ -176,6 +183,6 @@ def run_server(
     runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s, announce)
     state: AppState = app.state.strata
     state.metrics.register(ConnectionCollector(guard, lambda: len(runner.server_state.connections)))
-    runner.run()
+    runner.run(sockets)
     if lifecycle.startup_error is not None:
         raise SystemExit(STARTUP_FAILED)
