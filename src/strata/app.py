@@ -44,7 +44,7 @@ from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.chat_fast_path import ChatFastPath
 from strata.api.errors import install_error_handlers
 from strata.api.grpc_api.server import grpc_server
-from strata.api.load_shedding import InFlightLimit
+from strata.api.load_shedding import InFlight, InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
 from strata.api.model_sync import CHANNEL as MODELS_CHANNEL
 from strata.api.model_sync import ModelSync, replica_name
@@ -322,9 +322,8 @@ def build_app(
     app.add_middleware(StartingGate, lifecycle=state.lifecycle)  # 503 but for the probes until started
     app.add_middleware(RequestIdMiddleware)  # even a 401 or a 413 carries the request id
     if config.server.max_in_flight is not None:  # outermost: shedding must cost next to nothing
-        app.add_middleware(
-            InFlightLimit, limit=config.server.max_in_flight, exempt=PROBE_PATHS, metrics=request_metrics
-        )
+        state.in_flight = InFlight(config.server.max_in_flight, PROBE_PATHS, request_metrics)
+        app.add_middleware(InFlightLimit, in_flight=state.in_flight)
     return app
 
 

@@ -163,7 +163,8 @@ def run_server(
     if bound < server.max_connections:
         log.warning("server.max_connections lowered to stay below the descriptor limit",
                     max_connections=server.max_connections, bound=bound, descriptor_limit=descriptors)  # fmt: skip
-    guard = ConnectionGuard(bound, server.header_timeout_s, server.body_timeout_s, PROBE_PATHS)
+    state: AppState = app.state.strata
+    guard = ConnectionGuard(bound, server.header_timeout_s, server.body_timeout_s, PROBE_PATHS, shed=state.in_flight)
     config = uvicorn.Config(
         app,
         host=server.host,
@@ -181,7 +182,6 @@ def run_server(
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
     runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s, announce)
-    state: AppState = app.state.strata
     state.metrics.register(ConnectionCollector(guard, lambda: len(runner.server_state.connections)))
     runner.run(sockets)
     if lifecycle.startup_error is not None:

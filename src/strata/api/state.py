@@ -26,6 +26,7 @@ from strata.serving.router import Router
 from strata.serving.stream_relay import ChatStreamRelay
 
 if TYPE_CHECKING:
+    from strata.api.load_shedding import InFlight
     from strata.api.model_sync import ModelSync
 
 
@@ -96,6 +97,7 @@ class AppState:
     request_metrics: RequestMetrics | None = None
     alerter: Alerter | None = None
     sync: ModelSync | None = None  # cluster-wide deploys and reloads; set once the store is migrated
+    in_flight: InFlight | None = None  # server.max_in_flight's count (api/load_shedding.py); None: no bound
 
     def model_sync(self) -> ModelSync:
         if self.sync is None:
