@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import yaml
 
+from strata.workers import children
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-not-for-production"
 MODEL = "bench-model"
@@ -266,17 +268,9 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
-        below = children.get(todo.pop(), [])
+        below = children(todo.pop())
         found += below
         todo += below
     return found
