@@ -9,8 +9,9 @@ happen once per machine, and then starts the workers (like gunicorn's arbiter an
 - without Redis, keeps the rate-limit, breaker and budget state the workers share (`machine_state.py`); with
   `redis_url`, Redis does that for the workers as for replicas;
 - starts N workers by `spawn` (a fresh interpreter: nothing of the supervisor's event loop or threads is
-  inherited), restarts one that dies (with backoff), and on SIGTERM or SIGINT passes the signal on and waits
-  for every worker to drain (each drains as a lone server does: server.drain_delay_s, shutdown_grace_s).
+  inherited), restarts one that dies (with backoff), passes SIGHUP on (each worker reloads its configuration),
+  and on SIGTERM or SIGINT has every worker drain as a lone server does (server.drain_delay_s,
+  shutdown_grace_s) and waits for them.
 
 Each worker binds the port itself with SO_REUSEPORT: the kernel spreads new connections over the listening
 workers evenly (a shared accept queue lets one busy process take most), and a worker being restarted simply
@@ -167,6 +168,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop)
+        loop.add_signal_handler(signal.SIGHUP, self._signal_workers, signal.SIGHUP)  # each reloads its config
         try:
             await self._prepare_database()
         except Exception as exc:  # one line, as a lone server says it (startup.quiet_startup_failure)
