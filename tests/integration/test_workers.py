@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import mock_model
 from tests.integration.test_vllm_launcher import fake_vllm
-from tests.support.mock_backend import MockBackend
+from tests.support.mock_backend import MockBackend, Reply
 from tests.support.strata_process import StrataProcess, descendants, listens_on
 
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -163,7 +164,9 @@ def test_a_worker_that_dies_is_replaced(strata: StrataProcess) -> None:
         time.sleep(0.1)
     else:
         raise AssertionError(f"no replacement for worker {before[0]}:\n{strata.logs()}")
-    strata.wait_for("/readyz", 30)
+    while strata.logs().count('"strata started"') < 3 and time.monotonic() < deadline:  # two, and the new one
+        time.sleep(0.1)
+    assert strata.logs().count('"strata started"') == 3, strata.logs()
     assert strata.process is not None
     deadline = time.monotonic() + 15  # what the killed worker had started (its CPU pool) is stopped too
     while left_over(strata) and time.monotonic() < deadline:
@@ -186,9 +189,23 @@ def left_over(strata: StrataProcess) -> list[str]:
     return found
 
 
-def test_sigterm_drains_every_worker_and_exits_cleanly(strata: StrataProcess) -> None:
+def test_sigterm_drains_every_worker_and_exits_cleanly(strata: StrataProcess, mock_backend: MockBackend) -> None:
     pids = workers(strata)
+    mock_backend.default = Reply(content=" ".join(f"w{i}" for i in range(10)), chunk_delay_s=0.2)
+    received: list[bytes] = []
+
+    def consume() -> None:
+        body = {**CHAT, "stream": True}
+        with httpx.stream("POST", strata.base_url + "/chat/completions", json=body, headers=strata.headers,
+                          timeout=30) as response:  # fmt: skip
+            received.extend(response.iter_bytes())
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    time.sleep(0.5)  # the stream is flowing on one of the workers
     assert strata.stop() == 0
+    reader.join(30)
+    assert b"".join(received).endswith(b"data: [DONE]\n\n"), "the stream in flight was cut"
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
