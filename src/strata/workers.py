@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import math
 import multiprocessing
 import os
 import signal
@@ -52,10 +53,28 @@ STOP_KILL_AFTER_S = 10.0  # after the drain and grace a worker may take: then SI
 REAP_FOR_S = 10.0  # after a worker died: how long its orphans are looked for
 
 
+def usable_cores() -> int:
+    """The cores this process may run on, and no more than its cgroup's CPU quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """cgroup v2 `cpu.max` ("max 100000" or "200000 100000"), else v1's cfs quota and period; None: no limit."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    return None
+
+
 def default_workers(config: StrataConfig) -> int:
     """min(cores, 4), less one core for an embedded model (its llama.cpp threads run on this machine)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    count = min(cores, MAX_DEFAULT_WORKERS)
+    count = min(usable_cores(), MAX_DEFAULT_WORKERS)
     if any(isinstance(model, EmbeddedModelConfig) for model in config.models):
         count -= 1
     return max(1, count)
