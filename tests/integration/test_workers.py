@@ -44,6 +44,7 @@ def strata(mock_backend: MockBackend, tmp_path_factory: pytest.TempPathFactory) 
     process = StrataProcess(workdir, config, env={"MOCK_API_KEY": "mock-secret"})
     del process.env["STRATA_ADMIN_KEY"]  # the supervisor makes the first admin key, and prints it once
     process.start()
+    wait_started(process, 2)  # /readyz answered from one worker: the other may still be starting
     process.api_key = printed_key(process.logs())
     yield process
     if process.process is not None and process.process.poll() is None:
@@ -54,6 +55,14 @@ def workers(strata: StrataProcess) -> list[int]:
     """The worker processes listening on the port (the supervisor does not listen)."""
     assert strata.process is not None
     return [pid for pid in descendants(strata.process.pid) if listens_on(pid, strata.port)]
+
+
+def wait_started(strata: StrataProcess, starts: int, timeout_s: float = 60) -> None:
+    """Until `starts` worker start-ups have finished (each logs "strata started" once)."""
+    deadline = time.monotonic() + timeout_s
+    while strata.logs().count('"strata started"') < starts:
+        assert time.monotonic() < deadline, strata.logs()
+        time.sleep(0.1)
 
 
 def printed_key(logs: str) -> str:
@@ -164,9 +173,7 @@ def test_a_worker_that_dies_is_replaced(strata: StrataProcess) -> None:
         time.sleep(0.1)
     else:
         raise AssertionError(f"no replacement for worker {before[0]}:\n{strata.logs()}")
-    while strata.logs().count('"strata started"') < 3 and time.monotonic() < deadline:  # two, and the new one
-        time.sleep(0.1)
-    assert strata.logs().count('"strata started"') == 3, strata.logs()
+    wait_started(strata, 3)  # the first two, and the new one
     assert strata.process is not None
     deadline = time.monotonic() + 15  # what the killed worker had started (its CPU pool) is stopped too
     while left_over(strata) and time.monotonic() < deadline:
@@ -187,6 +194,22 @@ def left_over(strata: StrataProcess) -> list[str]:
             if not any(known in command for known in ("spawn_main", "fake_vllm", "resource_tracker")):
                 found.append(command)
     return found
+
+
+def test_a_model_server_that_dies_is_relaunched_once_for_every_worker(strata: StrataProcess) -> None:
+    [server] = strata.children("fake_vllm")
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while [server] == strata.children("fake_vllm") or not strata.children("fake_vllm"):
+        assert time.monotonic() < deadline, "the model server was not relaunched"
+        time.sleep(0.1)
+    assert len(strata.children("fake_vllm")) == 1
+    chat = {**CHAT, "model": "launched"}
+    codes: list[int] = []
+    while len(codes) < 8 or codes[-8:] != [200] * 8:  # both workers reach it again (fresh connections)
+        assert time.monotonic() < deadline, f"the workers did not reach the relaunched server: {codes}"
+        with strata.client(timeout=10) as client:
+            codes.append(client.post("/v1/chat/completions", json=chat).status_code)
 
 
 def test_sigterm_drains_every_worker_and_exits_cleanly(strata: StrataProcess, mock_backend: MockBackend) -> None:

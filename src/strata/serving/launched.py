@@ -72,6 +72,7 @@ class LaunchedDeployment(Deployment):
         self._port: int | None = None
         self._shared_token: str | None = None  # set by `share`
         self._attached: Endpoint | None = None  # set by `attach`
+        self._answered_once = False  # attached: the server answered a probe at least once
         client = OpenAIClient(
             f"{model}/{self.kind}",
             f"http://{LOOPBACK}:0/v1",
@@ -95,7 +96,8 @@ class LaunchedDeployment(Deployment):
 
     def share(self) -> Endpoint:
         """Launch for several processes (the workers of one `strata serve`): one port and one token for the
-        server's whole life, restarts included, so the workers that `attach` to it need telling only once."""
+        server's whole life, restarts included, so the workers that `attach` to it need telling only once. (A
+        foreign process that takes the port while the server restarts makes the relaunch fail until it is free.)"""
         self._port = free_port(LOOPBACK)
         self._shared_token = secrets.token_urlsafe(32)
         return Endpoint(self._port, self._shared_token)
@@ -105,7 +107,8 @@ class LaunchedDeployment(Deployment):
         self._attached = endpoint
 
     def _launch_spec(self) -> LaunchSpec:
-        self._port = free_port(LOOPBACK, preferred=self._port)
+        if self._shared_token is None:  # shared: the port stays, even while TIME_WAIT would make free_port move it
+            self._port = free_port(LOOPBACK, preferred=self._port)
         token = self._shared_token or secrets.token_urlsafe(32)
         self.client.set_endpoint(f"http://{LOOPBACK}:{self._port}/v1", token)
         launch = self.launch(self._port, token)
@@ -115,7 +118,7 @@ class LaunchedDeployment(Deployment):
         await self.client.start()
         if self._attached is not None:
             self.client.set_endpoint(f"http://{LOOPBACK}:{self._attached.port}/v1", self._attached.token)
-            await Deployment.probe(self)
+            await self.probe()
             return
         self.supervisor.start()
 
@@ -126,7 +129,9 @@ class LaunchedDeployment(Deployment):
 
     def check_available(self) -> None:
         if self._attached is not None:
-            if not self.healthy:
+            # Until it first answers (it is loading): 503. After that a request goes through even when the last
+            # probe failed: the supervisor restarts the server on the same port, and probes lag behind it.
+            if not self._answered_once:
                 raise BackendNotReadyError(
                     f"the {self.label} server of {self.model!r} is not answering yet; try again shortly",
                     deployment=self.name,
@@ -142,7 +147,8 @@ class LaunchedDeployment(Deployment):
 
     async def probe(self) -> bool:
         if self._attached is not None:
-            return await super().probe()
+            self._answered_once = await super().probe() or self._answered_once
+            return self.healthy
         return self.healthy
 
     @property
