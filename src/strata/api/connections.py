@@ -216,6 +216,8 @@ class GuardedProtocol(HttpToolsProtocol):
         path = request_line[1].split(b"?", 1)[0].decode("latin-1")
         if path in shed.exempt or any(word in head for word in _NOT_SIMPLE):
             return False
+        if head.count(b"\r\ncontent-length:") > 1:  # ambiguous framing: httptools decides (it refuses it)
+            return False
         match = _CONTENT_LENGTH.search(head)
         length = int(match.group(1)) if match else 0
         if len(data) != end + 4 + length:  # the body is not all here, or another request follows: parse it
