@@ -331,6 +331,7 @@ class Supervisor:
                 log.warning("worker outlived its drain; killing", worker=worker.index, pid=worker.process.pid)
                 worker.process.kill()
             worker.process.join(5)
+        self._reap_orphans()  # what a killed worker had started: it would outlive the supervisor under init
         log.info("workers stopped", codes=[w.process.exitcode for w in self.workers])
 
 
