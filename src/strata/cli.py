@@ -176,7 +176,8 @@ def _serve_process(loaded: StrataConfig, config_path: Path | None, share: Worker
         )
     sockets = None if share is None else [reuse_port_socket(loaded.server.host, loaded.server.port)]
     with quiet_startup_failure(lifecycle):
-        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes, announce, sockets)
+        late = share is not None and not share.announce  # the first worker answers /healthz while all start
+        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes, announce, sockets, late)
 
 
 @db_app.command("upgrade")
