@@ -51,6 +51,7 @@ WATCH_INTERVAL_S = 0.2
 STEADY_S = 30.0  # a worker that lived this long died of something else than a broken start: restart at once
 STOP_KILL_AFTER_S = 10.0  # after the drain and grace a worker may take: then SIGKILL
 REAP_FOR_S = 10.0  # after a worker died: how long its orphans are looked for
+REAP_ROUNDS = 20  # at the end: rounds of 0.1 s at most
 
 
 def usable_cores() -> int:
@@ -290,7 +291,7 @@ class Supervisor:
                         break
                 self.workers[position] = self._spawn(worker.index, failures)
 
-    def _reap_orphans(self) -> None:
+    def _reap_orphans(self) -> int:
         """A worker killed outright leaves its own children (the CPU pool's processes) behind; as the subreaper,
         the supervisor inherits them: stop every child that is not a worker, a model server or multiprocessing's
         resource tracker."""
@@ -298,12 +299,13 @@ class Supervisor:
 
         keep = {w.process.pid for w in self.workers} | {d.supervisor.pid for d in self._launched_now}
         keep.add(getattr(resource_tracker._resource_tracker, "_pid", None))
-        for pid in children(os.getpid()):
-            if pid not in keep:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+        orphans = [pid for pid in children(os.getpid()) if pid not in keep]
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        return len(orphans)
 
     def _stop(self) -> None:
         """The first signal drains the workers (SIGTERM: a Ctrl-C reached them already, from the terminal); a
@@ -331,7 +333,12 @@ class Supervisor:
                 log.warning("worker outlived its drain; killing", worker=worker.index, pid=worker.process.pid)
                 worker.process.kill()
             worker.process.join(5)
-        self._reap_orphans()  # what a killed worker had started: it would outlive the supervisor under init
+        # What a killed worker had started would outlive the supervisor under init. Each generation reaches the
+        # supervisor only once the one above it is gone: reap until none is left.
+        for _ in range(REAP_ROUNDS):
+            if not self._reap_orphans():
+                break
+            await asyncio.sleep(0.1)
         log.info("workers stopped", codes=[w.process.exitcode for w in self.workers])
 
 
