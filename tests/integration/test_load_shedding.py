@@ -6,6 +6,7 @@ the run, so neither locks short requests out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -110,3 +111,56 @@ def test_a_synchronous_run_stops_counting_while_it_waits(strata: StrataProcess, 
     assert chat.status_code == 200, "two waiting runs took every place"
     assert [r.status_code for r in runs] == [200, 200]
     assert {r.json()["status"] for r in runs} == {"completed"}
+
+
+def _raw_request(path: str, body: bytes = b"", *, close: bool = False, key: str = "", method: str = "POST") -> bytes:
+    """One whole HTTP/1.1 request, to be sent in one write: the kind the connection's protocol refuses itself."""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nhost: strata\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n{'connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:] if line)
+    return int(head[0].split()[1]), headers, await reader.readexactly(int(headers["content-length"]))
+
+
+async def _raw_while_two_are_slow(strata: StrataProcess) -> list[tuple[int, dict[str, str], bytes]]:
+    body = json.dumps(CHAT).encode()
+    async with httpx.AsyncClient(base_url=strata.url, headers=strata.headers, timeout=30) as client:
+        slow = [asyncio.create_task(client.post("/v1/chat/completions", json=CHAT)) for _ in range(2)]
+        await asyncio.sleep(SLOW_S / 3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", strata.port)
+        answers = []
+        for request in (
+            _raw_request("/v1/chat/completions", body, key=strata.api_key),  # refused
+            _raw_request("/healthz", method="GET"),  # a probe on the same connection is still served
+            _raw_request("/v1/chat/completions", body, key=strata.api_key, close=True),  # refused, then closed
+        ):
+            writer.write(request)
+            answers.append(await _read_response(reader))
+        closed = await reader.read()  # the server closed the connection after the last answer
+        writer.close()
+        await asyncio.gather(*slow)
+    assert closed == b""
+    return answers
+
+
+def test_a_whole_request_is_refused_before_parsing_and_the_connection_goes_on(
+    strata: StrataProcess, mock_backend: MockBackend
+) -> None:
+    mock_backend.script(Reply(content="slow one", latency_s=SLOW_S), Reply(content="slow two", latency_s=SLOW_S))
+    shed_before = _shed_count(strata)
+
+    refused, probe, last = asyncio.run(_raw_while_two_are_slow(strata))
+
+    for status, headers, body in (refused, last):
+        assert status == 503 and headers["retry-after"] == "1"
+        error = json.loads(body)["error"]
+        assert error["code"] == "overloaded" and error["request_id"] == headers["x-request-id"]
+    assert last[1]["connection"] == "close"
+    assert probe[0] == 200
+    assert _shed_count(strata) == shed_before + 2

@@ -109,7 +109,8 @@ class StrataProcess:
         self.args = list(args)
         self.ca_file = ca_file
         self.port = free_port()
-        self.config = {**config, "server": {**config.get("server", {}), "port": self.port}}
+        # One process unless a test asks for workers: the default would follow the machine's cores.
+        self.config = {**config, "server": {"workers": 1, **config.get("server", {}), "port": self.port}}
         self.config.setdefault("logging", {"format": "json", "level": "info"})
         self.config_path = workdir / "strata.yaml"
         self.log_path = workdir / "strata.log"
@@ -214,10 +215,16 @@ class StrataProcess:
                 answered = accept(response) if accept is not None else response.status_code == 200
             except httpx.HTTPError:
                 answered = False
-            if answered and listens_on(self.process.pid, self.port):
+            if answered and self.listens():
                 return
             time.sleep(0.05)
         raise TimeoutError(f"strata did not answer 200 on {path} within {timeout_s}s:\n{self.logs()}")
+
+    def listens(self) -> bool:
+        """This process, or one of its workers (`server.workers`), listens on the port."""
+        assert self.process is not None
+        pid = self.process.pid
+        return listens_on(pid, self.port) or any(listens_on(child, self.port) for child in descendants(pid))
 
     def wait_for_models(self, timeout_s: float) -> None:
         """Until every model is healthy: /readyz is 200 once one is, and the default config has two (the embedded

@@ -61,7 +61,7 @@ BAD_CONFIGS = [
         {},
         [
             "{file}:2: server.prot: unknown key 'prot'; did you mean 'port'? "
-            "(allowed: host, port, drain_delay_s, shutdown_grace_s, health_interval_s, grpc_port, tls_cert_file, tls_key_file, max_in_flight, "
+            "(allowed: host, port, drain_delay_s, shutdown_grace_s, health_interval_s, grpc_port, tls_cert_file, tls_key_file, workers, max_in_flight, "
             "max_connections, header_timeout_s, body_timeout_s)"
         ],
     ),

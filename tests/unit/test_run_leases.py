@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,3 +74,18 @@ async def test_a_lease_heartbeated_in_time_holds_and_one_let_lapse_moves_to_the_
     assert await runs.sweep_expired() == 0
     fresh = await runs.get_run(run_id)
     assert fresh is not None and isinstance(fresh, Run) and fresh.lease_owner == "worker_b.1"
+
+
+async def test_a_sweep_with_nothing_expired_does_not_wait_for_the_write_lock(
+    store: tuple[RunStore, Clock], tmp_path: Path
+) -> None:
+    """The request path holding SQLite's one write lock (here: another connection's open write transaction) does
+    not make a sweep that has nothing to do wait out busy_timeout and fail with `database is locked`."""
+    runs, _ = store
+    writer = sqlite3.connect(tmp_path / "strata.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        assert await runs.sweep_expired() == 0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

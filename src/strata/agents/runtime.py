@@ -45,9 +45,12 @@ class AgentRuntime:
         *,
         keyring: Keyring | None = None,
         redactor: Redactor | None = None,
+        migrate: bool = True,
     ) -> AgentRuntime:
+        """`migrate` False: the database is migrated already (by the supervisor of `server.workers`)."""
         db = Database(config.effective_database_url, keyring=keyring, redactor=redactor)
-        await db.upgrade()
+        if migrate:
+            await db.upgrade()
         await hash_plaintext_keys(db)  # idempotency keys stored in plain by an older version
         bus = EventBus()
         store = RunStore(db, bus.publish_stored)

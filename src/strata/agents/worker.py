@@ -17,10 +17,13 @@ from collections.abc import Callable, Collection
 import structlog
 
 from strata.agents.engine import RunEngine
+from strata.resilience.retry import backoff
 from strata.store.runs import LeaseLost, RunStore
 from strata.store.tables import Run
 
 log = structlog.get_logger("strata.worker")
+SWEEP_RETRY_S = 0.1  # the first retry of a failed lease sweep; doubling up to half a lease
+SWEEP_WARN_AFTER = 5  # failed sweeps in a row before a warning
 
 
 class _Why(enum.Enum):
@@ -146,13 +149,23 @@ class RunWorker:
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
 
     async def _sweep_loop(self) -> None:
+        """Every half lease. A sweep that fails (SQLite's `database is locked` when the request path holds the
+        write lock past busy_timeout) is tried again sooner, backed off, and said once it keeps failing: it is
+        maintenance, and a lease sweep that comes a moment late only delays a crashed worker's runs."""
+        failures = 0
         while True:
-            await asyncio.sleep(self.lease_s / 2)
+            interval = self.lease_s / 2
+            await asyncio.sleep(backoff(failures, SWEEP_RETRY_S, interval) if failures else interval)
             try:
                 swept = await self.store.sweep_expired()
-            except Exception:
-                log.exception("sweeping expired leases failed")
+            except Exception as exc:
+                failures += 1
+                if failures == SWEEP_WARN_AFTER:
+                    log.warning("sweeping expired leases keeps failing; retrying", error=str(exc), attempts=failures)
+                else:
+                    log.debug("sweeping expired leases failed; retrying", error=str(exc), attempts=failures)
                 continue
+            failures = 0
             if swept:
                 log.warning("runs with expired leases returned to the queue", count=swept)
                 self.wake()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import uuid
 from collections import Counter, OrderedDict
@@ -39,7 +40,12 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from strata.api.load_shedding import InFlight
+
 RETRY_AFTER_S = 1
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n|$)")
+_CLOSE = re.compile(rb"\r\nconnection:[^\r]*close")
+_NOT_SIMPLE = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nupgrade:")  # requests the fast refusal leaves alone
 REFUSAL_ROOM = 64  # connections past the bound held until their head arrives, to answer 503; then closed at once
 _RESERVE_MIN, _RESERVE_MAX = 128, 1024  # descriptors kept for everything but client connections
 _UNLIMITED_TARGET = 1 << 20
@@ -73,6 +79,7 @@ class ConnectionGuard:
     # Connections with no request in progress, the longest-waiting first: the ones closed to make room.
     idle: OrderedDict[GuardedProtocol, None] = field(default_factory=OrderedDict)
     refusing: int = 0  # connections opened past the bound, held to answer 503
+    shed: InFlight | None = None  # server.max_in_flight: full, a request that arrived whole is refused here
     closed: Counter[str] = field(default_factory=Counter)  # connections closed by the guard, by reason
 
     def make_room(self, connections: set[Any]) -> bool:
@@ -172,6 +179,9 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        shed = self.guard.shed
+        if shed is not None and shed.count >= shed.limit and self._shed(shed, data):
+            return
         super().data_received(data)
         if self._in_head and self._head_timer is None:
             self._head_timer = self.loop.call_later(self.guard.header_timeout_s, self._head_timed_out)
@@ -181,6 +191,48 @@ class GuardedProtocol(HttpToolsProtocol):
             self._body_timer = self.loop.call_later(self.guard.body_timeout_s, self._body_timed_out)
         elif not self._in_body and self._body_timer is not None:
             self._cancel(body=True)
+
+    def _shed(self, shed: InFlight, data: bytes) -> bool:
+        """At `server.max_in_flight`, refuse a request that came whole in this read, on a connection between
+        requests, without parsing it into a scope, starting a task or calling the app: a refusal must cost next
+        to nothing, or refusing at ten times the rate Strata can serve takes the CPU the admitted requests need.
+        Anything else (a probe, a partial or pipelined request, chunked, Expect, Upgrade) takes the ordinary path,
+        where `InFlightLimit` refuses it the same way."""
+        if (
+            self._in_head
+            or self._in_body
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+        ):
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[:end].lower()
+        line_end = head.find(b"\r\n")
+        request_line = head[: line_end if line_end >= 0 else end].split(b" ")
+        if len(request_line) != 3 or not request_line[2].startswith(b"http/1."):
+            return False
+        path = request_line[1].split(b"?", 1)[0].decode("latin-1")
+        if path in shed.exempt or any(word in head for word in _NOT_SIMPLE):
+            return False
+        if head.count(b"\r\ncontent-length:") > 1:  # ambiguous framing: httptools decides (it refuses it)
+            return False
+        match = _CONTENT_LENGTH.search(head)
+        length = int(match.group(1)) if match else 0
+        if len(data) != end + 4 + length:  # the body is not all here, or another request follows: parse it
+            return False
+        self._unset_keepalive_if_required()
+        self._cancel(head=True)
+        close = request_line[2] == b"http/1.0" or _CLOSE.search(head) is not None
+        self.transport.write(shed.raw_refusal(close))
+        if close:
+            self.transport.close()
+        else:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+        return True
 
     def on_message_begin(self) -> None:
         self._in_head = True

@@ -45,32 +45,62 @@ def _refusal(limit: int) -> tuple[bytes, bytes]:
     return head, tail
 
 
-class InFlightLimit:
-    """Pure ASGI, outside every other middleware of Strata's."""
+class InFlight:
+    """The requests in progress against the bound, shared by the two places that refuse: `InFlightLimit` (the
+    outermost ASGI middleware) and the connection's protocol (`api/connections.py`), which answers a request
+    that arrived whole while the bound is reached before HTTP parsing and the ASGI call even start."""
 
-    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str], metrics: RequestMetrics) -> None:
-        self.app = app
+    def __init__(self, limit: int, exempt: frozenset[str], metrics: RequestMetrics) -> None:
         self.limit = limit
         self.exempt = exempt
         self.metrics = metrics
-        self.in_flight = 0
+        self.count = 0
         self._head, self._tail = _refusal(limit)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def refusal(self) -> tuple[bytes, bytes]:
+        """(body, request id) of one refusal, counted as shed."""
+        self.metrics.shed()
+        request_id = uuid.uuid4().hex.encode()
+        return b'%s"%s"%s' % (self._head, request_id, self._tail), request_id
+
+    def raw_refusal(self, close: bool) -> bytes:
+        """The whole HTTP/1.1 response, for the protocol to write."""
+        body, request_id = self.refusal()
+        return (
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"retry-after: %d\r\nx-request-id: %s\r\n%s\r\n%s"
+            % (len(body), RETRY_AFTER_S, request_id, b"connection: close\r\n" if close else b"", body)
+        )
+
+
+class InFlightLimit:
+    """Pure ASGI, outside every other middleware of Strata's."""
+
+    def __init__(self, app: ASGIApp, in_flight: InFlight) -> None:
+        self.app = app
+        self.state = in_flight
+        self.exempt = in_flight.exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        state = self.state
+        if state.count >= state.limit:
             await self._refuse(send)
             return
-        self.in_flight += 1
+        state.count += 1
         counted = True
 
         def release() -> None:
             nonlocal counted
             if counted:
                 counted = False
-                self.in_flight -= 1
+                state.count -= 1
 
         async def send_releasing(message: Message) -> None:
             if counted and message["type"] == "http.response.start":
@@ -85,14 +115,12 @@ class InFlightLimit:
 
     async def _refuse(self, send: Send) -> None:
         # Answered before the request-id middleware runs: the refusal carries an id of its own, like every error.
-        self.metrics.shed()
-        request_id = uuid.uuid4().hex
-        body = b'%s"%s"%s' % (self._head, request_id.encode(), self._tail)
+        body, request_id = self.state.refusal()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(RETRY_AFTER_S).encode()),
-            (b"x-request-id", request_id.encode()),
+            (b"x-request-id", request_id),
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ class DrainingServer(uvicorn.Server):
         drain_delay_s: float,
         shutdown_grace_s: float,
         announce: Announcer | None = None,
+        listen_when_started: bool = False,
     ) -> None:
         super().__init__(config)
+        self._listen_when_started = listen_when_started
         self._lifecycle = lifecycle
         self._drain_delay_s = drain_delay_s
         self._shutdown_grace_s = shutdown_grace_s
@@ -70,6 +73,16 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        if self._listen_when_started:
+            # One of several workers on the port (workers.py): it joins the port only once it can serve, so the
+            # others answer meanwhile rather than it saying "starting" to its share of the connections.
+            lifespan_startup = self.lifespan.startup
+
+            async def started() -> None:
+                await lifespan_startup()
+                await self._lifecycle.settled.wait()
+
+            self.lifespan.startup = started  # type: ignore[method-assign]
         await super().startup(sockets)  # the app's start-up has begun (app.py), and the socket listens now
         if self.should_exit:
             return
@@ -147,16 +160,25 @@ class Announcer:
 
 
 def run_server(
-    app: FastAPI, server: ServerConfig, lifecycle: Lifecycle, max_body_bytes: int, announce: Announcer | None = None
+    app: FastAPI,
+    server: ServerConfig,
+    lifecycle: Lifecycle,
+    max_body_bytes: int,
+    announce: Announcer | None = None,
+    sockets: list[socket.socket] | None = None,
+    listen_when_started: bool = False,
 ) -> None:
-    """Serve until stopped; raises SystemExit(STARTUP_FAILED) if the app's start-up failed after listening."""
+    """Serve until stopped; raises SystemExit(STARTUP_FAILED) if the app's start-up failed after listening.
+    `sockets`: listen on these (a worker's SO_REUSEPORT socket, workers.py) instead of binding host:port;
+    `listen_when_started`: only once the app's start-up is done (a worker the others cover for meanwhile)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     descriptors = raise_descriptor_limit()
     bound = connection_bound(server.max_connections, descriptors)
     if bound < server.max_connections:
         log.warning("server.max_connections lowered to stay below the descriptor limit",
                     max_connections=server.max_connections, bound=bound, descriptor_limit=descriptors)  # fmt: skip
-    guard = ConnectionGuard(bound, server.header_timeout_s, server.body_timeout_s, PROBE_PATHS)
+    state: AppState = app.state.strata
+    guard = ConnectionGuard(bound, server.header_timeout_s, server.body_timeout_s, PROBE_PATHS, shed=state.in_flight)
     config = uvicorn.Config(
         app,
         host=server.host,
@@ -173,9 +195,10 @@ def run_server(
         ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
     )
-    runner = DrainingServer(config, lifecycle, server.drain_delay_s, server.shutdown_grace_s, announce)
-    state: AppState = app.state.strata
+    runner = DrainingServer(
+        config, lifecycle, server.drain_delay_s, server.shutdown_grace_s, announce, listen_when_started
+    )
     state.metrics.register(ConnectionCollector(guard, lambda: len(runner.server_state.connections)))
-    runner.run()
+    runner.run(sockets)
     if lifecycle.startup_error is not None:
         raise SystemExit(STARTUP_FAILED)

@@ -27,6 +27,7 @@ from strata.serving.router import Router
 from strata.serving.stream_relay import ChatStreamRelay
 
 if TYPE_CHECKING:
+    from strata.api.load_shedding import InFlight
     from strata.api.model_sync import ModelSync
 
 
@@ -98,6 +99,7 @@ class AppState:
     alerter: Alerter | None = None
     sync: ModelSync | None = None  # cluster-wide deploys and reloads; set once the store is migrated
     series: MetricSeries | None = None  # the last hour of request metrics, for the console's charts
+    in_flight: InFlight | None = None  # server.max_in_flight's count (api/load_shedding.py); None: no bound
 
     def model_sync(self) -> ModelSync:
         if self.sync is None:

@@ -275,9 +275,11 @@ class BudgetGuard:
         on_soft_limit: AlertCallback | None = None,
         on_hard_limit: AlertCallback | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        counters: _Counters | None = None,
     ) -> None:
         """`store` seeds counters (None: they start at 0). Pass `redis` to share the app's client, or
-        `redis_url` for a client of its own; neither: counters in memory."""
+        `redis_url` for a client of its own, or `counters` (the supervisor's, shared by the worker processes
+        of one machine: machine_state.py); none: counters in memory."""
         self.budgets = [b if isinstance(b, Budget) else Budget.from_config(b) for b in budgets]
         self._by_scope: dict[Scope, list[Budget]] = {"key": [], "user": [], "agent": []}
         for budget in self.budgets:
@@ -287,7 +289,9 @@ class BudgetGuard:
         self.on_hard_limit = on_hard_limit
         self._clock = clock
         self._counters: _Counters
-        if redis is not None:
+        if counters is not None:
+            self._counters = counters
+        elif redis is not None:
             self._counters = _RedisCounters(redis, namespace, owned=False)
         elif redis_url is not None:
             client = redis_client(redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S)
@@ -307,6 +311,7 @@ class BudgetGuard:
         redis: Redis | None = None,
         on_soft_limit: AlertCallback | None = None,
         on_hard_limit: AlertCallback | None = None,
+        counters: _Counters | None = None,
     ) -> BudgetGuard:
         return cls(
             config.cost.budgets,
@@ -315,6 +320,7 @@ class BudgetGuard:
             redis=redis,
             on_soft_limit=on_soft_limit,
             on_hard_limit=on_hard_limit,
+            counters=counters,
         )
 
     # -- before work ---------------------------------------------------------------------------------------

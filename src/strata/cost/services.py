@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from strata.config import StrataConfig
-from strata.cost.budgets import AlertCallback, BudgetGuard, BudgetSubject
+from strata.cost.budgets import AlertCallback, BudgetGuard, BudgetSubject, _Counters
 from strata.cost.gpu_time import GpuTimeShares
 from strata.cost.metering import UsageMeter
 from strata.cost.prices import PriceCatalog
@@ -36,12 +36,14 @@ class CostServices:
         on_soft_limit: AlertCallback | None = None,
         on_hard_limit: AlertCallback | None = None,
         gpu_time: GpuTimeShares | None = None,
+        counters: _Counters | None = None,
     ) -> CostServices:
-        """Build on a migrated database; `redis` (the app's client) shares budget counters across replicas."""
+        """Build on a migrated database; `redis` (the app's client) shares budget counters across replicas,
+        `counters` across the worker processes of one machine without Redis."""
         store = UsageStore(db)
         meter = UsageMeter.from_config(config.cost, store)
         budgets = BudgetGuard.from_config(
-            config, store, redis=redis, on_soft_limit=on_soft_limit, on_hard_limit=on_hard_limit
+            config, store, redis=redis, on_soft_limit=on_soft_limit, on_hard_limit=on_hard_limit, counters=counters
         )
         await meter.start()
         return cls(

@@ -28,7 +28,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -88,6 +88,14 @@ def ratelimit_headers(requests: LimitDecision | None, tokens: LimitDecision | No
     return headers
 
 
+class CounterStorage(Protocol):
+    """What the limiter uses of a `limits` storage; errors raise `StorageError`."""
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int: ...
+
+    async def get(self, key: str) -> int: ...
+
+
 class _MemoryStorage(MemoryStorage):
     """limits' in-memory storage, sweeping expired counters at most once a second.
 
@@ -115,11 +123,16 @@ class RateLimiter:
         *,
         namespace: str = "strata",
         clock: Callable[[], float] = time.time,
+        shared: CounterStorage | None = None,
     ) -> None:
+        """`shared`: counters kept by the supervisor of this machine's worker processes (machine_state.py),
+        when there is no Redis."""
         self._clock = clock
         self._pool: BlockingConnectionPool | None = None
-        self._storage: Storage
-        if redis_url is None:
+        self._storage: Storage | CounterStorage
+        if shared is not None:
+            self._storage = shared
+        elif redis_url is None:
             self._storage = _MemoryStorage(wrap_exceptions=True)
         else:
             # redis-py's asyncio client (already a dependency) through a pool we own, so aclose can close it.

@@ -34,6 +34,14 @@ class Launch:
     env: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a launched server listens on loopback, and the token it demands."""
+
+    port: int
+    token: str
+
+
 def base_child_env() -> dict[str, str]:
     return {key: os.environ[key] for key in CHILD_ENV_KEYS if key in os.environ}
 
@@ -62,6 +70,9 @@ class LaunchedDeployment(Deployment):
         self.run_dir = data_dir / "run"
         self.log_path = data_dir / "logs" / f"{model.replace('/', '_')}.log"
         self._port: int | None = None
+        self._shared_token: str | None = None  # set by `share`
+        self._attached: Endpoint | None = None  # set by `attach`
+        self._answered_once = False  # attached: the server answered a probe at least once
         client = OpenAIClient(
             f"{model}/{self.kind}",
             f"http://{LOOPBACK}:0/v1",
@@ -83,22 +94,50 @@ class LaunchedDeployment(Deployment):
     def launch(self, port: int, token: str) -> Launch:
         """The command and environment of one launch."""
 
+    def share(self) -> Endpoint:
+        """Launch for several processes (the workers of one `strata serve`): one port and one token for the
+        server's whole life, restarts included, so the workers that `attach` to it need telling only once. (A
+        foreign process that takes the port while the server restarts makes the relaunch fail until it is free.)"""
+        self._port = free_port(LOOPBACK)
+        self._shared_token = secrets.token_urlsafe(32)
+        return Endpoint(self._port, self._shared_token)
+
+    def attach(self, endpoint: Endpoint) -> None:
+        """Use the server another process launched (`share`) instead of launching one: health is then probed."""
+        self._attached = endpoint
+
     def _launch_spec(self) -> LaunchSpec:
-        self._port = free_port(LOOPBACK, preferred=self._port)
-        token = secrets.token_urlsafe(32)
+        if self._shared_token is None:  # shared: the port stays, even while TIME_WAIT would make free_port move it
+            self._port = free_port(LOOPBACK, preferred=self._port)
+        token = self._shared_token or secrets.token_urlsafe(32)
         self.client.set_endpoint(f"http://{LOOPBACK}:{self._port}/v1", token)
         launch = self.launch(self._port, token)
         return LaunchSpec(argv=launch.argv, env=launch.env, log_path=self.log_path)
 
     async def start(self) -> None:
         await self.client.start()
+        if self._attached is not None:
+            self.client.set_endpoint(f"http://{LOOPBACK}:{self._attached.port}/v1", self._attached.token)
+            await self.probe()
+            return
         self.supervisor.start()
 
     async def stop(self, grace_s: float) -> None:
-        await self.supervisor.stop(grace_s)
+        if self._attached is None:
+            await self.supervisor.stop(grace_s)
         await self.client.close()
 
     def check_available(self) -> None:
+        if self._attached is not None:
+            # Until it first answers (it is loading): 503. After that a request goes through even when the last
+            # probe failed: the supervisor restarts the server on the same port, and probes lag behind it.
+            if not self._answered_once:
+                raise BackendNotReadyError(
+                    f"the {self.label} server of {self.model!r} is not answering yet; try again shortly",
+                    deployment=self.name,
+                    retry_after_s=1.0,
+                )
+            return
         if self.supervisor.state is not ChildState.READY:
             raise BackendNotReadyError(
                 f"the {self.label} server of {self.model!r} is {self.supervisor.state.value}; try again shortly",
@@ -107,13 +146,20 @@ class LaunchedDeployment(Deployment):
             )
 
     async def probe(self) -> bool:
+        if self._attached is not None:
+            self._answered_once = await super().probe() or self._answered_once
+            return self.healthy
         return self.healthy
 
     @property
     def healthy(self) -> bool:
+        if self._attached is not None:
+            return self._probe_ok
         # The supervisor health-checked the child before calling it ready and sees its exit at once.
         return self.supervisor.state is ChildState.READY
 
     @property
     def state(self) -> str:
+        if self._attached is not None:
+            return "ready" if self._probe_ok else "starting"
         return self.supervisor.state.value

@@ -386,12 +386,19 @@ class RunStore:
             )
 
     async def sweep_expired(self) -> int:
-        """Runs whose worker stopped heartbeating (crashed) go back to the queue."""
+        """Runs whose worker stopped heartbeating (crashed) go back to the queue.
+
+        On SQLite it looks first, without the write lock: nearly every sweep finds nothing, and an UPDATE takes
+        the database's one write lock even when it changes no row, so each worker's sweeps would queue the
+        request path's writes (usage, runs, audit) behind them for nothing."""
+        expired = and_(Run.status == "running", Run.lease_expires_at < self.clock())
+        if self.db.is_sqlite:
+            async with self.db.sessions() as tx:
+                if (await tx.execute(select(Run.id).where(expired).limit(1))).first() is None:
+                    return 0
         async with self.db.transaction() as tx:
             result = await tx.execute(
-                update(Run)
-                .where(Run.status == "running", Run.lease_expires_at < self.clock())
-                .values(status="queued", lease_owner=None, lease_expires_at=None)
+                update(Run).where(expired).values(status="queued", lease_owner=None, lease_expires_at=None)
             )
         return int(result.rowcount or 0)
 
