@@ -39,6 +39,7 @@ from pathlib import Path
 
 import structlog
 
+from strata.compute.parent_death import die_with_parent
 from strata.config import EmbeddedModelConfig, StrataConfig
 from strata.resilience.breaker import MemoryBreakerStore
 from strata.resilience.retry import backoff
@@ -142,9 +143,7 @@ def children(pid: int) -> list[int]:
 
 
 def _worker_main(target: WorkerTarget, config: StrataConfig, config_path: Path | None, share: WorkerShare) -> None:
-    from strata.serving.supervisor import _die_with_parent
-
-    _die_with_parent()  # a supervisor killed with -9 takes its workers with it
+    die_with_parent()  # a supervisor killed with -9 takes its workers with it
     if os.getppid() == 1:
         return
     target(config, config_path, share)
