@@ -173,7 +173,7 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
 ) -> None:
     mock_backend.script(
         Reply(tool_calls=[ToolCallSpec("calculator", {"expression": "2+3"}, id="c7")]),
-        Reply(content="It makes five, as counted.", chunk_delay_s=0.1),
+        Reply(content="It makes five, as counted.", chunk_delay_s=0.5),
     )
     body = {"input": "2+3?", "mode": "background"}
     run_id = httpx.post(strata.url + "/v1/agents/approver/runs", json=body, headers=strata.headers, timeout=30).json()[
@@ -187,7 +187,7 @@ def test_approve_a_pending_tool_call_and_watch_the_run_finish_live(
     expect(page.locator(".messages .msg.user")).to_have_text(re.compile("2\\+3\\?"))
     screenshot(page, "approval")
     pending.locator("button.approve").click()
-    expect(page.locator("#run-live")).to_contain_text("It makes")  # the answer as the model writes it
+    expect(page.locator("#run-live")).to_contain_text("It makes")  # the answer as the model writes it (2.5 s of it)
     expect(page.locator("#run-status")).to_have_text("completed")  # no reload: the run's events drive the page
     expect(page.locator("#run-output")).to_contain_text("It makes five, as counted.")
     expect(page.locator("#run-live")).to_be_hidden()
