@@ -79,7 +79,10 @@ class RunEngine:
             if remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                await job.drive()
+                try:
+                    await job.drive()
+                finally:
+                    await job.settle()
         except Stop:
             pass
         except TimeoutError:

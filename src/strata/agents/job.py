@@ -2,11 +2,11 @@
 re-entered over a run context whose journal is the run's step rows and whose ports are the engine's model
 dispatcher, tools, approvals and child runs. One driver, one way a step is written, one way a run ends.
 
-Writes go into the job's `RunBatch` and are committed in fenced transactions (one per step boundary): each step is
-written before the next one begins. A model step's start is written before the model is called (followers stream
-its text once its start is stored); a tool call's start rides with what comes before it runs or with its result;
-the built-in agent's last result of a turn rides with the next step's start (its tools are keyed, so a result lost
-to a crash runs again with the same idempotency key). A code agent's completed call is written before it returns.
+Writes go into the job's `RunBatch` and are committed in fenced transactions, in order, each step's before the next
+side effect: before a tool call or a step of code acts, everything before it is written (`durable`). A model call
+has no side effect, so the write before it (its start, with the previous tool result) goes on while the model
+works (`flush`), off the step's critical path; a model step's result is written with the start of the tool calls
+it asked for, in one transaction. A code agent's completed call is written before it returns to the function.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 
 from strata.agents.approvals import binding, call_binding, unique_call_ids
 from strata.agents.bus import LiveEvent
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from strata.agents.catalog import AgentCatalog
     from strata.agents.engine import RunEngine
 
+log = structlog.get_logger("strata.engine")
 # Raised through the agent's function by the engine's own ports: ended by `RunEngine` as for any agent.
 ENGINE_ERRORS = (ModelStepError, DeadlineExceeded, LeaseLost, JournalClosed)
 CHILD_POLL_S = 1.0  # how often a parent re-reads a child run it waits for (a child on another replica)
@@ -70,28 +72,60 @@ class Job:
         self.deadline = time.monotonic() + (aware(run.deadline_at) - utcnow()).total_seconds()
         self.history: list[Message] = []  # the session's messages, in order (the last ones maybe not yet committed)
         self.batch = RunBatch()
-        self.writing: asyncio.Future[None] | None = None  # the commit in flight, if any
+        self.writing: asyncio.Future[None] | None = None  # the last write started, if any (each waits for the last)
         self.ended = False  # the run's end was committed by `end`
 
     # -- writes ----------------------------------------------------------------------------------
 
-    async def commit(self) -> None:
-        """Write the batch now (one fenced transaction); raises `LeaseLost` if another worker has the run."""
+    def flush(self) -> None:
+        """Start writing the batch (one fenced transaction, after the writes before it) without waiting for it: a
+        model call goes on meanwhile (it has no side effects). `commit` and `durable` wait for it."""
+        if not self.batch:
+            return
         batch, self.batch = self.batch, RunBatch()
-        written = self.writing = asyncio.get_running_loop().create_future()
-        try:
-            await self.store.commit(self.run, self.owner, self.engine.lease_s, batch)
-        finally:
-            written.set_result(None)
-            if self.writing is written:
-                self.writing = None
+        write = asyncio.ensure_future(self._write(batch, self.writing))
+        write.add_done_callback(_retrieved)
+        self.writing = write
+
+    async def _write(self, batch: RunBatch, previous: asyncio.Future[None] | None) -> None:
+        if previous is not None:
+            await previous  # in order; a failed one (a lost lease) fails those after it
+        await self.store.commit(self.run, self.owner, self.engine.lease_s, batch)
+
+    async def commit(self) -> None:
+        """Write the batch now and wait for every write so far; raises `LeaseLost` if another worker has the run."""
+        self.flush()
+        await self._written()
 
     async def durable(self) -> None:
-        """Before a side effect: what came before it (a model step's result) is written, or being written."""
+        """Before a side effect: what came before it (a model step's result) is written."""
         if self.batch.completions or self.batch.messages or self.batch.counters:
-            await self.commit()
-        elif self.writing is not None:
-            await asyncio.shield(self.writing)
+            self.flush()
+        await self._written()
+
+    async def _written(self) -> None:
+        write = self.writing
+        if write is not None:
+            await write
+            if self.writing is write:
+                self.writing = None
+
+    async def settle(self) -> None:
+        """Wait, through a cancellation, for the writes in flight: what follows (an end, a release of the run) must
+        come after them, never race them on another connection. Their errors are not this call's to raise."""
+        write = self.writing
+        if write is None:
+            return
+        cancelled = False
+        while not write.done():
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:  # raised to whoever waits for it (`commit`), not here
+                pass
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def end(self, status: str, reason: str | None, output: str | None = None) -> None:
         self.batch.end(status, reason, output)
@@ -230,6 +264,12 @@ class Job:
             await unit.add_event(self.run.id, "run.fallback", {"from": failed, "to": fallback, "error": error})
 
 
+def _retrieved(write: asyncio.Future[None]) -> None:
+    """A write's error is raised to whoever waits for it; if nobody does (the run was stopped), it is not lost."""
+    if not write.cancelled() and (error := write.exception()) is not None and not isinstance(error, LeaseLost):
+        log.warning("a run's write failed", exc_info=error)
+
+
 def record_end(span: Span, run: Run, status: str, reason: str | None) -> None:
     """How the run ended, on its invoke_agent span: status, the run's tokens so far, the failure."""
     if not span.is_recording():
@@ -298,7 +338,7 @@ class _ToolAgentJournal:
             job.admit_model(None)
             batch.start_step(turn=entry.position, kind="model", name=job.spec.model, input_=entry.data)
             batch.add_event("step.started", {"turn": entry.position, "kind": "model", "model": job.spec.model})
-            await job.commit()
+            job.flush()  # with the last tool result, while the model works: followers see the step start
             return
         batch.start_step(
             turn=entry.position, kind="tool", name=entry.name, call_id=entry.call_id, input_=entry.data,
@@ -343,16 +383,16 @@ class _ToolAgentJournal:
         )
         self.running -= 1
         if self.running:  # others of this turn still run: make this result durable now
-            await job.commit()
-        # else: the last one's result is committed with the next step's start
+            job.flush()
+        # else: the last one's result is written with the next step's start
 
 
 class _CodeJournal:
     """A code agent's entries as step rows (`turn` = the entry's position, `kind` = the primitive, `input` = its
     fingerprint and start data, `output` = its result): one transaction per call, written when the call completed
-    (its start rides along), except a model call's and a sleep's start, which are written before they begin
-    (followers stream a model step's text once its start is stored; a sleep's wake-up time must be durable before
-    it sleeps)."""
+    and before it returns (its start rides along), except a model call's start, written while the model works
+    (followers stream a model step's text once its start is stored), and a sleep's, written before it sleeps (its
+    wake-up time must be durable)."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -381,8 +421,12 @@ class _CodeJournal:
         if entry.kind in ("model", "tool"):  # as the built-in agent's events name them
             started[entry.kind] = entry.name
         job.batch.add_event("step.started", started)
-        if entry.kind in ("model", "sleep"):
-            await job.commit()
+        if entry.kind == "model":
+            job.flush()  # while the model works: followers see the step start
+        elif entry.kind == "sleep":
+            await job.commit()  # its wake-up time
+        else:
+            await job.durable()  # a side effect: what came before it is written first
 
     async def complete(self, entry: Entry) -> None:
         job, batch = self.job, self.job.batch
@@ -406,7 +450,7 @@ class _CodeJournal:
         else:
             batch.add_event("step.completed", {"turn": entry.position, "kind": entry.kind, "name": entry.name,
                                                "status": entry.status})  # fmt: skip
-        await job.commit()
+        await job.commit()  # before the call returns: the function's code after it may act on the result
 
 
 # -- ports: what the context calls ----------------------------------------------------------------
