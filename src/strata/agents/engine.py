@@ -108,7 +108,17 @@ class RunEngine:
             assert fresh is not None
             await finish(unit, fresh, status, reason, output)
         self.accounting.run_finished(fresh)
+        await self.wake_parent(fresh)
         return fresh
+
+    async def wake_parent(self, run: Run) -> None:
+        """A run ended: if it is a child its parent waits for, the parent goes on once its last child ended."""
+        if run.parent_run_id is None:
+            return
+        try:
+            await self.store.wake_parent(run)
+        except Exception:  # the parent stays waiting; cancelling it ends it
+            log.exception("could not wake the parent of a run that ended", run_id=run.id, parent=run.parent_run_id)
 
 
 def _run_attributes(run: Run) -> dict[str, Any]:

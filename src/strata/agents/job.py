@@ -12,7 +12,6 @@ it asked for, in one transaction. A code agent's completed call is written befor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("strata.engine")
 # Raised through the agent's function by the engine's own ports: ended by `RunEngine` as for any agent.
 ENGINE_ERRORS = (ModelStepError, DeadlineExceeded, LeaseLost, JournalClosed)
-CHILD_POLL_S = 1.0  # how often a parent re-reads a child run it waits for (a child on another replica)
 
 
 class Stop(Exception):
@@ -136,6 +134,7 @@ class Job:
                 self.ended = True
                 self.engine.accounting.run_finished(self.run)
                 record_end(self.span, self.run, status, reason)
+        await self.engine.wake_parent(self.run)
 
     async def stop(self, status: str, reason: str | None, output: str | None = None) -> None:
         await self.end(status, reason, output)
@@ -219,8 +218,8 @@ class Job:
     # -- pauses ----------------------------------------------------------------------------------
 
     async def _pause(self, waiting: Suspended) -> None:
-        if waiting.reason != "approval":  # children are awaited in place (`_EnginePorts.child`): never here
-            await self.stop("failed", f"internal error: the run cannot wait for {waiting.reason}")
+        if waiting.reason == "child":
+            await self._wait_for_children()
         requested = [w if "binding" in w else self._requested(w) for w in waiting.waiting_for]
         await self._pause_for(requested)
 
@@ -230,6 +229,17 @@ class Job:
             "id": w["key"], "name": w["name"], "arguments": orjson.dumps(w["payload"]).decode(),
             "turn": _position(w["key"]), "binding": _binding(self.run.id, w["key"], w["name"], w["payload"]),
         }  # fmt: skip
+
+    async def _wait_for_children(self) -> None:
+        """Give the worker slot back until the children end (they may need it: a fan-out wider than the workers);
+        the last child to end queues this run again, which then replays up to its children's results."""
+        await self.commit()  # what the run did so far (the children's starts), before it waits
+        run = await self.store.wait_for_children(self.run.id, self.owner)
+        if run is None:
+            record_end(self.span, self.run, "cancelled", "cancelled by request")
+        else:
+            record_end(self.span, run, "waiting", None)
+        raise Stop
 
     async def _pause_for(self, requested: list[dict[str, Any]]) -> None:
         """Wait for approvers to decide on `requested` (entries as `approvals.pending_entry` makes them)."""
@@ -509,20 +519,12 @@ class _EnginePorts:
         )
 
     async def child(self, agent: str, input_: dict[str, Any], key: str) -> ChildResult | None:
+        """The child's result once it ended; None while it runs (the parent then waits without its worker)."""
         job = self.job
         child = await _start_child(job, job.engine.catalog, agent, input_, f"child\x1f{key}")
-        while child.status not in TERMINAL:
-            with job.engine.bus.subscribe(child.id) as queue, contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_final(queue), CHILD_POLL_S)
-            fresh = await job.store.get_run(child.id)
-            assert fresh is not None
-            child = fresh
+        if child.status not in TERMINAL:
+            return None
         return ChildResult(child.id, child.status, child.output)
-
-
-async def _final(queue: asyncio.Queue[LiveEvent]) -> None:
-    while (await queue.get()).type not in ("run.completed", "run.failed", "run.cancelled"):
-        pass
 
 
 async def _start_child(job: Job, catalog: AgentCatalog, agent: str, message: dict[str, Any], key: str) -> Any:
@@ -536,7 +538,6 @@ async def _start_child(job: Job, catalog: AgentCatalog, agent: str, message: dic
     child, _ = await store.create_run(
         session_id=session.id, agent=agent, agent_version=version, owner=run.owner, input_message=message,
         idempotency_key=key, timeout_s=spec.limits.timeout_s, trace_parent=run.trace_parent, key_id=run.key_id,
-        allowed_models=run.allowed_models, new_session=session,
-        model=spec.model,
+        allowed_models=run.allowed_models, new_session=session, model=spec.model, parent_run_id=run.id,
     )  # fmt: skip
     return child
