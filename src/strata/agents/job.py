@@ -269,9 +269,9 @@ class Job:
         async with self.store.unit(run_id=self.run.id, owner=self.owner, lease_s=self.engine.lease_s) as unit:
             await unit.add_event(self.run.id, "run.waiting", {"reason": reason, "retry_in_s": round(delay_s, 3)})
 
-    async def fallback(self, failed: str, fallback: str, error: str) -> None:
-        async with self.store.unit(run_id=self.run.id, owner=self.owner, lease_s=self.engine.lease_s) as unit:
-            await unit.add_event(self.run.id, "run.fallback", {"from": failed, "to": fallback, "error": error})
+    def fallback(self, failed: str, fallback: str, error: str) -> None:
+        """The dispatcher's chain moved on to the agent's fallback model: written with the step's result."""
+        self.batch.add_event("run.fallback", {"from": failed, "to": fallback, "error": error})
 
 
 def _retrieved(write: asyncio.Future[None]) -> None:
