@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -51,6 +52,7 @@ class RunEngine:
         self.bus = bus
         self.accounting = accounting
         self.lease_s = lease_s
+        self.wake_workers: Callable[[], None] = lambda: None  # a run was queued again: look for it now (runtime)
         self.tracing = tracing or caller.tracing  # by default the app's, which the chat service carries
 
     async def execute(self, run: Run, owner: str) -> Run | None:
@@ -117,6 +119,7 @@ class RunEngine:
             return
         try:
             await self.store.wake_parent(run)
+            self.wake_workers()
         except Exception:  # the parent stays waiting; cancelling it ends it
             log.exception("could not wake the parent of a run that ended", run_id=run.id, parent=run.parent_run_id)
 

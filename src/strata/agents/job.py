@@ -276,7 +276,7 @@ class Job:
 
 def _retrieved(write: asyncio.Future[None]) -> None:
     """A write's error is raised to whoever waits for it; if nobody does (the run was stopped), it is not lost."""
-    if not write.cancelled() and (error := write.exception()) is not None and not isinstance(error, LeaseLost):
+    if not write.cancelled() and (error := write.exception()) and not isinstance(error, LeaseLost | JournalClosed):
         log.warning("a run's write failed", exc_info=error)
 
 
