@@ -161,3 +161,19 @@ async def test_each_choice_s_finish_reason_is_kept_as_compact_or_spaced_json_wri
     relay = make_relay(ByteStream(wire))
     assert [event async for event in relay][-1] == b"data: [DONE]\n\n"
     assert relay.stats.finish_reasons == {0: "tool_calls", 1: "length"}
+
+
+async def test_an_in_process_reader_gets_parsed_chunks_and_a_cut_stream_raises() -> None:
+    whole = make_relay(ByteStream(b"data: " + chunk("He") + b"\r\n\r\ndata: " + chunk("llo") + b"\n\ndata: [DONE]\n\n"))
+    contents = [event["choices"][0]["delta"]["content"] async for event in whole.events()]
+    assert contents == ["He", "llo"]
+    stream = ByteStream(b"data: " + chunk("He") + b"\n\n")
+    cut = make_relay(stream)
+    seen = []
+    try:
+        async for event in cut.events():
+            seen.append(event)
+        raise AssertionError("a stream cut short must raise")
+    except UpstreamUnavailableError as exc:
+        assert "before it was complete" in exc.message
+    assert len(seen) == 1 and stream.closed

@@ -14,6 +14,10 @@ from strata.config import AgentConfig
 from strata.store.tables import Run
 
 
+class GuardTripped(Exception):
+    """A guard ended the run (a limit, a loop, a model the run may not use); the message is the run's reason."""
+
+
 def call_signature(name: str, arguments: str) -> str:
     try:
         canonical = orjson.dumps(orjson.loads(arguments or "{}"), option=orjson.OPT_SORT_KEYS).decode()

@@ -1,15 +1,18 @@
-"""One model step of a run, through `serving` like any client: streamed (token deltas go to live
-subscribers), waiting out backpressure, falling back to the agent's fallback model on failure.
+"""One model step of a run, through `serving` like any client: streamed (token deltas go to live subscribers)
+from the relay's parsed chunks. Retries and fallbacks are the dispatcher's own chain, with the agent's fallback
+model added after the model's own fallbacks (the run records a `run.fallback` event when it takes over). What the
+run adds is patience: when every deployment refuses work for now (429/503, not ready), it waits and asks again
+(visibly: `run.waiting`) until its deadline, rather than failing.
 
-Each attempt is a `chat {model}` span under the run's `invoke_agent` span; waits, retries and the
-fallback are events of the `invoke_agent` span."""
+Each step is a `chat {model}` span under the run's `invoke_agent` span; the dispatcher's retries and fallbacks
+are events of it, the run's waits events of the `invoke_agent` span."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -25,14 +28,12 @@ from strata.serving.errors import (
     ModelNotFoundError,
     ServingError,
     UpstreamStatusError,
-    UpstreamUnavailableError,
 )
 from strata.serving.schemas import ChatCompletionRequest
 
 WaitHook = Callable[[str, float], Awaitable[None]]
 DeltaHook = Callable[[str], None]
-FallbackHook = Callable[[str, str, str], Awaitable[None]]
-MAX_FAILURES_PER_MODEL = 3
+FallbackHook = Callable[[str, str, str], None]
 BACKOFF_MAX_S = 10.0  # the longest wait between a model step's attempts
 
 
@@ -137,119 +138,61 @@ class ModelCaller:
             payload["temperature"] = temperature
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
-        last_error: Exception | None = None
-        for index, model in enumerate(models):
-            if index > 0:
-                add_event(genai.EVENT_RUN_FALLBACK, {"from": models[index - 1], "to": model, "error": str(last_error)})
-                await on_fallback(models[index - 1], model, str(last_error))
-            try:
-                return await self._with_retries(agent, model, payload, deadline, call_id, on_delta, on_wait, allowed)
-            except ModelStepError as exc:
-                last_error = exc
-        raise ModelStepError(str(last_error))
-
-    async def _with_retries(
-        self,
-        agent: str,
-        model: str,
-        payload: dict[str, Any],
-        deadline: float,
-        call_id: str,
-        on_delta: DeltaHook,
-        on_wait: WaitHook,
-        allowed: frozenset[str] | None,
-    ) -> ModelOutcome:
-        failures = waits = 0
+        model, fallbacks = models[0], tuple(models[1:])  # the fallback joins the dispatcher's chain
+        waits = 0
         while True:
             try:
-                return await self._stream_once(agent, model, payload, call_id, on_delta, allowed)
+                return await self._stream_once(
+                    agent, model, fallbacks, payload, call_id, on_delta, allowed, on_fallback
+                )
             except (ModelNotFoundError, CircuitOpenError) as exc:
-                # Nothing to wait for when every breaker is open: the fallback model, if any, takes over.
                 raise ModelStepError(exc.message) from None
             except ServingError as exc:
-                if _is_backpressure(exc):
-                    # The deployment is refusing work for now: wait (visibly), do not fail the run.
-                    delay = _retry_after(exc) or backoff(waits + 1, 0.25, BACKOFF_MAX_S)
-                    waits += 1
-                    if time.monotonic() + delay >= deadline:
-                        raise DeadlineExceeded(f"model {model!r} stayed overloaded until the run's deadline") from None
-                    add_event(
-                        genai.EVENT_RUN_WAITING, {"model": model, "delay_s": round(delay, 3), "error": exc.message}
-                    )
-                    await on_wait(f"model {model!r} is busy: {exc.message}", delay)
-                    await asyncio.sleep(delay)
-                    continue
-                if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
-                    raise ModelStepError(f"model {model!r} rejected the request: {exc.message}") from None
-                failures += 1
-                if failures >= MAX_FAILURES_PER_MODEL:
-                    raise ModelStepError(f"model {model!r} failed {failures} times: {exc.message}") from None
-                delay = backoff(failures + 1, 0.25, BACKOFF_MAX_S)
-                if time.monotonic() + delay >= deadline:
+                if not _is_backpressure(exc):
+                    if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
+                        raise ModelStepError(f"model {model!r} rejected the request: {exc.message}") from None
                     raise ModelStepError(f"model {model!r} failed: {exc.message}") from None
-                add_event(
-                    genai.EVENT_RUN_RETRY,
-                    {"model": model, "attempt": failures, "delay_s": round(delay, 3), "error": exc.message},
-                )
+                # Every deployment (and fallback) refuses work for now: the run waits (visibly), it does not fail.
+                waits += 1
+                delay = _retry_after(exc) or backoff(waits, 0.25, BACKOFF_MAX_S)
+                if time.monotonic() + delay >= deadline:
+                    raise DeadlineExceeded(f"model {model!r} stayed overloaded until the run's deadline") from None
+                add_event(genai.EVENT_RUN_WAITING, {"model": model, "delay_s": round(delay, 3), "error": exc.message})
+                await on_wait(f"model {model!r} is busy: {exc.message}", delay)
                 await asyncio.sleep(delay)
 
     async def _stream_once(
         self,
         agent: str,
         model: str,
+        fallbacks: tuple[str, ...],
         payload: dict[str, Any],
         call_id: str,
         on_delta: DeltaHook,
         allowed: frozenset[str] | None,
+        on_fallback: FallbackHook,
     ) -> ModelOutcome:
         body = {**payload, "model": model}
+        call = ChatCall(ChatCompletionRequest.model_validate(body), body, agent=agent, allowed=allowed,
+                        fallbacks=fallbacks, on_fallback=on_fallback)  # fmt: skip
         if body.get("tools") and not self._chat.streams_tool_calls(model):
-            return await self._complete_once(agent, body, model, call_id, on_delta, allowed)
-        request = ChatCompletionRequest.model_validate(body)
+            return await self._complete_once(call, model, call_id, on_delta)
         with activate(self._chat.start_span(model, body)) as span:
-            relay = await self._chat.open_stream(ChatCall(request, body, agent=agent, allowed=allowed), {}, span=span)
+            relay = await self._chat.open_stream(call, {}, span=span)
             assembly = _Assembly()
-            buffer = b""
-            pieces = relay.__aiter__()
-            done = False
-            try:
-                async for piece in pieces:
-                    buffer += piece
-                    while (end := buffer.find(b"\n\n")) >= 0:
-                        event, buffer = buffer[:end], buffer[end + 2 :]
-                        data = event.removeprefix(b"data: ")
-                        if data == b"[DONE]":
-                            done = True
-                            break
-                        chunk = orjson.loads(data)
-                        if "error" in chunk:
-                            raise _stream_error(chunk["error"])
-                        assembly.add(chunk, on_delta)
-                    if done:
-                        break
-            finally:
-                await pieces.aclose()  # closes the upstream stream (and frees its admission slot) now
-            if not done:
-                raise _stream_error({"message": "the stream ended without [DONE]"})
+            async for chunk in relay.events():
+                assembly.add(chunk, on_delta)
             # Closed: its share of the deployment's busy time is known now.
             outcome = _outcome(assembly, relay.model or model, call_id, relay.busy_s)
             _record(span, outcome, relay.stats.model, self.tracing.capture_content)
             return outcome
 
-    async def _complete_once(
-        self,
-        agent: str,
-        body: dict[str, Any],
-        model: str,
-        call_id: str,
-        on_delta: DeltaHook,
-        allowed: frozenset[str] | None,
-    ) -> ModelOutcome:
+    async def _complete_once(self, call: ChatCall, model: str, call_id: str, on_delta: DeltaHook) -> ModelOutcome:
         """For backends that cannot stream while choosing tools: one answer, one delta."""
-        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        request = ChatCompletionRequest.model_validate(body)
+        body = {k: v for k, v in call.payload.items() if k not in ("stream", "stream_options")}
+        call = replace(call, request=ChatCompletionRequest.model_validate(body), payload=body)
         with activate(self._chat.start_span(model, body)) as span:  # the chat service records the reply on it
-            completion = await self._chat.complete(ChatCall(request, body, agent=agent, allowed=allowed), {}, span=span)
+            completion = await self._chat.complete(call, {}, span=span)
         reply = orjson.loads(completion.body)
         choice = (reply.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": ""})
@@ -296,10 +239,6 @@ def _outcome(assembly: _Assembly, model: str, call_id: str, busy_s: float) -> Mo
         finish_reason=assembly.finish_reason,
         busy_s=busy_s,
     )
-
-
-def _stream_error(error: dict[str, Any]) -> ServingError:
-    return UpstreamUnavailableError(str(error.get("message", "stream failed")), deployment=error.get("deployment"))
 
 
 def _is_backpressure(exc: ServingError) -> bool:

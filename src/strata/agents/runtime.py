@@ -66,6 +66,7 @@ class AgentRuntime:
         worker = RunWorker(
             store, engine, concurrency=runs.workers, lease_s=runs.lease_s, poll_s=runs.poll_s, serves=chat.models
         )
+        engine.wake_workers = worker.wake  # a parent queued again when its children ended
         worker.start()
         return cls(db, store, bus, catalog, tools, engine, worker, AgentService(store, catalog, worker, bus))
 

@@ -250,10 +250,15 @@ class AgentService:
         return run.status in TERMINAL and seq >= run.next_event_seq
 
     async def cancel(self, run_id: str) -> Run:
+        """Cancel a run and, with it, the child runs it started that are still going."""
         run = await self.store.request_cancel(run_id)
         if run is None:
             raise NotFound(f"no run {run_id!r}")
         self.worker.cancel_local(run_id)
+        for child in await self.store.active_children(run_id):
+            await self.cancel(child)
+        if run.status in TERMINAL:
+            await self.store.wake_parent(run)  # a child cancelled while its parent waits: the parent goes on
         return run
 
     async def approve(self, run_id: str, decision: ApprovalDecision) -> tuple[Run, list[dict[str, Any]]]:

@@ -18,7 +18,7 @@ from strata.observability import tracing_genai as genai
 from strata.observability.tracing import Span, SpanKind, Tracing, activate, fail, with_trace_headers
 from strata.serving.client import UpstreamStream
 from strata.serving.deployment import CHAT, Deployment
-from strata.serving.dispatch import Dispatcher
+from strata.serving.dispatch import Dispatcher, FallbackHook
 from strata.serving.errors import ServingError, UpstreamStatusError
 from strata.serving.router import Router, RoutingHints
 from strata.serving.schemas import ChatCompletionRequest
@@ -41,6 +41,8 @@ class ChatCall:
     agent: str | None = None
     tag: str | None = None
     allowed: frozenset[str] | None = None
+    fallbacks: tuple[str, ...] = ()  # the caller's own, after the model's (an agent's fallback model)
+    on_fallback: FallbackHook | None = None  # told when a fallback takes over (an agent run records it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +117,9 @@ class ChatService:
         model = self._model(call)
         headers = with_trace_headers(headers, span)
         deployment, reply = await self._dispatcher.complete(
-            model, self._body(call, stream=False), CHAT_PATH, headers, allowed=call.allowed
-        )
+            model, self._body(call, stream=False), CHAT_PATH, headers, allowed=call.allowed,
+            fallbacks=call.fallbacks, on_fallback=call.on_fallback,
+        )  # fmt: skip
         try:
             body = orjson.loads(reply.body)
         except orjson.JSONDecodeError:
@@ -152,15 +155,17 @@ class ChatService:
         body, headers = self._body(call, stream=True), with_trace_headers(headers, span)
         if own is None:
             deployment, stream = await self._dispatcher.open_stream(
-                self._model(call), body, CHAT_PATH, headers, allowed=call.allowed
-            )
+                self._model(call), body, CHAT_PATH, headers, allowed=call.allowed, fallbacks=call.fallbacks,
+                on_fallback=call.on_fallback,
+            )  # fmt: skip
         else:
             try:
                 with activate(own, end=False):  # current: retries and fallbacks become its events
                     model = self._model(call)
                     deployment, stream = await self._dispatcher.open_stream(
-                        model, body, CHAT_PATH, headers, allowed=call.allowed
-                    )
+                        model, body, CHAT_PATH, headers, allowed=call.allowed, fallbacks=call.fallbacks,
+                        on_fallback=call.on_fallback,
+                    )  # fmt: skip
             except BaseException:
                 own.end()
                 raise

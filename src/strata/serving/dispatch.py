@@ -52,6 +52,7 @@ from strata.serving.router import Router
 log = structlog.get_logger("strata.dispatch")
 T = TypeVar("T")
 Operation = Callable[[Deployment, float], Awaitable[T]]
+FallbackHook = Callable[[str, str, str], None]  # (the model that failed, its fallback, the error)
 QUEUE_EVENT_MIN_S = 0.001  # an admission wait shorter than this is no queue wait worth an event
 
 
@@ -67,8 +68,9 @@ class Dispatcher:
         self._gpu_time = gpu_time or GpuTimeShares()
 
     async def complete(self, model: str, payload: Callable[[Deployment], bytes], path: str,
-                       headers: Mapping[str, str], *,
-                       allowed: frozenset[str] | None = None) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
+                       headers: Mapping[str, str], *, allowed: frozenset[str] | None = None,
+                       fallbacks: tuple[str, ...] = (),
+                       on_fallback: FallbackHook | None = None) -> tuple[Deployment, UpstreamReply]:  # fmt: skip
         busy = 0.0  # every attempt's share of its deployment's time, failed ones included
 
         async def call(deployment: Deployment, remaining: float) -> UpstreamReply:
@@ -81,12 +83,13 @@ class Dispatcher:
                 busy += share.finish()
                 deployment.admission.release()
 
-        deployment, reply = await self._run(model, call, allowed)
+        deployment, reply = await self._run(model, call, allowed, fallbacks, on_fallback)
         return deployment, replace(reply, busy_s=busy)
 
     async def open_stream(self, model: str, payload: Callable[[Deployment], bytes], path: str,
-                          headers: Mapping[str, str], *,
-                          allowed: frozenset[str] | None = None) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
+                          headers: Mapping[str, str], *, allowed: frozenset[str] | None = None,
+                          fallbacks: tuple[str, ...] = (),
+                          on_fallback: FallbackHook | None = None) -> tuple[Deployment, UpstreamStream]:  # fmt: skip
         async def call(deployment: Deployment, remaining: float) -> UpstreamStream:
             await _admit(deployment)
             share = self._gpu_time.start(deployment.name)
@@ -113,10 +116,15 @@ class Dispatcher:
                 raise
             return stream
 
-        return await self._run(model, call, allowed)
+        return await self._run(model, call, allowed, fallbacks, on_fallback)
 
-    async def _run(self, model: str, call: Operation[T], allowed: frozenset[str] | None) -> tuple[Deployment, T]:
+    async def _run(
+        self, model: str, call: Operation[T], allowed: frozenset[str] | None, fallbacks: tuple[str, ...] = (),
+        on_fallback: FallbackHook | None = None,
+    ) -> tuple[Deployment, T]:  # fmt: skip
+        """`fallbacks`: the caller's own (an agent's fallback model), tried after the model's."""
         chain = [model, *self._router.pool(model).fallbacks]
+        chain += [name for name in fallbacks if name not in chain]
         if allowed is not None:  # a fallback the caller's key may not use is never tried
             refused = [name for name in chain[1:] if name not in allowed]
             if refused:
@@ -130,6 +138,8 @@ class Dispatcher:
                 self._router.pool(chain[index - 1]).stats.fallbacks += 1
                 log.warning("falling back", model=model, fallback=name, error=last.message if last else None)
                 add_event(genai.EVENT_FALLBACK, {"from": chain[index - 1], "to": name, "error": _error(last)})
+                if on_fallback is not None:
+                    on_fallback(chain[index - 1], name, _error(last))
             try:
                 return await self._try_model(name, call, deadline, attempts)
             except ServingError as exc:

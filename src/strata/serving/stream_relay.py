@@ -142,6 +142,27 @@ class ChatStreamRelay:
         finally:
             self._stream.close()
 
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The stream's chunks as parsed objects, for an in-process reader (an agent's model step): each piece the
+        relay yields is one whole event, so nothing is re-split. An error event raises as an upstream failure; the
+        stream ends at [DONE] (one that ends without it raises too). Closes the stream when the reader stops."""
+        pieces = self.__aiter__()
+        try:
+            async for piece in pieces:
+                data = piece[6:-2]  # b"data: " ... b"\n\n"
+                if data == b"[DONE]":
+                    return
+                event = orjson.loads(data.replace(b"\ndata: ", b"\n"))
+                if isinstance(event, dict) and "error" in event:
+                    error = event["error"] or {}
+                    raise UpstreamUnavailableError(
+                        str(error.get("message", "stream failed")), deployment=error.get("deployment")
+                    )
+                yield event
+            raise UpstreamUnavailableError("the stream ended without [DONE]", deployment=self.deployment)
+        finally:
+            await pieces.aclose()  # closes the upstream stream (and frees its admission slot) now
+
     def _fail(self, error: ServingError) -> bytes:
         error = self.stats.error = self._interrupted or error  # an interruption is why the read failed
         return _error_event(error)

@@ -28,7 +28,7 @@ from strata.store.tables import Event, Message, Run, Session, Step
 
 log = structlog.get_logger("strata.runs")
 
-ACTIVE = ("queued", "running", "awaiting_approval")
+ACTIVE = ("queued", "running", "awaiting_approval", "waiting")  # waiting: for its child runs, holding no worker
 TERMINAL = ("completed", "failed", "cancelled")
 
 
@@ -226,6 +226,7 @@ class RunStore:
         new_session: Session | None = None,
         claim_for: tuple[str, float] | None = None,
         model: str | None = None,
+        parent_run_id: str | None = None,
     ) -> tuple[Run, bool]:
         """Persist a queued run (the acknowledgement point). Returns (run, created).
 
@@ -236,7 +237,8 @@ class RunStore:
         worker, exactly as `claim` would leave it (running, leased, started, attempt 1), so that worker can start
         it at once with no claim round trip; its lease expires and is swept like any other if the worker dies.
         Only a run opening a new session may skip the queue: no earlier run of its session can exist.
-        `model`: the agent's model; only workers whose replica serves it claim the run (see `claim`)."""
+        `model`: the agent's model; only workers whose replica serves it claim the run (see `claim`).
+        `parent_run_id`: the run that starts this one as its child (see `wake_parent`)."""
         if idempotency_key:
             existing = await self.by_idempotency_key(agent, idempotency_key)
             if existing is not None:
@@ -258,6 +260,7 @@ class RunStore:
             key_id=key_id,
             allowed_models=allowed_models,
             model=model,
+            parent_run_id=parent_run_id,
         )
         if claim_for is not None:
             if new_session is None or new_session.id != session_id:
@@ -415,6 +418,39 @@ class RunStore:
             else:
                 await finish(unit, run, "cancelled", "cancelled by request")
             return run
+
+    async def wait_for_children(self, run_id: str, owner: str) -> Run | None:
+        """Park a run this worker holds until its child runs have ended (`waiting`: no lease, no worker slot); None if
+        it was cancelled meanwhile (then it is ended so). A child that ended while the parent was still running found
+        no parent waiting: the parent is woken here, at once, if none of its children is still active."""
+        async with self.unit(run_id=run_id, owner=owner, lease_s=0.0) as unit:
+            run = await unit.tx.get(Run, run_id, populate_existing=True)
+            assert run is not None
+            if run.cancel_requested:
+                await finish(unit, run, "cancelled", "cancelled by request")
+                return None
+            run.status, run.lease_owner, run.lease_expires_at = "waiting", None, None
+            await unit.add_event(run.id, "run.suspended", {"reason": "children"})
+        await self.wake(run_id)
+        return run
+
+    async def wake_parent(self, child: Run) -> None:
+        """A child run ended: its parent, if it waits and has no other active child, is queued to go on."""
+        if child.parent_run_id is not None:
+            await self.wake(child.parent_run_id)
+
+    async def wake(self, run_id: str) -> None:
+        children = aliased(Run)
+        active = exists().where(children.parent_run_id == run_id, children.status.in_(ACTIVE))
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                update(Run).where(Run.id == run_id, Run.status == "waiting", ~active).values(status="queued")
+            )
+
+    async def active_children(self, run_id: str) -> list[str]:
+        async with self.db.sessions() as tx:
+            rows = await tx.execute(select(Run.id).where(Run.parent_run_id == run_id, Run.status.in_(ACTIVE)))
+            return list(rows.scalars())
 
     async def set_approvals(self, run_id: str, decisions: dict[str, Any]) -> Run | None:
         """Record decisions keyed by the pending calls' bindings (see agents/approvals.py); `StaleApproval` if one

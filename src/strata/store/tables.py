@@ -107,6 +107,8 @@ class Run(Base):
     allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)
     # The agent's model when the run was created: only a replica serving it claims the run (None: any).
     model: Mapped[str | None] = mapped_column(String(128))
+    # The run that started this one with `ctx.child` (None: started by a client).
+    parent_run_id: Mapped[str | None] = mapped_column(String(40), index=True)
 
 
 class Step(Base):

@@ -11,7 +11,7 @@ are numbered in the order the code names them. At each position:
 - an entry of another kind, name or input: `NonDeterminism`, and the run fails instead of going on with a
   history that is not its own.
 
-Each call is journaled `started` (the journal decides when that is written: see `agents/code_job.py`) and then
+Each call is journaled `started` (the journal decides when that is written: see `agents/job.py`) and then
 `completed` or `failed`; the completion is written before the call returns.
 """
 
@@ -92,25 +92,49 @@ class RunContext:
         model: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        turn: int | None = None,
+        shown: dict[str, Any] | None = None,
     ) -> Awaitable[ModelReply]:
-        """One model step (the agent's model and its fallback unless `model` names another)."""
+        """One model step (the agent's model and its fallback unless `model` names another). `turn` and `shown`
+        say where and how the run's steps show it (default: its position, and a digest of its input)."""
         request = ModelRequest(messages, tools or [], model, temperature, max_tokens)
 
         async def act(entry: Entry, key: str) -> dict[str, Any]:
             return (await self.ports.model(request, key)).record()
 
         described = {"messages": messages, "tools": request.tools, "model": model}
-        return self._call("model", model or "agent", described, act, lambda out: ModelReply(**out))
+        return self._call(
+            "model", model or "agent", described, act, lambda out: ModelReply(**out), turn=turn,
+            data=(lambda: shown) if shown is not None else None,
+        )  # fmt: skip
 
-    def tool(self, name: str, arguments: dict[str, Any] | None = None) -> Awaitable[ToolOutput]:
-        """One tool call; a failure comes back as `is_error` (the way a model would see it), not raised."""
+    def tool(
+        self,
+        name: str,
+        arguments: dict[str, Any] | str | None = None,
+        *,
+        turn: int | None = None,
+        call_id: str = "",
+        refusal: str | None = None,
+    ) -> Awaitable[ToolOutput]:
+        """One tool call; a failure comes back as `is_error` (the way a model would see it), not raised.
+        `arguments` may be the JSON text a model wrote (a malformed one becomes an error result). With `turn` and
+        `call_id` the call is keyed `run:turn:call_id` (a model's tool call); with `refusal` it is recorded as
+        refused with that message instead of running (an approver denied it)."""
         arguments = arguments or {}
 
         async def act(entry: Entry, key: str) -> dict[str, Any]:
-            output = await self.ports.tool(name, arguments, key)
+            if refusal is not None:
+                output = await self.ports.refuse(name, refusal, key)
+            else:
+                output = await self.ports.tool(name, arguments, key)
             return {"content": output.content, "is_error": output.is_error}
 
-        return self._call("tool", name, arguments, act, lambda out: ToolOutput(**out))
+        shown = {"arguments": arguments} if isinstance(arguments, str) else None
+        return self._call(
+            "tool", name, arguments, act, lambda out: ToolOutput(**out), turn=turn, call_id=call_id,
+            data=(lambda: shown) if shown is not None else None,
+        )  # fmt: skip
 
     def step(self, name: str, fn: Callable[..., T | Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
         """Run `fn(*args, **kwargs)` once (an async function on the loop, a plain one in a thread: it may block);
@@ -200,19 +224,29 @@ class RunContext:
         decode: Callable[[Any], T],
         *,
         data: Callable[[], dict[str, Any]] | None = None,
+        turn: int | None = None,
+        call_id: str = "",
     ) -> Awaitable[T]:
         seq = self._next  # taken now, synchronously: the order of calls, whatever the order of awaits
         self._next += 1
         entry = self._match(seq, kind, name, fingerprint(described))
         if entry is None:
-            entry = Entry(seq, kind, name, fingerprint(described), data=data() if data else {})
+            entry = Entry(seq, kind, name, fingerprint(described), data=data() if data else {}, turn=turn,
+                          call_id=call_id)  # fmt: skip
         return self._run(entry, act, decode)
+
+    def next_is_new(self) -> bool:
+        """Whether the next primitive call will act (nothing completed is recorded at its position): a guard that
+        holds only for new work (a limit) is checked when this is true, never while replaying."""
+        entry = self._recorded.get(self._next)
+        return entry is None or not entry.done
 
     def _match(self, seq: int, kind: str, name: str, digest: str) -> Entry | None:
         entry = self._recorded.get(seq)
         if entry is None:
             return None
-        if (entry.kind, entry.name, entry.fingerprint) != (kind, name, digest):
+        recorded = (entry.kind, entry.name, entry.fingerprint if entry.fingerprint is not None else digest)
+        if recorded != (kind, name, digest):
             same = entry.kind == kind and entry.name == name
             raise NonDeterminism(
                 f"run {self.run_id}: durable call {seq} is {kind} {name!r}"
@@ -231,7 +265,7 @@ class RunContext:
             await self.journal.start(entry)
         self._recorded[entry.seq] = entry
         try:
-            output = await act(entry, f"{self.run_id}:{entry.seq}")
+            output = await act(entry, f"{self.run_id}:{entry.key}")
         except (Suspended, asyncio.CancelledError):
             raise
         except Exception as exc:

@@ -26,11 +26,22 @@ class Entry:
     seq: int
     kind: str
     name: str
-    fingerprint: str
+    fingerprint: str | None  # None: recorded without one (the built-in agent's steps); only kind and name compared
     status: str = "started"  # started | completed | failed
     data: dict[str, Any] = field(default_factory=dict)  # what its start recorded (a wake-up time, a child run)
     output: Any = None
     error: str | None = None
+    turn: int | None = None  # where the run's steps show it (default: `seq`); a tool call also by its call id
+    call_id: str = ""
+
+    @property
+    def position(self) -> int:
+        return self.seq if self.turn is None else self.turn
+
+    @property
+    def key(self) -> str:
+        """The call's key (after the run id): its idempotency key, what a child run or an approval is found by."""
+        return f"{self.position}:{self.call_id}" if self.call_id else str(self.position)
 
     @property
     def done(self) -> bool:
@@ -71,6 +82,7 @@ def _copy(entry: Entry) -> Entry:
     return Entry(
         entry.seq, entry.kind, entry.name, entry.fingerprint, entry.status,
         orjson.loads(orjson.dumps(entry.data)), orjson.loads(orjson.dumps(entry.output)), entry.error,
+        entry.turn, entry.call_id,
     )  # fmt: skip
 
 
