@@ -64,12 +64,20 @@ serve: $(STAMP) $(GRPC_GEN)
 system-deps:
 	@$(PYTHON) scripts/ensure_system_deps.py
 
-test: system-deps $(STAMP) $(GRPC_GEN) lint
-	$(PYTEST)
+# Two groups, one after the other: the default suite (under 10 minutes on 2 cores), then the slow group — the
+# soak-style tests (`slow`) and the image build (`image`), minutes each. CI (`.ci/run`) runs both, through this.
+DEFAULT_TESTS := not slow and not image
+SLOW_TESTS := slow or image
 
-# The same without the slow soak-style tests (marked `slow`); `make test` and CI run everything.
+test: system-deps $(STAMP) $(GRPC_GEN) lint
+	@echo "==> the default suite"
+	$(PYTEST) -m '$(DEFAULT_TESTS)'
+	@echo "==> the slow group (soak-style tests and the image build)"
+	$(PYTEST) -m '$(SLOW_TESTS)'
+
+# The default suite only.
 test-fast: system-deps $(STAMP) $(GRPC_GEN) lint
-	$(PYTEST) -m 'not slow'
+	$(PYTEST) -m '$(DEFAULT_TESTS)'
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench scripts examples

@@ -53,13 +53,15 @@ def sandboxed_descendants(root: int) -> list[int]:
 
 
 def proportional_memory(pids: list[int]) -> int:
-    """Bytes of memory the processes use together (PSS: a page shared by n of them counts 1/n each)."""
+    """Bytes of anonymous memory the processes use together (PSS: a page shared by n of them counts 1/n each).
+    Anonymous only: the interpreter's file pages are shared with processes outside, and how much of them a
+    sample counts moves with what else runs on the machine."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/smaps_rollup") as rollup:
                 for line in rollup:
-                    if line.startswith("Pss:"):
+                    if line.startswith("Pss_Anon:"):
                         total += int(line.split()[1]) * 1024
                         break
         except (OSError, ValueError):

@@ -169,7 +169,19 @@ class StrataProcess:
                     raise
                 self.port = free_port()
                 self.config = {**self.config, "server": {**self.config["server"], "port": self.port}}
+            except BaseException:
+                self._abandon()  # a server that never got ready (and its workers) must not outlive the test
+                raise
         raise AssertionError("unreachable")
+
+    def _abandon(self) -> None:
+        if self.process is None:
+            return
+        below = descendants(self.process.pid)
+        for pid in [self.process.pid, *below]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
 
     def launch(self) -> StrataProcess:
         """Start without waiting for anything (nor moving to another port if this one is taken)."""
