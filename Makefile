@@ -65,14 +65,15 @@ system-deps:
 	@$(PYTHON) scripts/ensure_system_deps.py
 
 # Two groups, one after the other: the default suite (under 10 minutes on 2 cores), then the slow group — the
-# soak-style tests (`slow`) and the image build (`image`), minutes each. CI (`.ci/run`) runs both, through this.
-DEFAULT_TESTS := not slow and not image
-SLOW_TESTS := slow or image
+# soak-style tests (`slow`), the image build (`image`), the real embedded model (`e2e`: CPU inference) and the
+# HAProxy cluster (`cluster`: three replicas), minutes each. CI (`.ci/run`) runs both, through this.
+DEFAULT_TESTS := not slow and not image and not e2e and not cluster
+SLOW_TESTS := slow or image or e2e or cluster
 
 test: system-deps $(STAMP) $(GRPC_GEN) lint
 	@echo "==> the default suite"
 	$(PYTEST) -m '$(DEFAULT_TESTS)'
-	@echo "==> the slow group (soak-style tests and the image build)"
+	@echo "==> the slow group (soak-style tests, the image build, the embedded model, the cluster)"
 	$(PYTEST) -m '$(SLOW_TESTS)'
 
 # The default suite only.

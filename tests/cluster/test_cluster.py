@@ -26,6 +26,7 @@ from tests.support.runs import ENDED
 from tests.support.strata_process import StrataProcess
 
 pytestmark = [
+    pytest.mark.cluster,
     pytest.mark.skipif(
         haproxy_binary() is None,
         reason="HAProxy is not installed (Debian package haproxy; scripts/ensure_system_deps.py installs it as root)",

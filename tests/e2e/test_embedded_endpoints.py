@@ -180,11 +180,14 @@ def test_allowed_tools_get_a_call_of_an_allowed_tool(client: openai.OpenAI) -> N
     assert [call.function.name for call in calls] == ["get_time"]  # type: ignore[union-attr]
 
 
+COUNTING = ", ".join(str(n) for n in range(1, 41)) + ","  # a small model goes on counting for thousands of tokens
+
+
 def test_an_abandoned_completion_stops_the_model_for_the_next_request(client: openai.OpenAI) -> None:
     """The model answers one request at a time: a text completion nobody waits for must not hold the next."""
     with pytest.raises(openai.APITimeoutError):  # it would take minutes: thousands of tokens
         client.completions.create(
-            model="smollm2-135m", prompt="la la la la la la la la la la", max_tokens=4000, temperature=0,
+            model="smollm2-135m", prompt=COUNTING, max_tokens=4000, temperature=0,
             extra_body={"repeat_penalty": 1.0}, timeout=3,
         )  # fmt: skip
     result = client.completions.create(model="smollm2-135m", prompt="1, 2, 3,", max_tokens=4, timeout=45)

@@ -29,6 +29,8 @@ def exit_with(owner_pid: int) -> None:
     cannot fool it); a daemon thread waits on it. Without pidfds (Linux before 5.3) it does nothing."""
     try:
         pidfd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:  # it ended before this process got here (a worker started late)
+        os._exit(1)
     except (AttributeError, OSError):
         return
 
