@@ -90,7 +90,7 @@ async def test_hanging_replica_trips_its_breaker_then_recovers(tmp_path: Path, m
         hanging,
         steady,
         timeouts={"read_s": 0.3, "total_s": 10},
-        breaker={"consecutive_failures": 2, "open_s": 1.5, "min_requests": 1000},
+        breaker={"consecutive_failures": 2, "open_s": 5, "min_requests": 1000},  # open longer than 10 requests take
     )
     strata = serve(tmp_path, [model])
     try:
