@@ -64,7 +64,7 @@ class Guard:
         task.add_done_callback(self._pending.discard)
 
 
-def record_auth_failure(guard: Guard, scope: Scope, exc: AuthError) -> None:
+def _record_failure(guard: Guard, scope: Scope, exc: AuthError) -> None:
     record = AuditRecord(
         action="auth.failed",
         outcome="failure",
@@ -105,6 +105,20 @@ def credential(scope: Scope) -> str | None:
     return None
 
 
+async def authenticate(guard: Guard, scope: Scope, key: str | None) -> Principal:
+    """The key's principal, or the ApiError to answer: 503 when credentials cannot be checked now, 401 (audited)
+    when they are wrong. The middleware and the console's login both ask here."""
+    try:
+        return await guard.auth.authenticate(key)
+    except AuthUnavailable as exc:
+        raise ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
+                       code="auth_unavailable", headers={"Retry-After": "10"}) from None  # fmt: skip
+    except AuthError as exc:
+        _record_failure(guard, scope, exc)
+        raise ApiError(401, str(exc), type_="authentication_error", code=exc.code,
+                       headers={"WWW-Authenticate": 'Bearer realm="strata"'}) from None  # fmt: skip
+
+
 class AuthMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -123,21 +137,8 @@ class AuthMiddleware:
             await refuse(scope, receive, send, ApiError(403, problem, type_="permission_error", code="csrf_failed"))
             return
         try:
-            who = await guard.auth.authenticate(key)
-        except AuthUnavailable as exc:
-            error = ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
-                             code="auth_unavailable", headers={"Retry-After": "10"})  # fmt: skip
-            await refuse(scope, receive, send, error)
-            return
-        except AuthError as exc:
-            record_auth_failure(guard, scope, exc)
-            error = ApiError(
-                401,
-                str(exc),
-                type_="authentication_error",
-                code=exc.code,
-                headers={"WWW-Authenticate": 'Bearer realm="strata"'},
-            )
+            who = await authenticate(guard, scope, key)
+        except ApiError as error:
             await refuse(scope, receive, send, error)
             return
         scope[PRINCIPAL] = who

@@ -15,10 +15,9 @@ import swagger_ui_bundle
 from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 
-from strata.api.auth import PRINCIPAL, Guard, audit, record_auth_failure
+from strata.api.auth import PRINCIPAL, audit, authenticate
 from strata.api.cookie_auth import CSRF_COOKIE, SESSION_COOKIE, same_origin
 from strata.api.errors import ApiError
-from strata.security.authenticator import AuthError, AuthUnavailable
 from strata.security.rbac import Permission
 
 STATIC = Path(__file__).parent / "static"
@@ -56,15 +55,7 @@ async def login(request: Request) -> Response:
     if not same_origin(request.scope):
         raise ApiError(403, "cross-origin login refused", type_="permission_error", code="csrf_failed")
     key = _key(await request.body())
-    guard: Guard = request.app.state.strata.guard
-    try:
-        who = await guard.auth.authenticate(key)
-    except AuthUnavailable as exc:
-        raise ApiError(503, f"cannot check credentials now: {exc}", type_="server_error",
-                       headers={"Retry-After": "10"}) from None  # fmt: skip
-    except AuthError as exc:
-        record_auth_failure(guard, request.scope, exc)
-        raise ApiError(401, str(exc), type_="authentication_error", code=exc.code) from None
+    who = await authenticate(request.app.state.strata.guard, request.scope, key)
     request.scope[PRINCIPAL] = who
     audit(request, "console.login", f"role {who.role}")
     body = {"user": who.user, "role": who.role, "permissions": [p.value for p in Permission if who.may(p)]}
